@@ -150,7 +150,7 @@ class Device:
         self.hw = hw
         self.args = {a.name: a for a in regmap.arguments(hw)}
         self.buffers: list[Buffer] = []
-        self._next_free = [0] * HBM_BANKS
+        self._next_free = [ALIGN] * HBM_BANKS     # address 0 is never a buffer (an unset pointer)
         self._session_owner: str | None = None
         self._lock_file = None
         self.closed = False
