@@ -1,0 +1,126 @@
+"""Error-compensating weight quantization: GPTQ and learned clipping, for one linear layer.
+
+Both work from the layer's input Hessian H = 2/n · Σ x xᵀ over calibration tokens (K × K), so the
+objective is the layer *output* error ‖X (W − Ŵ)ᵀ‖².
+
+* GPTQ (Frantar et al. 2022): columns are quantized left to right; the rounding error of each
+  column is fed back into the not-yet-quantized columns through the Cholesky factor of H⁻¹
+  (lazy batches of 128 columns). Group parameters are taken from the *updated* weights when a
+  group starts. A pruning mask (True = kept) is respected: pruned weights are exactly 0, get
+  code == zero point, and receive no error feedback.
+* Learned clipping (the OmniQuant LWC objective): per group clip ratios (γ for the max, β for
+  the min) that minimise the group's own output error Δ_g H_gg Δ_gᵀ; solved by a coarse-to-fine
+  search per group rather than SGD (exact objective, no learning-rate tuning, deterministic).
+* gptq+clip: the learned ratios then bound the group ranges GPTQ uses.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quantizers import check_group, group_params, quantize_codes
+
+
+def _prep_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float):
+    H = H.clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(H.shape[0], dtype=H.dtype)
+    return H
+
+
+def clip_search(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask: torch.Tensor | None = None,
+                steps: int = 20, min_ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clip ratios (hi, lo) [N, K/g] minimising Δ_g H_gg Δ_gᵀ (see module doc)."""
+    n, k = W.shape
+    check_group(k, group)
+    G = k // group
+    Wm = (W * mask if mask is not None else W).float().reshape(n, G, group)
+    mg = mask.reshape(n, G, group) if mask is not None else None
+    Hb = torch.stack([H[i * group:(i + 1) * group, i * group:(i + 1) * group] for i in range(G)]).float()
+    if min_ratio is None:
+        min_ratio = 0.3 if bits <= 2 else (0.5 if bits == 3 else 0.7)
+    grid = torch.linspace(1.0, min_ratio, steps)
+
+    def err(hi, lo):
+        s, z = group_params(Wm, bits, hi, lo)
+        q = quantize_codes(Wm, s, z, bits)
+        d = Wm - s[..., None] * (q - z[..., None])
+        if mg is not None:
+            d = d * mg
+        return torch.einsum("ngi,gij,ngj->ng", d, Hb, d)
+
+    best_hi = torch.ones(n, G)
+    best_lo = torch.ones(n, G)
+    best = err(best_hi, best_lo)
+    # pass 1: one common ratio for max and min; pass 2: the max alone; pass 3: the min alone.
+    for which in ("both", "hi", "lo"):
+        base_hi, base_lo = best_hi.clone(), best_lo.clone()
+        for r in grid:
+            full = torch.full_like(base_hi, float(r))
+            hi = full if which in ("both", "hi") else base_hi
+            lo = full if which in ("both", "lo") else base_lo
+            e = err(hi, lo)
+            better = e < best
+            best = torch.where(better, e, best)
+            best_hi = torch.where(better, hi, best_hi)
+            best_lo = torch.where(better, lo, best_lo)
+    return best_hi, best_lo
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask: torch.Tensor | None = None,
+                  clip_hi: torch.Tensor | None = None, clip_lo: torch.Tensor | None = None,
+                  blocksize: int = 128, percdamp: float = 0.01):
+    """GPTQ of W [N, K] with Hessian H [K, K]. Returns (codes uint8 [N,K], zeros uint8 [N,K/g],
+    scales fp16 [N,K/g])."""
+    n, k = W.shape
+    check_group(k, group)
+    qmax = (1 << bits) - 1
+    W = W.clone().double()
+    if mask is not None:
+        W *= mask
+    H = _prep_hessian(H, W, percdamp)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    blocksize = max(blocksize // group, 1) * group
+    G = k // group
+    codes = torch.zeros(n, k)
+    scales = torch.zeros(n, G)
+    zeros = torch.zeros(n, G)
+    maskd = mask.double() if mask is not None else None
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                gi = col // group
+                wg = W1[:, i:i + group].float()
+                if mask is not None:
+                    wg = wg * mask[:, col:col + group]
+                hi = clip_hi[:, gi] if clip_hi is not None else 1.0
+                lo = clip_lo[:, gi] if clip_lo is not None else None
+                s, z = group_params(wg, bits, hi, lo)
+                scales[:, gi], zeros[:, gi] = s, z
+            s, z = scales[:, col // group], zeros[:, col // group]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w.float() / s) + z, 0, qmax)
+            if mask is not None:
+                q = torch.where(mask[:, col], q, z)
+            codes[:, col] = q
+            deq = (s * (q - z)).double()
+            d = Hinv1[i, i]
+            err = (w - deq) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            if maskd is not None:
+                W1[:, i:] *= maskd[:, col:i2]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if maskd is not None:
+            W[:, i2:] *= maskd[:, i2:]
+    return codes.to(torch.uint8), zeros.to(torch.uint8), scales.to(torch.float16)

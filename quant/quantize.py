@@ -1,0 +1,292 @@
+"""Weight + activation quantization of a whole model (recipe step 5 of quant.pipeline).
+
+Layer by layer (sequential) so memory stays low: the calibration windows are pushed through the
+decoder one layer at a time; for each layer the input Hessians of its linear layers are collected,
+the layer is quantized (RTN / GPTQ / learned clipping / both, per ``recipe.weight_method``), and
+its *quantized* outputs become the next layer's calibration inputs. The lm_head is calibrated on
+the final-norm outputs. Layers matching ``high_precision_layers`` use ``high_precision_bits``
+(8-bit layers always use RTN: its error is negligible there).
+
+Embedding table and RMSNorm weights are rounded to fp16 in place (the package stores them as
+fp16), so the torch model and the package agree exactly.
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+
+import torch
+from torch import nn
+
+from algo.common import AccllmError
+
+from .gptq import clip_search, gptq_quantize
+from .qlinear import QLinear
+from .quantizers import check_bits, check_group, quantize_weight_rtn
+
+
+def linear_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QLinear))]
+
+
+def layer_bits(name: str, recipe) -> int:
+    if not recipe.weight_bits:
+        return 0
+    if any(fnmatch.fnmatch(name, p) for p in recipe.high_precision_layers):
+        return recipe.high_precision_bits
+    return recipe.weight_bits
+
+
+def check_model(model, recipe) -> None:
+    """Refuse a recipe/model combination before any work (bits, group sizes)."""
+    for name in linear_names(model):
+        bits = layer_bits(name, recipe)
+        if not bits:
+            continue
+        check_bits(bits)
+        mod = model.get_submodule(name)
+        check_group(mod.in_features, recipe.group_size, name)
+
+
+def _set_module(model, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _relative_error(W, What, H) -> float:
+    d = (W.double() - What.double())
+    num = torch.einsum("nk,kl,nl->", d, H.double(), d)
+    den = torch.einsum("nk,kl,nl->", W.double(), H.double(), W.double())
+    return float(num / den) if den > 0 else 0.0
+
+
+def quantize_linear(lin: nn.Linear, name: str, recipe, H: torch.Tensor | None, method: str | None = None):
+    """Quantize one nn.Linear (with its ``accllm_mask``, if pruned) into a QLinear; returns
+    (QLinear, report dict)."""
+    bits = layer_bits(name, recipe)
+    mask = getattr(lin, "accllm_mask", None)
+    W = lin.weight.detach().float()
+    kw = dict(act_bits=recipe.act_bits, act_scheme=recipe.act_scheme,
+              mask=None if mask is None else mask.bool())
+    if not bits:
+        q = QLinear.from_linear(lin, bits=0, group=recipe.group_size, float_weight=W, **kw)
+        return q, {"bits": 0}
+    g = recipe.group_size
+    method = method or recipe.weight_method
+    if H is None or bits == 8:
+        method = "rtn"
+    t0 = time.time()
+    if method == "rtn":
+        codes, zeros, scales = quantize_weight_rtn(W, bits, g, mask=mask)
+    elif method == "clip":
+        hi, lo = clip_search(W, H, bits, g, mask)
+        codes, zeros, scales = _rtn_clipped(W, bits, g, hi, lo, mask)
+    elif method == "gptq":
+        codes, zeros, scales = gptq_quantize(W, H, bits, g, mask)
+    elif method == "gptq+clip":
+        hi, lo = clip_search(W, H, bits, g, mask)
+        codes, zeros, scales = gptq_quantize(W, H, bits, g, mask, clip_hi=hi, clip_lo=lo)
+    else:
+        raise AccllmError(f"unknown weight_method {method!r}; accepted: rtn, gptq, clip, gptq+clip")
+    q = QLinear.from_linear(lin, bits=bits, group=g, codes=codes, zeros=zeros, scales=scales, **kw)
+    rep = {"bits": bits, "method": method, "seconds": round(time.time() - t0, 3)}
+    if H is not None:
+        rep["rel_out_err"] = _relative_error(W, q.weight, H)
+    return q, rep
+
+
+def _rtn_clipped(W, bits, g, hi, lo, mask):
+    from .quantizers import group_params, quantize_codes
+    n, k = W.shape
+    Wm = (W * mask if mask is not None else W).reshape(n, k // g, g)
+    s, z = group_params(Wm, bits, hi, lo)
+    codes = quantize_codes(Wm, s, z, bits)
+    if mask is not None:
+        codes = torch.where(mask.reshape(n, k // g, g), codes, z[..., None].expand_as(codes))
+    return codes.reshape(n, k).to(torch.uint8), z.to(torch.uint8), s.to(torch.float16)
+
+
+class _Catch(Exception):
+    pass
+
+
+def _capture_layer0_inputs(model, calib: torch.Tensor, batch: int):
+    layers = model.model.layers
+    inputs, kwargs_list = [], []
+
+    def pre_hook(mod, args, kwargs):
+        inputs.append(args[0].detach())
+        kwargs_list.append({k: v for k, v in kwargs.items() if k in ("attention_mask", "position_embeddings",
+                                                                     "position_ids")})
+        raise _Catch
+
+    h = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(0, calib.shape[0], batch):
+            try:
+                model(input_ids=calib[i:i + batch], use_cache=False)
+            except _Catch:
+                pass
+    finally:
+        h.remove()
+    return inputs, kwargs_list
+
+
+class _HessianCollector:
+    """Forward pre-hooks that accumulate H = 2/n Σ x xᵀ for each named linear (shared inputs
+    computed once)."""
+
+    def __init__(self, mods: dict[str, nn.Module]):
+        self.H = {n: None for n in mods}
+        self.count = {n: 0 for n in mods}
+        self._last = (None, None)
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in mods.items()]
+
+    def _hook(self, name):
+        def hook(mod, args):
+            x = args[0].detach()
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            if self._last[0] is args[0]:          # q/k/v (gate/up) share one input tensor
+                xtx = self._last[1]
+            else:
+                xtx = (x2.T @ x2).double()
+                self._last = (args[0], xtx)          # the reference keeps the identity valid
+            self.H[name] = xtx if self.H[name] is None else self.H[name] + xtx
+            self.count[name] += x2.shape[0]
+        return hook
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        return {n: (2.0 * h / max(self.count[n], 1)).float() for n, h in self.H.items() if h is not None}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+class _AbsMax:
+    def __init__(self, mods: dict[str, nn.Module]):
+        self.absmax = {n: 0.0 for n in mods}
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in mods.items()]
+
+    def _hook(self, name):
+        def hook(mod, args):
+            self.absmax[name] = max(self.absmax[name], float(args[0].detach().abs().max()))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _round_fp16_(model) -> None:
+    """Embedding table and RMSNorm weights to fp16 values, in place (what the package stores)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("embed_tokens.weight") or name.endswith("norm.weight"):
+                p.copy_(p.to(torch.float16).float())
+
+
+def _finish_act(model, recipe, absmax: dict[str, float]) -> None:
+    from .quantizers import fp16_scale
+    qmax = (1 << (recipe.act_bits - 1)) - 1 if recipe.act_bits else 0
+    for name, m in model.named_modules():
+        if isinstance(m, QLinear):
+            if recipe.act_bits and recipe.act_scheme == "per_tensor":
+                if name not in absmax:
+                    raise AccllmError(f"no calibration data reached {name} for its static activation scale")
+                m.act_scale = fp16_scale(torch.tensor(max(absmax[name], 1e-8) / qmax))
+            m.act_enabled = True
+
+
+@torch.no_grad()
+def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = True) -> dict:
+    """Replace every nn.Linear of *model* by a QLinear per *recipe*; see the module doc."""
+    from tqdm.auto import tqdm
+    check_model(model, recipe)
+    t0 = time.time()
+    _round_fp16_(model)
+    report: dict = {"layers": {}}
+    need_h = bool(recipe.weight_bits) and recipe.weight_method != "rtn"
+    need_act = bool(recipe.act_bits) and recipe.act_scheme == "per_tensor"
+    sequential = calib is not None and (need_h or need_act)
+    layers = model.model.layers
+
+    def replace(block_prefix: str, block: nn.Module, hessians: dict | None):
+        for lname, lin in list(block.named_modules()):
+            if not isinstance(lin, nn.Linear):
+                continue
+            full = f"{block_prefix}.{lname}" if block_prefix else lname
+            q, rep = quantize_linear(lin, full, recipe, (hessians or {}).get(lname))
+            q.act_enabled = False
+            _set_module(block, lname, q)
+            report["layers"][full] = rep
+
+    if not sequential:
+        bar = tqdm(total=len(layers) + 1, desc="quantize (rtn)", disable=not progress, leave=False)
+        for i, layer in enumerate(layers):
+            replace(f"model.layers.{i}", layer, None)
+            bar.update(1)
+        lin = model.lm_head
+        q, rep = quantize_linear(lin, "lm_head", recipe, None)
+        model.lm_head = q
+        report["layers"]["lm_head"] = rep
+        bar.close()
+        _finish_act(model, recipe, {})
+        report["seconds"] = round(time.time() - t0, 3)
+        return report
+
+    batch = 4
+    inps, kws = _capture_layer0_inputs(model, calib, batch)
+    absmax_all: dict[str, float] = {}
+    bar = tqdm(total=len(layers) + 1, desc=f"quantize ({recipe.weight_method if need_h else 'act'})",
+               disable=not progress, leave=False)
+    for i, layer in enumerate(layers):
+        lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        hess = None
+        if need_h:
+            col = _HessianCollector(lins)
+            try:
+                for x, kw in zip(inps, kws):
+                    layer(x, **kw)
+            finally:
+                col.remove()
+            hess = col.hessians()
+            del col
+        replace(f"model.layers.{i}", layer, hess)
+        del hess
+        qmods = {n: m for n, m in layer.named_modules() if isinstance(m, QLinear)}
+        am = _AbsMax(qmods)
+        try:
+            inps = [layer(x, **kw) for x, kw in zip(inps, kws)]
+        finally:
+            am.remove()
+        absmax_all.update({f"model.layers.{i}.{n}": v for n, v in am.absmax.items()})
+        bar.update(1)
+        bar.set_postfix(layer=i)
+    # lm_head on the final-norm outputs
+    normed = [model.model.norm(x) for x in inps]
+    del inps
+    hess = None
+    if need_h and layer_bits("lm_head", recipe) not in (0, 8):
+        col = _HessianCollector({"lm_head": model.lm_head})
+        try:
+            for x in normed:
+                model.lm_head(x)
+        finally:
+            col.remove()
+        hess = col.hessians()
+    absmax_all["lm_head"] = max(float(x.abs().max()) for x in normed)
+    q, rep = quantize_linear(model.lm_head, "lm_head", recipe, (hess or {}).get("lm_head"))
+    model.lm_head = q
+    report["layers"]["lm_head"] = rep
+    bar.update(1)
+    bar.close()
+    _finish_act(model, recipe, absmax_all)
+    if recipe.qat_steps > 0:
+        from .qat import distill
+        report["qat"] = distill(model, recipe, calib, progress=progress)
+    report["seconds"] = round(time.time() - t0, 3)
+    errs = [r["rel_out_err"] for r in report["layers"].values() if "rel_out_err" in r]
+    if errs:
+        report["mean_rel_out_err"] = sum(errs) / len(errs)
+    return report
