@@ -61,8 +61,8 @@ def prepare(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> Prepa
         kv_hook = timed("kv_calibrate", lambda: make_kv_hook(loaded.model, recipe, calib, progress=progress))
         steps["kv_calibrate"] = {"seconds": steps["kv_calibrate"]["seconds"]}
     if recipe.attention != "full" or kv_hook is not None:
-        from algo.attention import make_cache_factory
-        prepared.cache_factory = make_cache_factory(loaded.model, recipe, kv_hook)
+        from quant.kv import _cache_factory_for   # algo.attention's factory; full-attention fallback
+        prepared.cache_factory = _cache_factory_for(loaded.model, recipe, kv_hook)
     if _ratio_active(recipe.token_keep) or _ratio_active(recipe.head_keep):
         from algo.spatten import install
         timed("spatten", lambda: install(loaded.model, recipe))

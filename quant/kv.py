@@ -1,0 +1,189 @@
+"""4-bit (or 8-bit) KV-cache quantization, applied as the cache is written (recipe step 2).
+
+``make_kv_hook(model, recipe, calib, progress)`` returns a :class:`KVQuantHook`;
+``hook(layer_idx, key_states, value_states) -> (k, v)`` fake-quantizes what is about to be written
+into the cache (shapes [B, kv_heads, T, head_dim]; keys as the cache stores them — after RoPE with
+full attention). The attention code (algo.attention.make_cache_factory, or this module's
+:func:`make_cache_factory` for full attention) calls it on every cache write, so the model attends to
+the quantized cache and perplexity includes the KV error.
+
+* keys, per channel, **static** (default, ``key_mode="static"``): one fp16 scale and one integer
+  zero point per (layer, kv head, channel), calibrated on WikiText-2 valid by a per-channel search of
+  the clipping range minimising the mean squared error. The accelerator quantizes each key on append
+  with constants (no statistics over tokens), which is what the hardware can do one token at a time.
+* keys, KIVI-style (``key_mode="group"``, for measurement): per channel, dynamic over groups of
+  ``kv_group_size`` consecutive tokens of each write.
+* values, per token: dynamic asymmetric, one fp16 scale and integer zero per group of
+  ``min(kv_group_size, head_dim)`` channels.
+"""
+from __future__ import annotations
+
+import torch
+
+from algo.common import AccllmError
+
+from .quantizers import asym_dynamic_fake_quant, asym_fake_quant, fp16_scale
+
+
+class KVQuantHook:
+    def __init__(self, bits: int, group: int, num_layers: int, key_mode: str = "static"):
+        if key_mode not in ("static", "group"):
+            raise AccllmError(f"key_mode {key_mode!r}: accepted static, group")
+        self.bits, self.group, self.key_mode = bits, group, key_mode
+        self.num_layers = num_layers
+        self.k_scale: list[torch.Tensor | None] = [None] * num_layers   # [kv_heads, head_dim] fp32 (fp16-exact)
+        self.k_zero: list[torch.Tensor | None] = [None] * num_layers
+
+    def _vgroup(self, hd: int) -> int:
+        g = min(self.group, hd)
+        if hd % g:
+            raise AccllmError(f"kv_group_size {self.group} does not divide head_dim {hd}")
+        return g
+
+    def quant_keys(self, layer_idx: int, k: torch.Tensor) -> torch.Tensor:
+        if self.key_mode == "static":
+            s, z = self.k_scale[layer_idx], self.k_zero[layer_idx]
+            if s is None:
+                raise RuntimeError(f"key quantization constants of layer {layer_idx} not calibrated")
+            return asym_fake_quant(k, s[None, :, None, :], z[None, :, None, :], self.bits)
+        # KIVI-style: per channel over groups of tokens of this write
+        B, Hh, T, D = k.shape
+        G = self.group
+        pad = (-T) % G
+        kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad), value=float("nan")) if pad else k.float()
+        kg = kp.reshape(B, Hh, (T + pad) // G, G, D).transpose(-1, -2)       # [..., D, G tokens]
+        hi = torch.nan_to_num(kg, nan=-float("inf")).amax(-1).clamp(min=0)
+        lo = torch.nan_to_num(kg, nan=float("inf")).amin(-1).clamp(max=0)
+        qmax = (1 << self.bits) - 1
+        s = fp16_scale((hi - lo) / qmax)
+        z = torch.clamp(torch.round(-lo / s), 0, qmax)
+        q = torch.clamp(torch.round(kg / s[..., None]) + z[..., None], 0, qmax)
+        out = (s[..., None] * (q - z[..., None])).transpose(-1, -2).reshape(B, Hh, T + pad, D)
+        return out[:, :, :T].to(k.dtype)
+
+    def quant_values(self, v: torch.Tensor) -> torch.Tensor:
+        return asym_dynamic_fake_quant(v, self.bits, self._vgroup(v.shape[-1]))
+
+    def __call__(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        return self.quant_keys(layer_idx, key_states), self.quant_values(value_states)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """Static constants for the package: ``model.layers.{i}.self_attn.k_scale`` / ``k_zero``
+        (fp16 [kv_heads, head_dim])."""
+        out = {}
+        if self.key_mode != "static":
+            return out
+        for i, (s, z) in enumerate(zip(self.k_scale, self.k_zero)):
+            out[f"model.layers.{i}.self_attn.k_scale"] = s.to(torch.float16)
+            out[f"model.layers.{i}.self_attn.k_zero"] = z.to(torch.float16)
+        return out
+
+    @classmethod
+    def from_constants(cls, bits: int, group: int, num_layers: int, tensors: dict) -> "KVQuantHook":
+        h = cls(bits, group, num_layers, "static")
+        for i in range(num_layers):
+            h.k_scale[i] = tensors[f"model.layers.{i}.self_attn.k_scale"].float()
+            h.k_zero[i] = tensors[f"model.layers.{i}.self_attn.k_zero"].float()
+        return h
+
+
+def _search_channel_range(x: torch.Tensor, bits: int, steps: int = 16):
+    """x [N, C] samples per channel → (scale [C], zero [C]) minimising per-channel MSE over a grid
+    of (max, min) clip ratios."""
+    qmax = (1 << bits) - 1
+    hi0 = x.amax(0).clamp(min=0)
+    lo0 = x.amin(0).clamp(max=0)
+    best_err = torch.full_like(hi0, float("inf"))
+    best_s = torch.ones_like(hi0)
+    best_z = torch.zeros_like(hi0)
+    ratios = torch.linspace(1.0, 0.5, steps)
+    for rh in ratios:
+        for rl in ratios:
+            s = fp16_scale((hi0 * rh - lo0 * rl) / qmax)
+            z = torch.clamp(torch.round(-(lo0 * rl) / s), 0, qmax)
+            q = torch.clamp(torch.round(x / s) + z, 0, qmax)
+            err = ((s * (q - z) - x) ** 2).mean(0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+class _Recorder:
+    """A KV hook that records (a subsample of) the keys written, and changes nothing."""
+
+    def __init__(self, num_layers: int, max_tokens: int):
+        self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.max_tokens = max_tokens
+
+    def __call__(self, layer_idx, k, v):
+        have = sum(t.shape[1] for t in self.keys[layer_idx])
+        if have < self.max_tokens:
+            # [B, H, T, D] -> [H, B*T, D]
+            self.keys[layer_idx].append(k.detach().float().permute(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3]))
+        return k, v
+
+
+def _cache_factory_for(model, recipe, hook):
+    try:
+        from algo.attention import make_cache_factory as attn_factory
+    except ImportError:
+        attn_factory = None
+    if attn_factory is not None:
+        return attn_factory(model, recipe, hook)
+    if recipe.attention != "full":
+        raise AccllmError("recipe attention=lambda needs algo.attention (not available)")
+    return make_cache_factory(model, recipe, hook)
+
+
+@torch.no_grad()
+def make_kv_hook(model, recipe, calib: torch.Tensor | None, progress: bool = True,
+                 key_mode: str = "static", max_tokens: int = 8192) -> KVQuantHook:
+    """Calibrate the static key constants on *calib* (WikiText-2 valid windows) and return the hook."""
+    from tqdm.auto import tqdm
+    L = model.config.num_hidden_layers
+    hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    hook = KVQuantHook(recipe.kv_bits, recipe.kv_group_size, L, key_mode)
+    hook._vgroup(hd)
+    if key_mode != "static":
+        return hook
+    if calib is None:
+        raise AccllmError("static key quantization needs calibration data (WikiText-2 valid)")
+    rec = _Recorder(L, max_tokens)
+    factory = _cache_factory_for(model, recipe, rec)
+    n = calib.shape[0]
+    bar = tqdm(total=n, desc="kv calibrate", disable=not progress, leave=False)
+    for i in range(n):
+        if all(sum(t.shape[1] for t in ks) >= max_tokens for ks in rec.keys):
+            break
+        cache = factory(model.config)
+        model(input_ids=calib[i:i + 1], cache=cache, use_cache=True)
+        bar.update(1)
+    bar.close()
+    for li in range(L):
+        if not rec.keys[li]:
+            raise AccllmError(f"no keys of layer {li} were written during KV calibration")
+        ks = torch.cat(rec.keys[li], dim=1)                        # [H, T, D]
+        H, T, D = ks.shape
+        s, z = _search_channel_range(ks.permute(1, 0, 2).reshape(T, H * D), recipe.kv_bits)
+        hook.k_scale[li] = s.reshape(H, D)
+        hook.k_zero[li] = z.reshape(H, D)
+    return hook
+
+
+def make_cache_factory(model, recipe, kv_hook):
+    """Full-attention cache factory applying *kv_hook* on every write (used when algo.attention
+    is not present; same signature as algo.attention.make_cache_factory)."""
+    from transformers import DynamicCache
+
+    class HookedDynamicCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if kv_hook is not None:
+                key_states, value_states = kv_hook(layer_idx, key_states, value_states)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def factory(config):
+        return HookedDynamicCache(config=config)
+
+    return factory
