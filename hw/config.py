@@ -29,6 +29,7 @@ class HWConfig:
     hbm_efficiency: float = 0.9      # achievable fraction of the port's peak on long bursts
     outstanding_reads: int = 16      # AXI read bursts in flight per port
     burst_beats: int = 16            # beats per AXI read burst
+    scale_bits: int = 16             # hardware weight-scale mantissa bits (hw/numerics.scales_to_hw)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -84,6 +85,8 @@ def validate(cfg: HWConfig) -> None:
     for k in ("weight_ports", "mac_rows", "mac_lanes", "max_hidden", "max_context", "max_prefill", "max_layers"):
         if getattr(cfg, k) <= 0:
             raise AccllmError(f"hardware key {k} must be positive, got {getattr(cfg, k)}")
+    if cfg.scale_bits not in (8, 12, 16):
+        raise AccllmError(f"scale_bits must be 8, 12 or 16, got {cfg.scale_bits}")
     if cfg.weight_ports > 32:
         raise AccllmError(f"weight_ports={cfg.weight_ports}: the U280 has 32 HBM pseudo-channels")
 
