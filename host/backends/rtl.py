@@ -1,0 +1,221 @@
+"""``rtl`` backend: the generated Verilog under Verilator (or Icarus) through cocotb, in a separate
+process driven over a local Unix socket by the same calls as the card: register reads/writes on
+``s_axi_control`` (cocotbext-axi AxiLiteMaster), buffer contents in AxiRam models on every AXI4
+master port. See rtl_server.py (inside the simulator) and rtl_sim.py (the child process).
+
+The child runs in its own process group; ``close()`` (also on Ctrl-C, at exit, or when the object is
+collected) asks it to quit and then kills the whole group, so no simulator is left behind. If the host
+dies, the server sees the socket close and the simulation ends.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+from algo.common import AccllmError, cache_dir
+from host.device import Device
+
+from .rtl_server import recv_msg, send_msg
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rtl_sources_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted((REPO / "hw").rglob("*.py")):
+        h.update(p.relative_to(REPO).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ensure_rtl(hw, progress: bool = True) -> Path:
+    """The Verilog of `accllm build-rtl` for *hw*, cached by configuration and hw/ sources."""
+    key = hashlib.sha256((hw.to_json() + _rtl_sources_digest()).encode()).hexdigest()[:16]
+    out = cache_dir("rtl-kernel") / f"{hw.name}-{key}"
+    if out.is_dir() and any(out.glob("*.v")):
+        return out
+    from hw.config import PRESETS
+    from host import cli
+    if "build-rtl" not in {c[0] for c in cli.COMMANDS}:
+        raise AccllmError("the rtl backend needs `accllm build-rtl` (hw/rtl), which is not in this checkout")
+    argv = ["build-rtl", "--hw", hw.name, "--out", str(out)]
+    preset = PRESETS.get(hw.name, {})
+    for k, v in hw.to_dict().items():
+        if k in preset and preset[k] != v:
+            argv += ["--hw-set", f"{k}={v}"]
+    if progress:
+        print(f"[rtl] generating Verilog: accllm {' '.join(argv)}", file=sys.stderr, flush=True)
+    a = cli.build_parser().parse_args(argv)
+    rc = a._module.run(a)
+    if rc or not any(out.glob("*.v")):
+        raise AccllmError(f"`accllm {' '.join(argv)}` did not produce Verilog (exit {rc})")
+    return out
+
+
+_LIVE: "weakref.WeakSet[RtlDevice]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    for d in list(_LIVE):
+        d.close()
+
+
+class RtlDevice(Device):
+    backend = "rtl"
+
+    def __init__(self, hw, *, rtl_dir: str | None = None, simulator: str = "verilator",
+                 start_timeout_s: float = 900.0, latency: int | None = None, progress: bool = True):
+        super().__init__(hw)
+        self.proc = None
+        self.sock = None
+        self.sim_cycles = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="accllm-rtl-")
+        rtl = Path(rtl_dir) if rtl_dir else ensure_rtl(hw, progress=progress)
+        if not rtl.is_dir() or not any(rtl.glob("*.v")):
+            raise AccllmError(f"rtl directory {rtl} has no Verilog (expected `accllm build-rtl --out` output)")
+        self.rtl_dir = rtl
+        path = os.path.join(self._tmp.name, "sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        self.log_path = Path(self._tmp.name) / "sim.log"
+        period_ns = 1000.0 / hw.clock_mhz
+        lat = latency if latency is not None else hw.hbm_latency_cycles
+        cmd = [sys.executable, "-m", "host.backends.rtl_sim", "--sock", path, "--rtl", str(rtl),
+               "--simulator", simulator, "--period-ns", f"{period_ns:g}", "--latency", str(lat)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=self._tmp.name, env=env, start_new_session=True)
+        _LIVE.add(self)
+        weakref.finalize(self, RtlDevice._kill, self.proc)
+        try:
+            srv.settimeout(0.5)
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                try:
+                    self.sock, _ = srv.accept()
+                    break
+                except socket.timeout:
+                    if self.proc.poll() is not None:
+                        raise AccllmError(f"the RTL simulator exited before connecting (exit {self.proc.returncode}); "
+                                          f"last lines of its log:\n{self._log_tail()}") from None
+                    if time.monotonic() > deadline:
+                        raise AccllmError(f"the RTL simulator did not connect within {start_timeout_s:g} s; "
+                                          f"log:\n{self._log_tail()}") from None
+            self.sock.settimeout(None)
+            hello, _ = recv_msg(self.sock)
+            self.sim_ports = hello.get("ports", [])
+            missing = [p for p in self.ports() if p not in self.sim_ports]
+            if missing:
+                raise AccllmError(f"the Verilog in {rtl} has no AXI master port(s) {', '.join(missing)} that the "
+                                  f"register map of {hw.name} needs (it has {', '.join(self.sim_ports)})")
+        except BaseException:
+            srv.close()
+            self.close()
+            raise
+        srv.close()
+
+    def lock_name(self) -> str:
+        return f"rtl-{id(self)}"
+
+    def _log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+    def _call(self, hdr: dict, data: bytes = b""):
+        if self.sock is None:
+            raise AccllmError("the rtl device is closed")
+        try:
+            send_msg(self.sock, hdr, data)
+            rep, payload = recv_msg(self.sock)
+        except (ConnectionError, OSError, json.JSONDecodeError) as e:
+            raise AccllmError(f"lost the RTL simulator ({e}); last lines of its log:\n{self._log_tail()}") from None
+        if not rep.get("ok"):
+            raise AccllmError(f"RTL simulator: {rep.get('error')}")
+        return rep, payload
+
+    # ---- Device primitives ---------------------------------------------------------------------
+    def read_register(self, offset: int) -> int:
+        return int(self._call({"op": "read_reg", "off": offset})[0]["val"])
+
+    def write_register(self, offset: int, value: int) -> None:
+        self._call({"op": "write_reg", "off": offset, "val": int(value) & 0xFFFF_FFFF})
+
+    def _dev_write(self, buf, offset, data):
+        step = 8 << 20
+        for o in range(0, len(data), step):
+            self._call({"op": "mem_write", "port": buf.port, "addr": buf.address + offset + o}, data[o:o + step])
+
+    def _dev_read(self, buf, offset, size):
+        return self._call({"op": "mem_read", "port": buf.port, "addr": buf.address + offset, "len": size})[1]
+
+    def _poll(self, timeout_s: float) -> bool:
+        rep, _ = self._call({"op": "wait", "timeout_s": timeout_s, "poll": 32})
+        self.sim_cycles += int(rep.get("sim_cycles", 0))
+        return bool(rep["done"])
+
+    def reset(self) -> None:
+        if self.sock is not None:
+            self._call({"op": "reset"})
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    @staticmethod
+    def _kill(proc) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(3)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(2.0)
+                send_msg(self.sock, {"op": "quit"})
+                recv_msg(self.sock)
+            except Exception:
+                pass
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
+            RtlDevice._kill(self.proc)
+            # the simulator binary is in the same process group; make sure it is gone too
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        super().close()

@@ -1,0 +1,148 @@
+"""cocotb test module that turns the simulated kernel into a device server (the ``rtl`` backend).
+
+Runs inside the simulator (Verilator or Icarus, launched by host/backends/rtl_sim.py). It connects
+to the Unix socket in ``$ACCLLM_RTL_SOCK`` and serves the host's calls until the host says ``quit``
+or the socket closes (the host died): the simulation then ends.
+
+Wire format, both directions: 4-byte little-endian header length, a JSON header, then ``n`` raw bytes
+if the header has ``n``. Requests: write_reg {off, val}; read_reg {off}; mem_write {port, addr, n}
++ bytes; mem_read {port, addr, n}; wait {timeout_s, poll} → {done, sim_cycles}; reset {}; quit {}.
+Replies carry ``ok`` (and ``error`` when not ok).
+
+Registers go through cocotbext-axi ``AxiLiteMaster`` on ``s_axi_control``; every AXI4 master port
+``m_axi_*`` is served by an ``AxiRam`` model (with the RTL benches' added read latency when
+available), so the host code cannot tell it from the card except by speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+
+import cocotb
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, RisingEdge
+
+BANK_BYTES = 0x1000_0000
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError("host closed the socket")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_msg(sock):
+    (hl,) = struct.unpack("<I", _recv_exact(sock, 4))
+    hdr = json.loads(_recv_exact(sock, hl))
+    data = _recv_exact(sock, hdr["n"]) if hdr.get("n") else b""
+    return hdr, data
+
+
+def send_msg(sock, hdr, data=b""):
+    if data:
+        hdr = dict(hdr, n=len(data))
+    h = json.dumps(hdr).encode()
+    sock.sendall(struct.pack("<I", len(h)) + h + data)
+
+
+def _ports(dut) -> list[str]:
+    names = set()
+    for h in dut:
+        n = h._name
+        if n.startswith("m_axi_") and n.endswith("_arvalid"):
+            names.add(n[: -len("_arvalid")])
+    return sorted(names)
+
+
+def _ram(dut, prefix, latency):
+    try:
+        from sim.tb.rtlcommon.axi_mem import axi_ram
+        return axi_ram(dut, prefix, BANK_BYTES, latency)
+    except ImportError:
+        from cocotbext.axi import AxiBus, AxiRam
+        return AxiRam(AxiBus.from_prefix(dut, prefix), dut.ap_clk, dut.ap_rst_n, reset_active_level=False,
+                      size=BANK_BYTES)
+
+
+async def _reset(dut, cycles=8):
+    dut.ap_rst_n.value = 0
+    await ClockCycles(dut.ap_clk, cycles)
+    dut.ap_rst_n.value = 1
+    await ClockCycles(dut.ap_clk, 2)
+
+
+@cocotb.test()
+async def serve(dut):
+    from cocotbext.axi import AxiLiteBus, AxiLiteMaster
+
+    period_ns = float(os.environ.get("ACCLLM_RTL_PERIOD_NS", "10"))
+    latency = int(os.environ.get("ACCLLM_RTL_LATENCY", "100"))
+    Clock(dut.ap_clk, period_ns, unit="ns").start()
+    dut.ap_rst_n.value = 0
+    axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control"), dut.ap_clk, dut.ap_rst_n,
+                         reset_active_level=False)
+    rams = {p: _ram(dut, p, latency) for p in _ports(dut)}
+    await _reset(dut)
+    cycles = 0
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.environ["ACCLLM_RTL_SOCK"])
+    send_msg(sock, {"ok": True, "hello": True, "ports": sorted(rams), "period_ns": period_ns})
+    while True:
+        try:
+            hdr, data = recv_msg(sock)
+        except (ConnectionError, OSError):
+            break
+        op = hdr.get("op")
+        try:
+            if op == "write_reg":
+                await axil.write_dword(int(hdr["off"]), int(hdr["val"]) & 0xFFFF_FFFF)
+                send_msg(sock, {"ok": True})
+            elif op == "read_reg":
+                v = await axil.read_dword(int(hdr["off"]))
+                send_msg(sock, {"ok": True, "val": int(v)})
+            elif op == "mem_write":
+                rams[hdr["port"]].write(int(hdr["addr"]) % BANK_BYTES, data)
+                send_msg(sock, {"ok": True})
+            elif op == "mem_read":
+                out = bytes(rams[hdr["port"]].read(int(hdr["addr"]) % BANK_BYTES, int(hdr["len"])))
+                send_msg(sock, {"ok": True}, out)
+            elif op == "wait":
+                deadline = time.monotonic() + float(hdr["timeout_s"])
+                poll = int(hdr.get("poll", 32))
+                start = cycles
+                done = False
+                while True:
+                    v = await axil.read_dword(0x00)
+                    if v & 0x2:
+                        done = True
+                        break
+                    if time.monotonic() >= deadline:
+                        break
+                    await ClockCycles(dut.ap_clk, poll)
+                    cycles += poll
+                send_msg(sock, {"ok": True, "done": done, "sim_cycles": cycles - start})
+            elif op == "reset":
+                await _reset(dut)
+                send_msg(sock, {"ok": True})
+            elif op == "quit":
+                send_msg(sock, {"ok": True})
+                break
+            else:
+                send_msg(sock, {"ok": False, "error": f"unknown op {op!r}"})
+        except (ConnectionError, BrokenPipeError):
+            break
+        except Exception as e:  # report, keep serving
+            try:
+                send_msg(sock, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            except OSError:
+                break
+    sock.close()
+    await RisingEdge(dut.ap_clk)
