@@ -48,11 +48,12 @@ ARGMAX = 0x40     # a=dst TOK, b=src X32 logits, d=V (vocabulary size)
 
 # MATMUL flags
 F_ACC = 1 << 0      # add the result into dst (residual add), saturating to int32
-F_LOGITS = 1 << 1   # lm_head: runs only if register flags & 3; on the last token only unless flags bit 2
-# ARGMAX runs only if register flags bit 1; it shares MATMUL's last-token/all-token rule.
+F_LOGITS = 1 << 1   # lm_head: register flags bit 0 set -> every token's row (logits [n_tokens, V]);
+#                     else bit 1 set -> the last token's row only; neither -> skipped
+# ARGMAX runs only if register flags bit 1 is set; it reads the last token's logits row and writes one id.
 
 # register ``flags`` bits (hw/regmap.py argument "flags")
-RF_LOGITS, RF_ARGMAX, RF_ALL_TOKENS = 1 << 0, 1 << 1, 1 << 2
+RF_LOGITS, RF_ARGMAX = 1 << 0, 1 << 1
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ def arguments(cfg: HWConfig) -> list[Arg]:
     add("status", "ro32", None, "bits 7:0 status code, bits 31:8 index of the failing instruction")
     add("cycles_lo", "ro32", None, "cycles of the last run, low word")
     add("cycles_hi", "ro32", None, "cycles of the last run, high word")
+    # appended (offsets above unchanged): instruction index where the run starts (program entry point;
+    # decode and prefill-bucket programs share one program buffer, see hw/memmap.py)
+    add("entry", "u32", None, "instruction index of the entry point (program_len counts from index 0)")
     return args
 
 
