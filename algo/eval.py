@@ -58,6 +58,11 @@ class HFScorer:
         session["pos"] = pos + n
         return out.logits[0].float()
 
+    def session_stats(self, session) -> dict:
+        """KV-cache memory of the session (and SpAtten's KV reads saved, if installed)."""
+        from .attention import session_stats
+        return session_stats(session["cache"], self.model.config)
+
 
 def _progress(total, desc, enabled):
     from tqdm.auto import tqdm
@@ -119,8 +124,12 @@ def perplexity_stream(scorer: Scorer, tokens: torch.Tensor, length: int = 16384,
         bar.update(ids.numel())
         bar.set_postfix(block_ppl=f"{blocks[-1]['ppl']:.2f}")
     bar.close()
-    return {"mode": "stream", "ppl": math.exp(total / count), "length": length, "block": block,
-            "tokens_scored": count, "blocks": blocks, "seconds": time.time() - t0}
+    res = {"mode": "stream", "ppl": math.exp(total / count), "length": length, "block": block,
+           "tokens_scored": count, "blocks": blocks, "seconds": time.time() - t0}
+    stats = getattr(scorer, "session_stats", None)
+    if stats is not None:
+        res["kv"] = stats(session)
+    return res
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:
