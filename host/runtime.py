@@ -320,8 +320,6 @@ class Runtime:
                     raise AccllmError(f"package {self.dir}: {spec.file} ({data.size} bytes at {spec.file_offset}) does "
                                       f"not fit buffer {name} ({spec.size} bytes)")
                 self.buffers[name].upload(data, spec.file_offset)
-        for name, buf in self.buffers.items():
-            self.device.set_arg(name, buf)
         return time.perf_counter() - t0
 
     # ---- tokenizer -------------------------------------------------------------------------------
@@ -406,6 +404,8 @@ class Runtime:
             raise AccllmError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         io.upload(np.asarray(ids, dtype=t.dtype), t.offset)
         dev = self.device
+        for name, buf in self.buffers.items():     # every run: a reset (timeout) may clear registers
+            dev.set_arg(name, buf)
         dev.set_arg("program_len", entry.offset + entry.length)
         dev.set_arg("position", self.position)
         dev.set_arg("n_tokens", len(ids))
@@ -419,11 +419,11 @@ class Runtime:
             dev.start()
             code = dev.wait(self.timeout_s)
         except KeyboardInterrupt:
-            # finish cleanly: give the run a moment, else reset; the device is idle either way
+            # Ctrl-C: abort the run; the device is idle afterwards (rtl: the simulation ends)
             try:
-                dev.wait(min(self.timeout_s, 5.0))
-            except BaseException:
                 dev.reset()
+            except Exception:
+                pass
             raise
         if code != regmap.STATUS_OK:
             idx = dev.read_status()[1]

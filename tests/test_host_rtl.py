@@ -1,0 +1,110 @@
+"""The rtl backend's plumbing (simulator subprocess, socket protocol, registers on s_axi_control,
+ap_ctrl_hs, timeout with register dump and reset, session lock, Ctrl-C, no subprocess left) on the
+RTL helper's ControlTop (s_axi_control with a stand-in execution: busy for n_tokens cycles, then
+STATUS = position & 0xff). The whole-kernel protocol test (emu vs rtl tokens) is in
+tests/test_host_runtime.py."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from algo.common import AccllmError
+from hw.config import load_hw
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def control_rtl(tmp_path_factory):
+    from hw.rtl.tops import ControlTop, to_verilog
+    d = tmp_path_factory.mktemp("control_rtl")
+    (d / "accllm_kernel.v").write_text(to_verilog(ControlTop(load_hw("sim-small")), "accllm_kernel"))
+    return d
+
+
+def _gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_rtl_device_registers_runs_timeout_and_close(control_rtl):
+    from hw import regmap
+    from host.backends.rtl import RtlDevice
+    from host.device import DeviceBusy, DeviceError, DeviceTimeout
+    hw = load_hw("sim-small")
+    dev = RtlDevice(hw, rtl_dir=str(control_rtl), check_ports=False, progress=False)
+    pgid = dev.proc.pid
+    try:
+        with dev.session("first"):
+            with pytest.raises(DeviceBusy, match="first"):
+                with dev.session("second"):
+                    pass
+            dev.set_arg("position", 0)
+            dev.set_arg("n_tokens", 300)
+            dev.start()
+            assert dev.wait(60) == regmap.STATUS_OK
+            assert 300 <= dev.cycles() <= 310
+            assert dev.read_arg("n_tokens") == 300
+            # a non-zero status comes back as a clear error with the register dump
+            with pytest.raises(DeviceError, match="status 5 .*KV region"):
+                dev.run(60, position=5, n_tokens=10)
+            # a run that does not finish: timeout with the registers, then the device is reusable
+            dev.set_arg("position", 0)
+            dev.set_arg("n_tokens", 2**31)
+            dev.start()
+            with pytest.raises(DeviceTimeout, match=r"registers: AP_CTRL=.* n_tokens=0x80000000"):
+                dev.wait(0.5)
+            assert dev.read_register(regmap.AP_CTRL) & regmap.AP_IDLE
+            assert dev.run(60, position=0, n_tokens=20) == 0
+    finally:
+        dev.close()
+    assert dev.proc.poll() is not None
+    assert _gone(pgid), "simulator process group still alive after close()"
+
+
+def test_rtl_ctrl_c_leaves_no_subprocess(control_rtl, tmp_path):
+    script = tmp_path / "hold.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from hw.config import load_hw
+        from host.backends.rtl import RtlDevice
+        dev = RtlDevice(load_hw("sim-small"), rtl_dir={str(control_rtl)!r}, check_ports=False, progress=False)
+        print(dev.proc.pid, flush=True)
+        try:
+            with dev.session("ctrl-c test"):
+                dev.set_arg("n_tokens", 2**31)
+                dev.start()
+                dev.wait(600)
+        except KeyboardInterrupt:
+            dev.reset()
+            print("interrupted", flush=True)
+            sys.exit(130)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=REPO)
+    pgid = int(p.stdout.readline())
+    time.sleep(1.0)                      # inside wait(): the simulation is running
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in out
+    for _ in range(50):
+        if _gone(pgid):
+            break
+        time.sleep(0.1)
+    assert _gone(pgid), "the simulator survived Ctrl-C"
+
+
+def test_rtl_missing_verilog_is_clear(tmp_path):
+    from host.backends.rtl import RtlDevice
+    with pytest.raises(AccllmError, match="no Verilog"):
+        RtlDevice(load_hw("sim-small"), rtl_dir=str(tmp_path), progress=False)
