@@ -98,6 +98,8 @@ class Recipe:
     head_keep: Any = _key(1.0, "SpAtten head keep ratio per layer (number or list); 1.0 = off",
                           check=_keep_ratio)
     spatten_start_layer: int = _key(2, "first layer at which tokens/heads may be pruned", check=_non_negative)
+    spatten_recent: int = _key(128, "SpAtten: most recent tokens always read (never token-pruned; capped at "
+                               "window under Λ)", check=_positive)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -11,13 +11,13 @@ Semantics (what the functional model of the accelerator reproduces):
   (importance at layer l = Σ_{l' ≤ l} of the per-layer sums) and across decode steps / blocks.
 * **Token selection** happens after every forward (a prefill block or one decode step), layer by
   layer from ``spatten_start_layer``: candidates are the stored tokens that are neither sinks
-  (position < S) nor among the R most recent tokens (R = ``window`` under Λ, else
-  :data:`RECENT_FULL`); layer l keeps ``floor(token_keep[l] × #candidates)`` of them, the top-k by
+  (position < S) nor among the R most recent tokens (R = ``spatten_recent``, at most ``window``
+  under Λ); layer l keeps ``floor(token_keep[l] × #candidates)`` of them, the top-k by
   importance among those still alive at layer l (:mod:`algo.topk`: quick-select, ties → lower
   position). A token dropped at layer l is never read again by layers ≥ l (cascade), at any later
   step. So each query reads: sinks + the top-k important older tokens + the recent tokens. Under Λ
-  the recent tokens are Λ's window and the candidates are nothing but the window (evicted tokens
-  are gone), so SpAtten only *thins* the KV reads inside Λ's bounded cache.
+  the candidates are the older part of Λ's window (evicted tokens are gone), so SpAtten only
+  *thins* the KV reads inside Λ's bounded cache.
 * **Head importance**: L2 norm of each head's attention output, summed over queries, accumulated
   across layers (cascade by head index, as in SpAtten) and steps; layer l keeps
   ``max(1, floor(head_keep[l] × H))`` heads (top-k, ties → lower head). A pruned head's output is 0
@@ -39,8 +39,6 @@ import torch
 
 from .common import AccllmError
 from .topk import topk_torch
-
-RECENT_FULL = 128    # recent tokens always read when SpAtten runs with full attention
 
 
 @dataclass
@@ -73,7 +71,11 @@ def config_from_recipe(recipe, model_config) -> SpattenConfig:
         raise AccllmError(f"spatten_start_layer must be a non-negative integer, got {start!r}")
     if start >= L:
         raise AccllmError(f"spatten_start_layer={start} but the model has only {L} layers (0..{L - 1})")
-    recent = recipe.window if recipe.attention == "lambda" else RECENT_FULL
+    recent = recipe.spatten_recent
+    if not isinstance(recent, int) or recent <= 0:
+        raise AccllmError(f"spatten_recent must be a positive integer, got {recent!r}")
+    if recipe.attention == "lambda":
+        recent = min(recent, recipe.window)
     return SpattenConfig(_per_layer(recipe.token_keep, L, "token_keep"), _per_layer(recipe.head_keep, L, "head_keep"),
                          start, recipe.sink_tokens, recent, L, model_config.num_attention_heads)
 
