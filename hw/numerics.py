@@ -221,3 +221,215 @@ def hw_weight_value(codes, zeros, M, SH, group: int, mask=None) -> np.ndarray:
     d = weight_diff(codes, zeros, group, mask).astype(np.float64)
     sc = np.repeat(np.asarray(M, np.float64), group, axis=1) * (2.0 ** -np.asarray(SH, np.float64))[:, None]
     return d * sc * ACT_QMAX
+
+
+# --------------------------------------------------------------------------------------------------
+# special-function unit
+# --------------------------------------------------------------------------------------------------
+def _lut(fn, n):
+    i = np.arange(n, dtype=np.float64)
+    return np.floor(fn(i) * 2.0 ** 30 + 0.5).astype(np.int64)
+
+
+# exp2 ROM: EXP2_LUT[i] = round(2**(-i/256) * 2**30), i = 0..256 (257 x 31-bit entries)
+EXP2_LUT = _lut(lambda i: 2.0 ** (-i / 256.0), 257)
+# sigmoid ROM: SIGMOID_LUT[i] = round(sigmoid(-16 + i/32) * 2**30), i = 0..1024 (1025 x 31-bit entries)
+SIGMOID_LUT = _lut(lambda i: 1.0 / (1.0 + np.exp(-(-16.0 + i / 32.0))), 1025)
+
+
+def isqrt(v) -> np.ndarray:
+    """Exact floor(sqrt(v)) of non-negative int64 (< 2**62)."""
+    v = np.asarray(v, dtype=np.int64)
+    s = np.floor(np.sqrt(v.astype(np.float64))).astype(np.int64)
+    for _ in range(3):
+        s = np.where(s * s > v, s - 1, s)
+        s = np.where((s + 1) * (s + 1) <= v, s + 1, s)
+    return s
+
+
+def rmsnorm(x, gamma_q16, e40: int) -> np.ndarray:
+    """RMSNorm of X32 rows [T, D] times gamma (int32 Q16.16 [D]) -> X32 [T, D].
+
+    ns = max(0, bitlen(max|x|) - 20); xs = x >> ns (arithmetic); ss = sum xs**2 (< 2**54)
+    w = (ss << 8) // D; eps_w = round_half_up(e40 * 2**-(2*ns))   (e40 = round(eps * 2**40))
+    v = max(w + eps_w, 1)                       # mean square + eps, in units of 2**(2*ns - 40)
+    h = (62 - bitlen(v)) // 2; vn = v << 2h     # vn in [2**60, 2**62)
+    sq = isqrt(vn); rinv = 2**61 // sq          # the one reciprocal per token
+    xh = sat32(round_half_up(x * rinv * 2**-(41 - h + ns)))      # normalized x, Q16.16
+    y = sat32(round_half_up(xh * gamma * 2**-16))
+    """
+    x = np.asarray(x, np.int64)
+    D = x.shape[-1]
+    amax = np.abs(x).max(axis=-1)
+    ns = np.maximum(bitlen(amax) - 20, 0)
+    xs = x >> ns[..., None]
+    ss = (xs * xs).sum(axis=-1)
+    w = (ss << 8) // D
+    eps_w = rshift_round(np.full(ns.shape, int(e40), np.int64), 2 * ns)
+    v = np.maximum(w + eps_w, 1)
+    h = (62 - bitlen(v)) // 2
+    vn = v << (2 * h)
+    rinv = (np.int64(1) << 61) // isqrt(vn)
+    xh = shift_sat32(x * rinv[..., None], (41 - h + ns)[..., None])
+    return sat(rshift_round(xh * np.asarray(gamma_q16, np.int64), 16), 32)
+
+
+def sigmoid_q30(g) -> np.ndarray:
+    """sigmoid of Q16.16 -> Q2.30 by the 1025-entry ROM with linear interpolation over [-16, 16)."""
+    xc = np.clip(np.asarray(g, np.int64), -(16 << 16), (16 << 16) - 1) + (16 << 16)
+    idx = xc >> 11
+    rem = xc & 0x7FF
+    lo = SIGMOID_LUT[idx]
+    return lo + rshift_round((SIGMOID_LUT[idx + 1] - lo) * rem, 11)
+
+
+def silu_mul(gate, up) -> np.ndarray:
+    """SiLU(gate) * up of X32 -> X32: silu = round(g * sigmoid_q30(g) / 2**30); y = sat32(round(silu * up / 2**16))."""
+    g = np.asarray(gate, np.int64)
+    s = rshift_round(g * sigmoid_q30(g), 30)
+    return sat(rshift_round(s * np.asarray(up, np.int64), 16), 32)
+
+
+def add_sat(a, b) -> np.ndarray:
+    return sat(np.asarray(a, np.int64) + np.asarray(b, np.int64), 32)
+
+
+def argmax_first(logits) -> np.ndarray:
+    return np.argmax(np.asarray(logits, np.int64), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------------
+def rope_tables(inv_freq, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Compiler side (float64): C[p, i] = round(cos(p * inv_freq[i]) * 2**30), S likewise (int32 Q2.30)."""
+    ang = np.arange(rows, dtype=np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
+    return np.floor(np.cos(ang) * 2.0 ** 30 + 0.5).astype(np.int64), np.floor(np.sin(ang) * 2.0 ** 30 + 0.5).astype(np.int64)
+
+
+def rope(x, C, S) -> np.ndarray:
+    """Rotate X32 [..., hd] (HF rotate_half pairs i, i + hd/2) by table rows C, S [..., hd/2] (Q2.30):
+    y1 = round((x1*C - x2*S) / 2**30), y2 = round((x2*C + x1*S) / 2**30), saturated to int32."""
+    x = np.asarray(x, np.int64)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    y1 = sat(rshift_round(x1 * C - x2 * S, 30), 32)
+    y2 = sat(rshift_round(x2 * C + x1 * S, 30), 32)
+    return np.concatenate([y1, y2], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# KV-cache unit (4-bit)
+# --------------------------------------------------------------------------------------------------
+KV_QMAX = 15
+LOG2E = 1.4426950408889634
+
+
+def key_consts(k_scale_fp16, k_zero, head_dim: int) -> dict:
+    """Compiler side: hardware constants of the static per-channel key quantizer [Hkv, hd].
+
+    Append: q = clamp(round_half_up(k * RK * 2**-KS) + KZ, 0, 15) with sk = m' * 2**e' (m' in [1024, 2047]),
+    RK = round_half_up(2**32 / m') (< 2**22 + 1), KS = 48 + e'.
+    Scores: kappa = sk * log2(e) / sqrt(hd) = KM * 2**-KSH (KM < 2**16, KSH per kv head).
+    """
+    s = np.asarray(k_scale_fp16, np.float16)
+    m, e = fp16_parts(s)
+    if np.any(m <= 0):
+        raise AccllmError("key scales must be positive")
+    n = 11 - bitlen(m)
+    m2, e2 = m << n, e - n
+    RK = ((np.int64(1) << 33) + m2) // (2 * m2)
+    KS = 48 + e2
+    kz = np.asarray(k_zero, np.float64)
+    if np.any(kz < 0) or np.any(kz > KV_QMAX) or np.any(kz != np.round(kz)):
+        raise AccllmError("key zero points must be integers in [0, 15]")
+    kappa = s.astype(np.float64) * LOG2E / np.sqrt(head_dim)
+    kmax = kappa.max(axis=-1)
+    KSH = np.floor(np.log2((2 ** 16 - 1) / kmax)).astype(np.int64)
+    KM = np.floor(kappa * 2.0 ** KSH[:, None] + 0.5).astype(np.int64)
+    KSH = np.where(KM.max(axis=-1) > 0xFFFF, KSH - 1, KSH)
+    KM = np.floor(kappa * 2.0 ** KSH[:, None] + 0.5).astype(np.int64)
+    if np.any(KSH < -128) or np.any(KSH > 127):
+        raise AccllmError("key scales out of the hardware range")
+    return dict(RK=RK.astype(np.int64), KS=KS.astype(np.int64), KZ=kz.astype(np.int64), KM=KM, KSH=KSH)
+
+
+def key_quant(k, RK, KS, KZ) -> np.ndarray:
+    """X32 keys [..., hd] -> 4-bit codes with the static per-channel constants."""
+    q = rshift_round(np.asarray(k, np.int64) * RK, KS) + KZ
+    return np.clip(q, 0, KV_QMAX)
+
+
+def value_quant(v, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """X32 values [..., hd] -> (4-bit codes [..., hd], group words [..., hd/group]).
+
+    Per group: hi = max(max v, 0), lo = min(min v, 0), r = max(hi - lo, 1); Rv = (15 << 32) // r
+    (one reciprocal per group); z = clamp(round_half_up(-lo * Rv / 2**32), 0, 15);
+    q = clamp(round_half_up(v * Rv / 2**32) + z, 0, 15). Dequantization scale r / 15 = vm * 2**-vsh,
+    vsh = 19 - bitlen(r), vm = round_half_up(r * 2**vsh / 15) < 2**16.
+    Word = vm | (vsh & 0xFF) << 16 | z << 24.
+    """
+    v = np.asarray(v, np.int64)
+    sh = v.shape
+    vg = v.reshape(sh[:-1] + (sh[-1] // group, group))
+    hi = np.maximum(vg.max(-1), 0)
+    lo = np.minimum(vg.min(-1), 0)
+    r = np.maximum(hi - lo, 1)
+    Rv = (np.int64(KV_QMAX) << 32) // r
+    z = np.clip(rshift_round(-lo * Rv, 32), 0, KV_QMAX)
+    q = np.clip(rshift_round(vg * Rv[..., None], 32) + z[..., None], 0, KV_QMAX)
+    vsh = 19 - bitlen(r)
+    pos = ((r << np.maximum(vsh, 0)) * 2 + 15) // 30
+    nsh = np.maximum(-vsh, 0)
+    neg = (2 * r + (np.int64(15) << nsh)) // (np.int64(30) << nsh)
+    vm = np.where(vsh >= 0, pos, neg)
+    words = vm | ((vsh & 0xFF) << 16) | (z << 24)
+    return q.reshape(sh), words
+
+
+def value_dequant(codes, words, group: int) -> np.ndarray:
+    """4-bit value codes + group words -> X32: v = sat32(round_half_up((q - z) * vm * 2**-vsh))."""
+    w = np.asarray(words, np.int64)
+    vm = w & 0xFFFF
+    vsh = ((w >> 16) & 0xFF).astype(np.int8).astype(np.int64)
+    z = (w >> 24) & 0xF
+    c = np.asarray(codes, np.int64)
+    sh = c.shape
+    cg = c.reshape(sh[:-1] + (sh[-1] // group, group))
+    return shift_sat32((cg - z[..., None]) * vm[..., None], vsh[..., None]).reshape(sh)
+
+
+def attn_scores(q, kcodes, KZ, KM, ksh: int) -> np.ndarray:
+    """Scores in log2 units, Q16.16: qf = round_half_up(q * KM / 2**16) (|qf| < 2**31);
+    s_j = sat32(round_half_up(sum_c qf_c * (k_jc - KZ_c) * 2**-(KSH - 16))).
+    q [hd] (X32 after RoPE), kcodes [n, hd], KZ/KM [hd]."""
+    qf = rshift_round(np.asarray(q, np.int64) * KM, 16)
+    d = np.asarray(kcodes, np.int64) - KZ
+    return shift_sat32(d @ qf, ksh - 16)
+
+
+def softmax_q24(s, valid=None) -> np.ndarray:
+    """Softmax of log2-domain scores (Q16.16) -> probabilities Q8.24 (int).
+
+    m = max s; u = m - s; e = ROM-exp2(-(u mod 2**16)) >> (u >> 16) in Q2.30 with
+    ROM-exp2(f) = E[f >> 8] - round_half_up((E[f >> 8] - E[(f >> 8) + 1]) * (f & 255) / 2**8);
+    sum = sum e (>= 2**30); RS = 2**62 // sum (the one reciprocal); p = round_half_up(e * RS / 2**38)."""
+    s = np.asarray(s, np.int64)
+    if valid is None:
+        valid = np.ones(s.shape, bool)
+    m = np.where(valid, s, np.iinfo(np.int64).min).max(axis=-1, keepdims=True)
+    u = np.where(valid, m - s, 0)
+    ip = u >> 16
+    f = u & 0xFFFF
+    idx = f >> 8
+    rem = f & 0xFF
+    val = EXP2_LUT[idx] - rshift_round((EXP2_LUT[idx] - EXP2_LUT[idx + 1]) * rem, 8)
+    e = np.where(valid & (ip < 62), rshift_round(val, np.minimum(ip, 62)), 0)
+    total = e.sum(axis=-1, keepdims=True)
+    RS = (np.int64(1) << 62) // total
+    return rshift_round(e * RS, 38)
+
+
+def attn_out(p, vhat) -> np.ndarray:
+    """o_c = sat32(round_half_up(sum_j p_j * v_jc / 2**24)); p [n] Q8.24, vhat [n, hd] X32."""
+    return sat(rshift_round(np.asarray(p, np.int64) @ np.asarray(vhat, np.int64), 24), 32)
