@@ -167,6 +167,15 @@ class Protocol:
 
     @classmethod
     def from_json(cls, d: dict, hw) -> "Protocol":
+        if "format" in d:
+            try:
+                from hw.memmap import validate_memmap
+            except ImportError:
+                validate_memmap = None
+            if validate_memmap is not None:
+                validate_memmap(d)
+            # hw/memmap.py: flags bit 0 writes the logits of every token of the run; partial buckets ok
+            d = dict({"logits_rows": "all", "prefill_partial": True}, **d)
         try:
             bufs = d["buffers"]
             if isinstance(bufs, list):
@@ -461,6 +470,10 @@ class Runtime:
         if not ids:
             raise AccllmError("no tokens to feed")
         self._check_position(len(ids))
+        if want == "logits" and len(ids) > 1 and self.proto.logits_rows == "all":
+            # only the last token's row is needed: the rest as a run without lm_head
+            self.feed(ids[:-1], want=None)
+            return self.feed(ids[-1:], want="logits")
         plan = self._plan(len(ids))
         out_rows = []
         i = 0
