@@ -10,13 +10,17 @@ DESCRIPTION = """Compress a Llama-family model with a recipe into a package dire
 manifest.json (format version, source model hash, recipe, tensors, sha256 of every file) and
 weights.safetensors (packed low-bit codes, zero points, scales). The package is written to a
 temporary directory and renamed into place, so an interrupted run never leaves half a package."""
-EPILOG = RECIPE_EPILOG
+EPILOG = ("build steps: load, compress (prune / KV calibration / weight+activation quantization), pack, "
+          "write, finalize; each is timed with its peak RSS in manifest.json.\n"
+          "example: compile-model --model smollm2-135m --recipe w2a8kv4 --out build/smollm2\n\n" + RECIPE_EPILOG)
 
 
 def add_arguments(p) -> None:
     add_model_args(p)
     add_recipe_args(p, default="w2a8kv4")
     p.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
+    p.add_argument("--stop-after", default=None, metavar="STEP",
+                   help="end the flow after this step (load, compress, pack, write, ...); writes no package")
     add_progress_args(p)
 
 

@@ -18,6 +18,9 @@ EPILOG = RECIPE_EPILOG
 def add_arguments(p) -> None:
     add_model_args(p)
     add_recipe_args(p)
+    p.add_argument("--package", default=None, metavar="DIR",
+                   help="evaluate a compiled package (from compile-model) instead of --model/--recipe; "
+                        "its sha256s are verified first, a tampered package is refused")
     p.add_argument("--data", default="wikitext2", help="wikitext2 (test split) or a path to a UTF-8 text file")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default %(default)s)")
     p.add_argument("--chunks", type=int, default=16, help="number of chunks (default %(default)s)")
@@ -50,20 +53,42 @@ def _plot_blocks(result: dict, path: str, title: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _package_tokenizer(pkg):
+    """The tokenizer of a package's source model (SmolLM2's for the built-in names and GGUFs of it)."""
+    from algo.models import smollm2_tokenizer
+    src = pkg.manifest["source"]
+    from pathlib import Path
+    p = Path(src.get("path", ""))
+    if p.is_dir():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(p))
+    return smollm2_tokenizer()
+
+
 def run(args) -> int:
     from algo.data import load_tokens
     from algo.eval import format_table, perplexity_chunks, perplexity_stream
     from algo.models import load_model
     from quant.pipeline import prepare
 
-    recipe = recipe_from_args(args)            # validate before any work
     progress = not args.no_progress
     t0 = time.time()
-    loaded = load_model(args.model)
     need = args.length if args.stream else args.ctx * args.chunks
-    tokens = load_tokens(args.data, loaded.tokenizer, need)
-    prepared = prepare(loaded, recipe, progress=progress)
-    scorer = prepared.scorer()
+    if getattr(args, "package", None):
+        from quant.package import load_package
+        from algo.eval import HFScorer
+        pkg = load_package(args.package)               # verifies format, version and every sha256
+        recipe = pkg.recipe
+        model = pkg.to_torch_model()
+        tokens = load_tokens(args.data, _package_tokenizer(pkg), need)
+        scorer = HFScorer(model, cache_factory=pkg.cache_factory(model), name=f"package:{recipe.name}")
+        args.model = f"package {args.package} ({pkg.manifest['source']['spec']})"
+    else:
+        recipe = recipe_from_args(args)            # validate before any work
+        loaded = load_model(args.model)
+        tokens = load_tokens(args.data, loaded.tokenizer, need)
+        prepared = prepare(loaded, recipe, progress=progress)
+        scorer = prepared.scorer()
     if args.stream:
         res = perplexity_stream(scorer, tokens, args.length, args.block, progress=progress)
     else:

@@ -146,6 +146,7 @@ def make_kv_hook(model, recipe, calib: torch.Tensor | None, progress: bool = Tru
     hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     hook = KVQuantHook(recipe.kv_bits, recipe.kv_group_size, L, key_mode)
     hook._vgroup(hd)
+    model.accllm_kv_hook = hook          # the package writer exports its constants from here
     if key_mode != "static":
         return hook
     if calib is None:

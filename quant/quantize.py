@@ -69,7 +69,7 @@ def quantize_linear(lin: nn.Linear, name: str, recipe, H: torch.Tensor | None, m
     kw = dict(act_bits=recipe.act_bits, act_scheme=recipe.act_scheme,
               mask=None if mask is None else mask.bool())
     if not bits:
-        q = QLinear.from_linear(lin, bits=0, group=recipe.group_size, float_weight=W, **kw)
+        q = QLinear.from_linear(lin, bits=0, group=recipe.group_size, float_weight=W.half().float(), **kw)
         return q, {"bits": 0}
     g = recipe.group_size
     method = method or recipe.weight_method

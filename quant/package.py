@@ -1,0 +1,307 @@
+"""The compressed model package: ``manifest.json`` + ``weights.safetensors`` (see
+docs/numerics.md, "Quantization formats", for every tensor's layout).
+
+Writing: :func:`package_tensors` turns a prepared (quantized) torch model into the packed tensors
+and the manifest's ``tensors``/``layers``/``footprint``; :func:`write_package_files` writes them into
+a directory (the build flow wraps it in ``algo.common.atomic_directory``); :func:`add_files` lets a
+later stage (the hw compiler) add files and their sha256 to an existing package atomically.
+
+Reading: :func:`load_package` verifies ``format``, ``format_version`` and the sha256 of every file
+(a missing, truncated or tampered file is refused naming it) and returns a :class:`Package`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from algo.common import AccllmError, atomic_write_bytes, sha256_file
+
+from .pack import decode_24, encode_24, pack_bits, packed_nbytes, unpack_bits
+from .qlinear import QLinear
+
+FORMAT = "accllm-package"
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+MANIFEST = "manifest.json"
+
+
+def tool_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("accllm")
+    except Exception:
+        return "unknown"
+
+
+def _is_24(mask: torch.Tensor | None) -> bool:
+    if mask is None or mask.shape[1] % 4:
+        return False
+    return bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def package_tensors(model, kv_hook=None) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+    """Pack *model* (LlamaForCausalLM whose linears are QLinear or nn.Linear). Returns
+    (tensors, tensor_meta, layers, footprint)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict] = {}
+    layers: dict[str, dict] = {}
+
+    def put(name, t, kind, bits=None, logical_shape=None):
+        tensors[name] = t.contiguous()
+        meta[name] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "bits": bits,
+                      "logical_shape": list(logical_shape if logical_shape is not None else t.shape), "kind": kind}
+
+    cfg = model.config
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    fp_params = 0
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight") or name.endswith("norm.weight"):
+            put(name, p.detach().to(torch.float16), "embedding" if "embed" in name else "norm", 16)
+            fp_params += p.numel()
+    lin_bytes = lin_params = blk_bytes = blk_params = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, (QLinear, nn.Linear)):
+            continue
+        n_out, k = m.out_features, m.in_features
+        entry = {"in_features": k, "out_features": n_out, "tensors": []}
+        nbytes = 0
+        if isinstance(m, QLinear) and m.bits:
+            b, g = m.bits, m.group
+            entry.update(bits=b, group=g, sparsity="none")
+            codes = m.codes.numpy()
+            mask = None if m.mask is None else m.mask.numpy()
+            if mask is not None and _is_24(m.mask):
+                kept, idx = encode_24(codes, mask)
+                put(f"{name}.qweight", _t(pack_bits(kept, b)), "qweight", b, [n_out, k // 2])
+                put(f"{name}.sparse_idx", _t(pack_bits(idx, 3)), "sparse_idx", 3, [n_out, k // 4])
+                entry["sparsity"] = "2:4"
+                entry["tensors"] += [f"{name}.qweight", f"{name}.sparse_idx"]
+            else:
+                put(f"{name}.qweight", _t(pack_bits(codes, b)), "qweight", b, [n_out, k])
+                entry["tensors"].append(f"{name}.qweight")
+                if mask is not None:        # N:M other than 2:4: dense codes + a 1-bit keep mask
+                    put(f"{name}.mask", _t(pack_bits(mask.astype(np.uint8), 1)), "mask", 1, [n_out, k])
+                    entry["sparsity"] = "mask"
+                    entry["tensors"].append(f"{name}.mask")
+            put(f"{name}.zeros", _t(pack_bits(m.zeros.numpy(), b)), "zeros", b, [n_out, k // g])
+            put(f"{name}.scales", m.scales.to(torch.float16), "scales", 16)
+            entry["tensors"] += [f"{name}.zeros", f"{name}.scales"]
+        else:
+            if name == "lm_head" and tied:
+                entry.update(bits=0, tied_to="model.embed_tokens.weight")
+                layers[name] = entry
+                continue
+            w = m.weight.detach().to(torch.float16)
+            put(f"{name}.weight", w, "weight", 16)
+            entry.update(bits=0, group=None, sparsity="none")
+            entry["tensors"].append(f"{name}.weight")
+            if isinstance(m, QLinear) and m.mask is not None:
+                put(f"{name}.mask", _t(pack_bits(m.mask.numpy().astype(np.uint8), 1)), "mask", 1, [n_out, k])
+                entry["tensors"].append(f"{name}.mask")
+        if isinstance(m, QLinear) and m.act_bits:
+            entry.update(act_bits=m.act_bits, act_scheme=m.act_scheme)
+            if m.act_scheme == "per_tensor":
+                put(f"{name}.act_scale", m.act_scale.reshape(1).to(torch.float16), "act_scale", 16)
+                entry["tensors"].append(f"{name}.act_scale")
+        nbytes = sum(tensors[t].numel() * tensors[t].element_size() for t in entry["tensors"])
+        entry["bytes"] = nbytes
+        entry["bits_per_weight"] = round(8 * nbytes / (n_out * k), 4)
+        layers[name] = entry
+        lin_bytes += nbytes
+        lin_params += n_out * k
+        if name != "lm_head":
+            blk_bytes += nbytes
+            blk_params += n_out * k
+    if kv_hook is not None:
+        for name, t in kv_hook.constants().items():
+            put(name, t, "kv_const", 16)
+    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    # QLinear keeps W_hat in a buffer, not a parameter: count logical weights explicitly.
+    total_params = fp_params + lin_params
+    footprint = {
+        "bits_per_weight_blocks": round(8 * blk_bytes / max(blk_params, 1), 4),
+        "bits_per_weight_linear": round(8 * lin_bytes / max(lin_params, 1), 4),
+        "bits_per_weight_total": round(8 * total_bytes / max(total_params, 1), 4),
+        "bytes_linear": lin_bytes, "bytes_total_tensors": total_bytes,
+        "params_linear": lin_params, "params_total": total_params,
+        "note": "every overhead counted: codes, zero points, fp16 scales, 2:4 indices, masks, act scales; "
+                "blocks = linear layers of the decoder blocks, linear = blocks + lm_head, total = every "
+                "stored tensor over every model weight (embedding and norms included)",
+    }
+    return tensors, meta, layers, footprint
+
+
+def write_package_files(directory: str | os.PathLike, tensors: dict, manifest: dict) -> None:
+    """Write weights.safetensors and manifest.json (with ``files`` sha256) into *directory*."""
+    from safetensors.torch import save_file
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    files = dict(manifest.get("files") or {})
+    files[WEIGHTS] = sha256_file(d / WEIGHTS)
+    manifest["files"] = files
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+
+
+def add_files(directory: str | os.PathLike, files: dict[str, bytes], manifest_updates: dict | None = None) -> None:
+    """For later stages: write *files* into an existing package and record their sha256 (and any
+    *manifest_updates*, e.g. ``{"hw": ...}``) in manifest.json. Each write is atomic."""
+    d = Path(directory)
+    man = json.loads((d / MANIFEST).read_text())
+    for fname, data in files.items():
+        if "/" in fname or fname in (MANIFEST,):
+            raise AccllmError(f"cannot add {fname!r} to a package (plain file names only, not {MANIFEST})")
+        atomic_write_bytes(d / fname, data)
+        man.setdefault("files", {})[fname] = sha256_file(d / fname)
+    man.update(manifest_updates or {})
+    atomic_write_bytes(d / MANIFEST, json.dumps(man, indent=1).encode())
+
+
+class Package:
+    """A verified package directory."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.dir = directory
+        self.manifest = manifest
+        self._tensors = None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            from safetensors.torch import load_file
+            try:
+                self._tensors = load_file(str(self.dir / WEIGHTS))
+            except Exception as e:
+                raise AccllmError(f"package {self.dir}: {WEIGHTS} cannot be read ({e})") from None
+            for name, m in self.manifest.get("tensors", {}).items():
+                t = self._tensors.get(name)
+                if t is None or list(t.shape) != m["shape"]:
+                    raise AccllmError(f"package {self.dir}: tensor {name} in manifest.json is missing or has "
+                                      f"another shape in {WEIGHTS}")
+        return self._tensors
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise AccllmError(f"package {self.dir}: no tensor {name!r}")
+        return self.tensors[name]
+
+    @property
+    def recipe(self):
+        from algo.recipe import recipe_from_dict
+        return recipe_from_dict(self.manifest["recipe"])
+
+    def linear(self, name: str):
+        """(codes [N,K] int64, zeros [N,K/g] int64, scales [N,K/g] fp16, mask [N,K] bool | None, bits,
+        group) of a quantized linear layer; pruned positions have code == zero point."""
+        lay = self.manifest["layers"].get(name)
+        if lay is None:
+            raise AccllmError(f"package {self.dir}: no linear layer {name!r}")
+        b, g = lay.get("bits"), lay.get("group")
+        if not b:
+            raise AccllmError(f"package {self.dir}: layer {name} is stored in float (bits 0), not quantized")
+        n, k = lay["out_features"], lay["in_features"]
+        zeros = unpack_bits(self.tensor(f"{name}.zeros"), b, n * (k // g)).reshape(n, k // g).astype(np.int64)
+        scales = self.tensor(f"{name}.scales")
+        mask = None
+        if lay["sparsity"] == "2:4":
+            kept = unpack_bits(self.tensor(f"{name}.qweight"), b, n * k // 2).reshape(n, k // 2)
+            idx = unpack_bits(self.tensor(f"{name}.sparse_idx"), 3, n * k // 4).reshape(n, k // 4)
+            fill = np.repeat(zeros, g, axis=1)
+            codes, mask = decode_24(kept.astype(np.int64), idx, k, fill)
+        else:
+            codes = unpack_bits(self.tensor(f"{name}.qweight"), b, n * k).reshape(n, k).astype(np.int64)
+            if lay["sparsity"] == "mask":
+                mask = unpack_bits(self.tensor(f"{name}.mask"), 1, n * k).reshape(n, k).astype(bool)
+        return (torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(zeros), scales,
+                None if mask is None else torch.from_numpy(mask), b, g)
+
+    def kv_hook(self):
+        r = self.recipe
+        if not r.kv_bits:
+            return None
+        from .kv import KVQuantHook
+        L = self.manifest["model_config"]["num_hidden_layers"]
+        return KVQuantHook.from_constants(r.kv_bits, r.kv_group_size, L, self.tensors)
+
+    def to_torch_model(self):
+        """The fake-quant torch model this package describes (QLinear layers built from the packed
+        integers; float tensors from their fp16 copies)."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig.from_dict(dict(self.manifest["model_config"]))
+        model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("embed_tokens.weight") or name.endswith("norm.weight"):
+                    p.copy_(self.tensor(name).float())
+        for name, lay in self.manifest["layers"].items():
+            lin = model.get_submodule(name)
+            if lay.get("tied_to"):
+                continue
+            act = dict(act_bits=lay.get("act_bits", 0), act_scheme=lay.get("act_scheme", "per_token"))
+            if lay.get("bits"):
+                codes, zeros, scales, mask, b, g = self.linear(name)
+                q = QLinear(lin.in_features, lin.out_features, bits=b, group=g, codes=codes, zeros=zeros,
+                            scales=scales, mask=mask, **act)
+            else:
+                mask = None
+                if f"{name}.mask" in self.tensors:
+                    n, k = lay["out_features"], lay["in_features"]
+                    mask = torch.from_numpy(unpack_bits(self.tensor(f"{name}.mask"), 1, n * k).reshape(n, k).astype(bool))
+                q = QLinear(lin.in_features, lin.out_features, bits=0, group=0,
+                            float_weight=self.tensor(f"{name}.weight").float(), mask=mask, **act)
+            if act["act_bits"] and act["act_scheme"] == "per_tensor":
+                q.act_scale = self.tensor(f"{name}.act_scale").float().reshape(())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, q)
+        if self.manifest["layers"].get("lm_head", {}).get("tied_to"):
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    def cache_factory(self, model):
+        hook = self.kv_hook()
+        r = self.recipe
+        if hook is None and r.attention == "full":
+            return None
+        from .kv import _cache_factory_for
+        return _cache_factory_for(model, r, hook)
+
+
+def load_package(directory: str | os.PathLike) -> Package:
+    d = Path(directory)
+    mf = d / MANIFEST
+    if not d.is_dir():
+        raise AccllmError(f"package {d} not found (a directory written by compile-model is expected)")
+    if not mf.is_file():
+        raise AccllmError(f"package {d}: {MANIFEST} is missing; not an accllm package")
+    try:
+        man = json.loads(mf.read_text())
+    except ValueError as e:
+        raise AccllmError(f"package {d}: {MANIFEST} is not valid JSON ({e}); tampered or truncated") from None
+    if man.get("format") != FORMAT:
+        raise AccllmError(f"package {d}: {MANIFEST} format is {man.get('format')!r}, expected {FORMAT!r}")
+    if man.get("format_version") != FORMAT_VERSION:
+        raise AccllmError(f"package {d}: {MANIFEST} format_version {man.get('format_version')!r} is not "
+                          f"supported; this accllm reads format_version {FORMAT_VERSION}")
+    files = man.get("files") or {}
+    if WEIGHTS not in files:
+        raise AccllmError(f"package {d}: {MANIFEST} lists no {WEIGHTS}")
+    for fname, digest in files.items():
+        p = d / fname
+        if not p.is_file():
+            raise AccllmError(f"package {d}: file {fname} listed in {MANIFEST} is missing")
+        if sha256_file(p) != digest:
+            raise AccllmError(f"package {d}: file {fname} fails its sha256 check (tampered or truncated); "
+                              f"recompile the package")
+    for key in ("recipe", "model_config", "tensors", "layers"):
+        if key not in man:
+            raise AccllmError(f"package {d}: {MANIFEST} has no {key!r} section")
+    return Package(d, man)
