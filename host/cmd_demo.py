@@ -1,52 +1,218 @@
 """``accllm demo``: the main job on the embedded default model (what `make demo` runs)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import sys
 import time
+from pathlib import Path
 
-DESCRIPTION = """The main job on the embedded default model: load SmolLM2-135M, measure its WikiText-2
-perplexity (16 chunks x 1024 tokens of test) and print a short greedy continuation of a prompt."""
-EPILOG = None
+DESCRIPTION = """The main job, end to end, on the embedded default model (SmolLM2-135M):
+
+  1. compile-model with the AccLLM recipe for the sim-small configuration (cached after the first time)
+  2. perplexity on WikiText-2 test: fp vs the compressed package (cached per package)
+  3. accllm run on the functional model (emu): streamed text, time to first token, tokens/s
+  4. a few tokens on the RTL under Verilator (rtl) with the same host code: must match emu
+  5. projections from the cycle model: bytes per token and U280 decode tokens/s for Llama-2-7B and
+     SmolLM2 beside AccLLM (164 tokens/s) and FlightLLM (55 tokens/s), and the resource use of the
+     u280 configuration (yosys synth_xilinx, cached)
+and a summary table. Progress is shown on every long step."""
+EPILOG = "example: accllm demo --rtl-tokens 2      (make demo runs `accllm demo`)"
+
+ACCLLM_TPS, FLIGHTLLM_TPS = 164.0, 55.0
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model (default %(default)s)")
+    p.add_argument("--recipe", default="accllm", help="recipe (default %(default)s)")
+    p.add_argument("--hw", default="sim-small", help="hardware configuration the package is compiled for "
+                   "(default %(default)s: small enough for the RTL simulation)")
     p.add_argument("--prompt", default="The capital of France is", help="prompt for the continuation")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--rtl-tokens", type=int, default=3, help="tokens generated on the RTL (0: skip rtl)")
     p.add_argument("--chunks", type=int, default=16, help="perplexity chunks of 1024 tokens (default 16)")
+    p.add_argument("--out", default=None, metavar="DIR", help="package directory (default: in the cache)")
+    p.add_argument("--rebuild", action="store_true", help="recompile the package even if cached")
+    p.add_argument("--no-synth", action="store_true", help="skip the u280 resource report")
     p.add_argument("--no-progress", action="store_true")
 
 
-def greedy_continuation(loaded, prompt: str, max_new_tokens: int) -> str:
-    import torch
-    tok = loaded.tokenizer
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def _cli(argv: list[str], capture: bool = False):
+    """Run an accllm subcommand in-process; AccllmError propagates. With capture: its stdout."""
+    from algo.common import AccllmError
+    from host import cli
+    names = {c[0] for c in cli.COMMANDS}
+    if argv[0] not in names:
+        raise AccllmError(f"`accllm {argv[0]}` is not available in this checkout")
+    a = cli.build_parser().parse_args(argv)
+    buf = io.StringIO()
+    with (contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext()):
+        rc = a._module.run(a)
+    if rc:
+        raise AccllmError(f"`accllm {' '.join(argv)}` failed (exit {rc})")
+    return buf.getvalue() if capture else None
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
+def _step(i, n, what):
+    print(f"[{i}/{n}] {what}", flush=True)
 
 
 def run(args) -> int:
-    from algo.data import load_tokens
-    from algo.eval import HFScorer, format_table, perplexity_chunks
-    from algo.models import load_model
+    from algo.common import AccllmError, atomic_write_text, cache_dir
+    from algo.eval import format_table
+    from host.runtime import open_runtime
 
+    N = 6
+    t_start = time.time()
+    prog = [] if not args.no_progress else ["--no-progress"]
+    pkg = Path(args.out) if args.out else cache_dir("demo") / f"{args.model}-{args.recipe}-{args.hw}"
+    rows, failures = [], []
+
+    # 1. compile (cached)
     t0 = time.time()
-    print(f"[1/3] loading {args.model}", flush=True)
-    loaded = load_model(args.model)
-    t_load = time.time() - t0
-    print(f"[2/3] perplexity on WikiText-2 test ({args.chunks} x 1024 tokens)", flush=True)
-    tokens = load_tokens("wikitext2", loaded.tokenizer, 1024 * args.chunks)
-    res = perplexity_chunks(HFScorer(loaded.model, name=args.model), tokens, 1024, args.chunks,
-                            progress=not args.no_progress)
-    print(f"[3/3] greedy continuation of {args.prompt!r}", flush=True)
-    t1 = time.time()
-    text = greedy_continuation(loaded, args.prompt, args.max_new_tokens)
-    print(f"\n{args.prompt}{text}\n")
-    print(format_table([
-        ("model", f"{args.model} ({loaded.config.num_hidden_layers} layers, "
-                  f"{sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters)"),
-        ("perplexity", f"{res['ppl']:.3f}  (WikiText-2 test, ctx 1024, {args.chunks} chunks, SmolLM2 tokenizer)"),
-        ("load / ppl / generate", f"{t_load:.1f} s / {res['seconds']:.1f} s / {time.time() - t1:.1f} s"),
-    ]))
+    cached = False
+    if pkg.is_dir() and not args.rebuild:
+        try:
+            from host.runtime import load_package_verified
+            m = load_package_verified(pkg).manifest
+            cached = m.get("hw", {}).get("name") == args.hw
+        except AccllmError as e:
+            print(f"    cached package unusable ({e}); recompiling", flush=True)
+    _step(1, N, f"compile-model --model {args.model} --recipe {args.recipe} --hw {args.hw} --out {pkg}"
+          + ("  (cached)" if cached else ""))
+    if not cached:
+        from host import cli
+        rc = cli.compile_model_main(["--model", args.model, "--recipe", args.recipe, "--hw", args.hw,
+                                     "--out", str(pkg)] + prog)
+        if rc:
+            raise AccllmError(f"compile-model failed (exit {rc})")
+    t_compile = time.time() - t0
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    fp = manifest.get("footprint", {})
+
+    # 2. perplexity fp vs compressed (cached per package)
+    _step(2, N, f"perplexity on WikiText-2 test ({args.chunks} x 1024 tokens): fp and the package")
+    t0 = time.time()
+    ppl_cache = cache_dir("demo") / f"ppl-{args.model}-{args.chunks}-{manifest.get('files', {}).get('weights.safetensors', 'x')[:16]}.json"
+    if ppl_cache.is_file() and not args.rebuild:
+        ppl = json.loads(ppl_cache.read_text())
+    else:
+        ppl = {}
+        ppl["fp"] = _last_json(_cli(["eval", "--model", args.model, "--recipe", "fp", "--chunks", str(args.chunks),
+                                     "--json"] + prog, capture=True))["ppl"]
+        ppl["package"] = _last_json(_cli(["eval", "--package", str(pkg), "--chunks", str(args.chunks), "--json"]
+                                         + prog, capture=True))["ppl"]
+        atomic_write_text(ppl_cache, json.dumps(ppl))
+    t_ppl = time.time() - t0
+
+    # 3. emu
+    _step(3, N, f"accllm run --backend emu --prompt {args.prompt!r} --max-new-tokens {args.max_new_tokens}")
+    t0 = time.time()
+    with open_runtime(pkg, "emu", owner="accllm demo") as rt:
+        ids = rt.encode(args.prompt)
+        emu_tokens, shown = [], ""
+        sys.stdout.write("    " + args.prompt)
+        for tok in rt.generate(ids, args.max_new_tokens):
+            emu_tokens.append(tok)
+            text = rt.decode(emu_tokens)
+            sys.stdout.write(text[len(shown):].replace("\n", "\n    "))
+            sys.stdout.flush()
+            shown = text
+        print()
+        emu_stats = rt.stats
+    t_emu = time.time() - t0
+
+    # 4. rtl: a few tokens with the same host code
+    rtl_row = "skipped (--rtl-tokens 0)"
+    t_rtl = 0.0
+    if args.rtl_tokens > 0:
+        _step(4, N, f"accllm run --backend rtl (Verilator): {args.rtl_tokens} tokens, compared with emu")
+        t0 = time.time()
+        try:
+            with open_runtime(pkg, "rtl", owner="accllm demo") as rt:
+                rtl_tokens = list(rt.generate(ids, args.rtl_tokens))
+                st = rt.stats
+                hw = rt.device.hw
+            want = emu_tokens[:len(rtl_tokens)]
+            ok = rtl_tokens == want
+            cyc = ""
+            if st.cycles:
+                cyc = f"; {st.cycles} cycles = {st.cycles / (hw.clock_mhz * 1e3):.2f} ms at {hw.clock_mhz:g} MHz"
+            rtl_row = (f"{'MATCH' if ok else 'MISMATCH'}: rtl {rtl_tokens} vs emu {want}{cyc}; "
+                       f"{time.time() - t0:.0f} s wall")
+            if not ok:
+                failures.append("rtl tokens differ from emu")
+        except AccllmError as e:
+            rtl_row = f"FAILED: {e}"
+            failures.append("rtl run failed")
+        t_rtl = time.time() - t0
+    else:
+        _step(4, N, "rtl skipped")
+
+    # 5. projections from the cycle model
+    _step(5, N, "cycle model: accllm perf for llama2-7b and the demo model on u280")
+    proj = {}
+    for model in ("llama2-7b", args.model):
+        try:
+            proj[model] = _last_json(_cli(["perf", "--model", model, "--hw", "u280", "--recipe", args.recipe,
+                                           "--json"], capture=True))
+        except (AccllmError, ValueError) as e:
+            proj[model] = {"error": str(e)}
+
+    # 6. resources of the u280 configuration (synthesis, cached)
+    res_row = "skipped (--no-synth)"
+    if not args.no_synth:
+        _step(6, N, "resources of the u280 configuration (build-rtl --synth; cached after the first time)")
+        from host.backends.rtl import _rtl_sources_digest
+        rdir = cache_dir("demo") / f"synth-u280-{_rtl_sources_digest()}"
+        try:
+            if not (rdir / "resources.json").is_file():
+                _cli(["build-rtl", "--hw", "u280", "--out", str(rdir), "--synth"])
+            r = json.loads((rdir / "resources.json").read_text())
+            cap = r.get("capacity", {})
+            res_row = ", ".join(f"{k} {r[k]}" + (f" ({100 * r[k] / cap[k]:.0f}%)" if cap.get(k) else "")
+                                for k in ("LUT", "FF", "DSP", "BRAM", "URAM") if k in r)
+        except (AccllmError, OSError, ValueError) as e:
+            res_row = f"not available: {e}"
+    else:
+        _step(6, N, "resources skipped")
+
+    def tps(model):
+        p = proj.get(model, {})
+        if "error" in p:
+            return f"not available: {p['error']}"
+        return (f"{p.get('decode_tokens_per_s', float('nan')):.0f} tokens/s decode, "
+                f"{p.get('bytes_per_token', 0) / 1e6:.1f} MB/token, roofline "
+                f"{p.get('roofline_tokens_per_s', float('nan')):.0f} tokens/s")
+
+    n_dec = max(emu_stats.new_tokens - 1, 0)
+    rows += [
+        ("model / recipe / hw", f"{args.model} / {args.recipe} / {args.hw}"),
+        ("package", f"{pkg} ({'cached' if cached else f'compiled in {t_compile:.0f} s'})"),
+        ("bits per weight", f"{fp.get('bits_per_weight', 'n/a')}"),
+        ("perplexity fp -> package", f"{ppl['fp']:.3f} -> {ppl['package']:.3f}  (WikiText-2 test, "
+                                     f"{args.chunks} x 1024)"),
+        ("emu", f"{len(emu_tokens)} tokens; TTFT {emu_stats.ttft_s:.2f} s, decode "
+                f"{emu_stats.decode_tokens_per_s:.2f} tokens/s (wall, {n_dec} steps)"),
+        ("rtl vs emu", rtl_row),
+        ("U280 Llama-2-7B (cycle model)", tps("llama2-7b") + f"; AccLLM {ACCLLM_TPS:.0f}, FlightLLM {FLIGHTLLM_TPS:.0f}"),
+        (f"U280 {args.model} (cycle model)", tps(args.model)),
+        ("U280 resources", res_row),
+        ("time: compile/ppl/emu/rtl/total", f"{t_compile:.0f} / {t_ppl:.0f} / {t_emu:.0f} / {t_rtl:.0f} / "
+                                            f"{time.time() - t_start:.0f} s"),
+    ]
+    print()
+    print(format_table(rows))
+    if failures:
+        print(f"demo FAILED: {'; '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
