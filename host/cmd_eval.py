@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--package", default=None, metavar="DIR",
                    help="evaluate a compiled package (from compile-model) instead of --model/--recipe; "
                         "its sha256s are verified first, a tampered package is refused")
+    p.add_argument("--backend", default=None, choices=("emu", "rtl", "xrt"),
+                   help="with --package: score through a device (the compiled program on the functional "
+                        "model, the RTL simulation or a card) instead of the torch fake-quant model")
     p.add_argument("--data", default="wikitext2", help="wikitext2 (test split) or a path to a UTF-8 text file")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default %(default)s)")
     p.add_argument("--chunks", type=int, default=16, help="number of chunks (default %(default)s)")
@@ -71,6 +74,9 @@ def run(args) -> int:
     from algo.models import load_model
     from quant.pipeline import prepare
 
+    import contextlib
+    from algo.common import AccllmError
+    stack = contextlib.ExitStack()                 # holds the device runtime of --backend, if any
     progress = not args.no_progress
     t0 = time.time()
     need = args.length if args.stream else args.ctx * args.chunks
@@ -79,20 +85,28 @@ def run(args) -> int:
         from algo.eval import HFScorer
         pkg = load_package(args.package)               # verifies format, version and every sha256
         recipe = pkg.recipe
-        model = pkg.to_torch_model()
         tokens = load_tokens(args.data, _package_tokenizer(pkg), need)
-        scorer = HFScorer(model, cache_factory=pkg.cache_factory(model), name=f"package:{recipe.name}")
+        if getattr(args, "backend", None):         # the same harness through a device (host/runtime.py)
+            from host.runtime import DeviceScorer, open_runtime
+            rt = stack.enter_context(open_runtime(args.package, args.backend, owner="accllm eval"))
+            scorer = DeviceScorer(rt, name=f"{args.backend}:{recipe.name}")
+        else:
+            model = pkg.to_torch_model()
+            scorer = HFScorer(model, cache_factory=pkg.cache_factory(model), name=f"package:{recipe.name}")
         args.model = f"package {args.package} ({pkg.manifest['source']['spec']})"
     else:
+        if getattr(args, "backend", None):
+            raise AccllmError("--backend needs --package DIR (a package compiled with compile-model --hw ...)")
         recipe = recipe_from_args(args)            # validate before any work
         loaded = load_model(args.model)
         tokens = load_tokens(args.data, loaded.tokenizer, need)
         prepared = prepare(loaded, recipe, progress=progress)
         scorer = prepared.scorer()
-    if args.stream:
-        res = perplexity_stream(scorer, tokens, args.length, args.block, progress=progress)
-    else:
-        res = perplexity_chunks(scorer, tokens, args.ctx, args.chunks, progress=progress)
+    with stack:
+        if args.stream:
+            res = perplexity_stream(scorer, tokens, args.length, args.block, progress=progress)
+        else:
+            res = perplexity_chunks(scorer, tokens, args.ctx, args.chunks, progress=progress)
     res.update(model=args.model, recipe=recipe.to_dict(), data=args.data, wall_seconds=time.time() - t0)
     if args.plot and args.stream:
         _plot_blocks(res, args.plot, f"{args.model}, recipe {recipe.name}")
