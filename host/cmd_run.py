@@ -49,6 +49,8 @@ def run(args) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     kw = {}
     if args.backend == "xrt":
+        from host.backends.xrt import import_pyxrt
+        import_pyxrt()                      # without XRT: one clear line before any other work
         kw = dict(xclbin=args.xclbin, device_index=args.device_index)
     elif args.backend == "rtl":
         kw = dict(rtl_dir=args.rtl_dir, simulator=args.simulator)
