@@ -32,28 +32,27 @@ def add_arguments(p) -> None:
                    "(default %(default)s)")
 
 
-def port_banks(hw, memmap: dict | None = None) -> dict[str, int]:
-    """HBM pseudo-channel of every AXI master port. Taken from the package's memory map where it
-    names them (buffers with port and bank), else: weights port p -> HBM[p], the control port
-    (program, KV cache, I/O) -> HBM[weight_ports % 32]."""
+def port_banks(hw, memmap: dict | None = None) -> dict[str, tuple[int, int]]:
+    """HBM pseudo-channels (lo, hi) every AXI master port is connected to. From the package's memory
+    map where it places buffers (a port whose buffers sit in several banks gets the range lo..hi, as
+    `sp=...:HBM[lo:hi]`), else: weights port p -> HBM[p], the control port (program, KV cache, I/O)
+    -> HBM[weight_ports % 32]."""
     from hw import regmap
     ports = sorted({a.port for a in regmap.arguments(hw) if a.port})
-    banks = {}
-    for p in ports:
-        banks[p] = int(p[len("m_axi_w"):]) % 32 if p.startswith("m_axi_w") else hw.weight_ports % 32
+    default = {p: (int(p[len("m_axi_w"):]) % 32 if p.startswith("m_axi_w") else hw.weight_ports % 32) for p in ports}
+    seen: dict[str, list[int]] = {}
     for b in _memmap_buffers(memmap):
         port, bank = b.get("port"), b.get("bank")
-        if port in banks and isinstance(bank, int):
-            banks[port] = bank
-    # a port must live in one bank: the memory map may not split one port over two
-    seen: dict[str, int] = {}
-    for b in _memmap_buffers(memmap):
-        port, bank = b.get("port"), b.get("bank")
-        if port in banks and isinstance(bank, int):
-            if seen.setdefault(port, bank) != bank:
-                raise AccllmError(f"memory map places buffers of port {port} in HBM banks {seen[port]} and {bank}; "
-                                  f"one AXI master is connected to one pseudo-channel")
-    return banks
+        if port in default and isinstance(bank, int):
+            if not 0 <= bank < 32:
+                raise AccllmError(f"memory map places buffer {b.get('name')!r} in HBM bank {bank}; the U280 has 0..31")
+            seen.setdefault(port, []).append(bank)
+    return {p: ((min(seen[p]), max(seen[p])) if p in seen else (default[p], default[p])) for p in ports}
+
+
+def hbm_tag(lo_hi: tuple[int, int]) -> str:
+    lo, hi = lo_hi
+    return f"HBM[{lo}]" if lo == hi else f"HBM[{lo}:{hi}]"
 
 
 def _memmap_buffers(memmap) -> list[dict]:
@@ -71,7 +70,7 @@ def connectivity_cfg(hw, banks: dict[str, int]) -> str:
              f"at {hw.clock_mhz:g} MHz",
              "[connectivity]", f"nk={KERNEL}:1:{KERNEL}_1"]
     for port in sorted(banks, key=lambda p: (not p.startswith("m_axi_w"), len(p), p)):
-        lines.append(f"sp={KERNEL}_1.{port}:HBM[{banks[port]}]")
+        lines.append(f"sp={KERNEL}_1.{port}:{hbm_tag(banks[port])}")
     lines += ["", "[clock]", f"freqHz={int(hw.clock_mhz * 1e6)}:{KERNEL}_1", ""]
     return "\n".join(lines)
 
@@ -126,7 +125,7 @@ What is here:
 - `kernel.xml` — the Vitis RTL-kernel description: `s_axi_control` register map, AXI4 masters;
 - `package_xo.tcl` — packages the Verilog as IP and calls `package_xo` → `{KERNEL}.xo`;
 - `connectivity.cfg` — `nk=` and `sp=` lines: {len(banks)} AXI masters over the HBM
-  pseudo-channels ({', '.join(f'{p}→HBM[{b}]' for p, b in sorted(banks.items(), key=lambda x: x[1]))}),
+  pseudo-channels ({', '.join(f'{p}→{hbm_tag(b)}' for p, b in sorted(banks.items(), key=lambda x: x[1]))}),
   the same banks the package's memory map allocates its buffers in;
 - this README.
 

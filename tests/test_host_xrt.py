@@ -130,7 +130,7 @@ def _banks(hw):
     # argument index -> bank, as the package-xo connectivity places them
     from host.cmd_package_xo import port_banks
     pb = port_banks(hw)
-    return {i: pb[a.port] for i, a in enumerate(regmap.arguments(hw)) if a.port}
+    return {i: pb[a.port][0] for i, a in enumerate(regmap.arguments(hw)) if a.port}
 
 
 def _device(hw, tmp_path, finish=True):
@@ -144,7 +144,7 @@ def _device(hw, tmp_path, finish=True):
 def test_xrt_argument_order_banks_and_sync(hw, tmp_path):
     from host.cmd_package_xo import port_banks
     dev, px = _device(hw, tmp_path)
-    banks = port_banks(hw)
+    banks = {p: lo for p, (lo, hi) in port_banks(hw).items()}
     bufs = {"program": dev.alloc(256, port="m_axi_ctrl", bank=banks["m_axi_ctrl"], name="program"),
             "kv": dev.alloc(4096, port="m_axi_ctrl", bank=banks["m_axi_ctrl"], name="kv"),
             "io": dev.alloc(1024, port="m_axi_ctrl", bank=banks["m_axi_ctrl"], name="io")}
@@ -198,7 +198,7 @@ def test_xrt_timeout_leaves_device_reusable(hw, tmp_path):
     from host.cmd_package_xo import port_banks
     from host.device import DeviceTimeout
     dev, px = _device(hw, tmp_path, finish=False)
-    banks = port_banks(hw)
+    banks = {p: lo for p, (lo, hi) in port_banks(hw).items()}
     for a in regmap.arguments(hw):
         if a.kind == "ptr":
             dev.set_arg(a.name, dev.alloc(64, port=a.port, bank=banks[a.port], name=a.name))
