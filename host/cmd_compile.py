@@ -21,6 +21,11 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
     p.add_argument("--stop-after", default=None, metavar="STEP",
                    help="end the flow after this step (load, compress, pack, write, ...); writes no package")
+    p.add_argument("--hw", default=None, metavar="CONFIG",
+                   help="also compile for the accelerator: sim-small | u280 (adds program.bin, program.lst, "
+                        "memmap.json, hbm_w<p>.bin and 'hw' in the manifest)")
+    p.add_argument("--hw-set", dest="hw_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one hardware configuration key (repeatable)")
     add_progress_args(p)
 
 

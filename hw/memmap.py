@@ -287,9 +287,11 @@ def parse_norm(b: np.ndarray) -> tuple[int, int, np.ndarray]:
 
 
 ATN_FIELDS = ("magic", "layer", "heads", "kv_heads", "head_dim", "sink", "window", "slots", "rope_mode",
-              "rope_rows", "k_off", "v_off", "rope_off", "kconst_off", "vgroup", "kv_bits")
+              "ring", "k_off", "v_off", "rope_off", "kconst_off", "vgroup", "kv_bits")
 ATN_HEADER = struct.Struct("<" + "I" * 16)
 ROPE_ORIGINAL, ROPE_CACHE = 0, 1
+# ring: 1 = Λ ring buffer (S sink slots + W window slots, unbounded positions), 0 = linear cache
+# (slot = position; a position >= slots stops with STATUS_POSITION)
 
 
 def pack_attn_header(**f) -> bytes:

@@ -1,0 +1,369 @@
+"""The compiler: a compressed package -> accelerator programs + HBM images + memory map.
+
+``compile_to_dir(package, hw, out_dir)`` writes into *out_dir*:
+  program.bin    decode program (instruction 0) then one prefill program per bucket (hw/isa.py words)
+  program.lst    the disassembly with entry labels and a comment per instruction
+  memmap.json    buffers, entry points, io slots, KV geometry (hw/memmap.py; read by host/runtime.py)
+  hbm_w<p>.bin   the image of weight port p (lockstep linear layers + embedding; constants on port 0)
+and returns the manifest additions (``hw`` and ``program``). Float-stored linear layers (bits 0, e.g.
+a tied lm_head) are quantized here to W8 g64 round-to-nearest: the matrix engine takes integer
+weights only. The hardware always quantizes linear inputs per token to int8 (docs/numerics.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from algo.common import AccllmError, atomic_write_bytes, atomic_write_text
+
+from . import isa
+from . import memmap as mm
+from . import numerics as nx
+from .config import HWConfig
+
+
+@dataclass
+class LinearW:
+    codes: np.ndarray      # [N, K] dense codes
+    zeros: np.ndarray
+    scales: np.ndarray     # fp16
+    mask: np.ndarray | None
+    bits: int
+    group: int
+
+
+def _np(t):
+    try:
+        import torch
+        if torch.is_tensor(t):
+            return t.detach().cpu().numpy()
+    except ImportError:
+        pass
+    return np.asarray(t)
+
+
+def rtn_w8(w: np.ndarray, group: int = 64) -> LinearW:
+    """Round-to-nearest 8-bit asymmetric group quantization (same formulas as quant/quantizers.py)."""
+    w = np.asarray(w, np.float32)
+    N, K = w.shape
+    g = group if K % group == 0 else math.gcd(K, group)
+    wg = w.reshape(N, K // g, g)
+    hi = np.maximum(wg.max(-1), 0)
+    lo = np.minimum(wg.min(-1), 0)
+    scale = np.maximum(((hi - lo) / 255).astype(np.float16), np.float16(2 ** -24))
+    s = scale.astype(np.float32)
+    zero = np.clip(np.round(-lo / s), 0, 255)
+    codes = np.clip(np.round(wg / s[..., None]) + zero[..., None], 0, 255).reshape(N, K)
+    return LinearW(codes.astype(np.int64), zero.astype(np.int64), scale, None, 8, g)
+
+
+def package_linear(pkg, name: str) -> LinearW:
+    lay = pkg.manifest["layers"].get(name)
+    if lay is None:
+        raise AccllmError(f"package has no linear layer {name!r}")
+    if not lay.get("bits"):
+        src = lay.get("tied_to") or f"{name}.weight"
+        w = _np(pkg.tensor(src)).astype(np.float32)
+        return rtn_w8(w)
+    codes, zeros, scales, mask, b, g = pkg.linear(name)
+    return LinearW(_np(codes).astype(np.int64), _np(zeros).astype(np.int64), _np(scales).astype(np.float16),
+                   None if mask is None else _np(mask).astype(bool), int(b), int(g))
+
+
+def concat_linears(ws: list[LinearW], what: str) -> LinearW:
+    f = {(w.bits, w.group, w.mask is None) for w in ws}
+    if len(f) != 1:
+        raise AccllmError(f"{what}: the fused layers need the same bits, group and sparsity; got "
+                          f"{[(w.bits, w.group, 'dense' if w.mask is None else 'sparse') for w in ws]}")
+    return LinearW(np.concatenate([w.codes for w in ws]), np.concatenate([w.zeros for w in ws]),
+                   np.concatenate([w.scales for w in ws]),
+                   None if ws[0].mask is None else np.concatenate([w.mask for w in ws]), ws[0].bits, ws[0].group)
+
+
+def _is_24(mask: np.ndarray) -> bool:
+    K = mask.shape[1]
+    return K % 4 == 0 and bool((mask.reshape(mask.shape[0], K // 4, 4).sum(-1) == 2).all())
+
+
+def linear_images(w: LinearW, hw: HWConfig) -> list[bytes]:
+    M, SH = nx.scales_to_hw(w.scales, hw.scale_bits)
+    if w.mask is not None and _is_24(w.mask):
+        from quant.pack import encode_24
+        kept, idx = encode_24(w.codes, w.mask)
+        return mm.pack_linear(kept, w.zeros, M, SH, w.bits, w.group, idx=idx, scale_bits=hw.scale_bits,
+                              ports=hw.weight_ports)
+    codes = w.codes
+    if w.mask is not None:       # other N:M: dense mode with code = zero at pruned positions (d = 0)
+        codes = np.where(w.mask, codes, np.repeat(w.zeros, w.group, axis=1))
+    return mm.pack_linear(codes, w.zeros, M, SH, w.bits, w.group, scale_bits=hw.scale_bits, ports=hw.weight_ports)
+
+
+class _Area:
+    """Bump allocator of one address space (64-byte aligned)."""
+
+    def __init__(self, start: int = 0):
+        self.top = start
+
+    def take(self, n: int) -> int:
+        a = self.top
+        self.top = mm.align(a + max(int(n), 1))
+        return a
+
+
+def prefill_buckets(hw: HWConfig) -> list[int]:
+    out, b = [], 8
+    while b < hw.max_prefill:
+        out.append(b)
+        b *= 4
+    out.append(hw.max_prefill)
+    return sorted(set(x for x in out if x > 1))
+
+
+def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+    out = Path(out)
+    man = pkg.manifest
+    cfg = man["model_config"]
+    rec = pkg.recipe
+    H = int(cfg["hidden_size"])
+    I = int(cfg["intermediate_size"])
+    L = int(cfg["num_hidden_layers"])
+    Hq = int(cfg["num_attention_heads"])
+    Hkv = int(cfg.get("num_key_value_heads") or Hq)
+    hd = int(cfg.get("head_dim") or H // Hq)
+    V = int(cfg["vocab_size"])
+    eps = float(cfg.get("rms_norm_eps", 1e-6))
+    theta = float(cfg.get("rope_theta", 10000.0))
+    if cfg.get("rope_scaling"):
+        raise AccllmError(f"rope_scaling {cfg['rope_scaling']!r} is not supported by the compiler (plain RoPE only)")
+    # ---- checks against the configuration ---------------------------------------------------------
+    for what, v in (("hidden_size", H), ("intermediate_size", I), ("q width", Hq * hd)):
+        if v > hw.max_hidden:
+            raise AccllmError(f"{what}={v} exceeds the {hw.name} configuration's max_hidden={hw.max_hidden}")
+    if L > hw.max_layers:
+        raise AccllmError(f"{L} layers exceed max_layers={hw.max_layers} of {hw.name}")
+    if rec.kv_bits != 4:
+        raise AccllmError(f"recipe kv_bits={rec.kv_bits}: the KV-cache unit stores 4-bit keys and values; use a "
+                          f"recipe with kv_bits=4 (accllm, w2a8kv4, kv4)")
+    from algo.recipe import _ratio_active
+    if _ratio_active(rec.token_keep) or _ratio_active(rec.head_keep):
+        raise AccllmError("SpAtten token/head pruning (token_keep/head_keep < 1) is not compiled to the accelerator "
+                          "yet (the TOPK opcode is not part of ISA v1); use token_keep=1 head_keep=1")
+    if hd % 2 or hd > 256:
+        raise AccllmError(f"head_dim={hd}: the attention unit takes even head_dim <= 256")
+    vgroup = min(rec.kv_group_size, hd)
+    if rec.attention == "lambda":
+        S, W = int(rec.sink_tokens), int(rec.window)
+        slots = S + W
+        rope_mode = mm.ROPE_CACHE if rec.rope_mode == "cache" else mm.ROPE_ORIGINAL
+        max_position = None
+    else:
+        S, W = 0, min(hw.max_context, int(cfg.get("max_position_embeddings", hw.max_context)))
+        slots = W
+        rope_mode = mm.ROPE_ORIGINAL
+        max_position = slots
+    if slots > hw.max_context:
+        raise AccllmError(f"S + W = {slots} KV slots exceed max_context={hw.max_context} of {hw.name}; use a smaller "
+                          f"window (--set window=N) or a larger configuration")
+    P = hw.weight_ports
+
+    # ---- weights: lockstep area on every port ----------------------------------------------------
+    lock = _Area(0)
+    port_chunks: list[list[tuple[int, bytes]]] = [[] for _ in range(P)]
+    descs: dict[str, int] = {}
+
+    def place(name: str, images: list[bytes]) -> int:
+        size = max(len(b) for b in images)
+        a = lock.take(size)
+        for p in range(P):
+            port_chunks[p].append((a, images[p]))
+        descs[name] = a
+        return a
+
+    emb = nx.fp16_to_q16(_np(pkg.tensor("model.embed_tokens.weight")).astype(np.float16))
+    place("embed", mm.pack_embedding(emb.astype(np.int32), P))
+    del emb
+    bar = tqdm(total=L + 1, desc="compile", disable=not progress, leave=False)
+    for i in range(L):
+        pre = f"model.layers.{i}"
+        qkv = concat_linears([package_linear(pkg, f"{pre}.self_attn.{n}_proj") for n in "qkv"], f"layer {i} q/k/v")
+        place(f"{pre}.qkv", linear_images(qkv, hw))
+        place(f"{pre}.o", linear_images(package_linear(pkg, f"{pre}.self_attn.o_proj"), hw))
+        gu = concat_linears([package_linear(pkg, f"{pre}.mlp.{n}_proj") for n in ("gate", "up")], f"layer {i} gate/up")
+        place(f"{pre}.gate_up", linear_images(gu, hw))
+        place(f"{pre}.down", linear_images(package_linear(pkg, f"{pre}.mlp.down_proj"), hw))
+        bar.update(1)
+    place("lm_head", linear_images(package_linear(pkg, "lm_head"), hw))
+    bar.update(1)
+    bar.close()
+
+    # ---- constants on port 0 ---------------------------------------------------------------------
+    const = _Area(lock.top)
+    c_chunks: list[tuple[int, bytes]] = []
+
+    def cput(name: str, data: bytes) -> int:
+        a = const.take(len(data))
+        c_chunks.append((a, data))
+        descs[name] = a
+        return a
+
+    def norm(name):
+        g = nx.fp16_to_q16(_np(pkg.tensor(f"{name}.weight")).astype(np.float16))
+        return cput(name, mm.pack_norm(g, eps))
+
+    inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rope_off = cput("rope", np.asarray(nx.rope_freq_words(inv_freq), "<u4").tobytes())
+    kv = mm.kv_layout(L, Hkv, hd, slots, vgroup)
+    kcl = mm.kconst_layout(Hkv, hd)
+    for i in range(L):
+        pre = f"model.layers.{i}"
+        norm(f"{pre}.input_layernorm")
+        norm(f"{pre}.post_attention_layernorm")
+        try:
+            ks = _np(pkg.tensor(f"{pre}.self_attn.k_scale")).astype(np.float16).reshape(Hkv, hd)
+            kz = _np(pkg.tensor(f"{pre}.self_attn.k_zero")).astype(np.float64).reshape(Hkv, hd)
+        except (KeyError, AccllmError):
+            raise AccllmError(f"package has no static key-quantization constants for layer {i} "
+                              f"({pre}.self_attn.k_scale / k_zero); the KV-cache unit needs static per-channel keys") from None
+        kc = nx.key_consts(ks, kz, hd)
+        blob = bytearray(kcl["_size"][0])
+        for nm_, (o, cnt, dt) in kcl.items():
+            if nm_ != "_size":
+                arr = np.asarray(kc[nm_]).reshape(-1).astype(dt)
+                blob[o:o + arr.nbytes] = arr.tobytes()
+        kco = cput(f"{pre}.kconst", bytes(blob))
+        hdr = mm.pack_attn_header(layer=i, heads=Hq, kv_heads=Hkv, head_dim=hd, sink=S, window=W, slots=slots,
+                                  rope_mode=rope_mode, ring=int(rec.attention == "lambda"), k_off=kv["layers"][i]["k_off"],
+                                  v_off=kv["layers"][i]["v_off"], rope_off=rope_off, kconst_off=kco,
+                                  vgroup=vgroup, kv_bits=4)
+        cput(f"{pre}.attn", hdr)
+    norm("model.norm")
+
+    # ---- io layout ---------------------------------------------------------------------------------
+    T = hw.max_prefill
+    io = _Area(0)
+    tok_off = io.take(4 * T)
+    arg_off = io.take(64)
+    logit_stride = mm.stride32(V)
+    log_off = io.take(T * logit_stride)
+    x_off = io.take(T * mm.stride32(H))
+    h8_off = io.take(T * mm.stride8(max(H, Hq * hd)))
+    qkv_off = io.take(T * mm.stride32((Hq + 2 * Hkv) * hd))
+    a8_off = io.take(T * mm.stride8(Hq * hd))
+    gu_off = io.take(T * mm.stride32(2 * I))
+    m8_off = io.take(T * mm.stride8(I))
+
+    # ---- program -----------------------------------------------------------------------------------
+    def program() -> tuple[list[isa.Instr], list[str]]:
+        ins, cm = [], []
+
+        def emit(i, c):
+            ins.append(i)
+            cm.append(c)
+        emit(isa.Instr(isa.EMBED, a=x_off, b=tok_off, c=H, d=descs["embed"]), "x = embed(ids)")
+        for i in range(L):
+            pre = f"model.layers.{i}"
+            emit(isa.Instr(isa.RMSNORM, a=h8_off, b=x_off, c=H, d=descs[f"{pre}.input_layernorm"]),
+                 f"L{i} h = rmsnorm(x) -> int8")
+            emit(isa.Instr(isa.MATMUL, a=qkv_off, b=h8_off, c=i, d=descs[f"{pre}.qkv"]), f"L{i} [q|k|v] = h W_qkv")
+            emit(isa.Instr(isa.ATTN, a=a8_off, b=qkv_off, c=i, d=descs[f"{pre}.attn"]),
+                 f"L{i} a = attention(q, k, v; KV cache) -> int8")
+            emit(isa.Instr(isa.MATMUL, a=x_off, b=a8_off, c=i, d=descs[f"{pre}.o"], flags=isa.F_ACC), f"L{i} x += a W_o")
+            emit(isa.Instr(isa.RMSNORM, a=h8_off, b=x_off, c=H, d=descs[f"{pre}.post_attention_layernorm"]),
+                 f"L{i} h = rmsnorm(x) -> int8")
+            emit(isa.Instr(isa.MATMUL, a=gu_off, b=h8_off, c=i, d=descs[f"{pre}.gate_up"]), f"L{i} [g|u] = h W_gate_up")
+            emit(isa.Instr(isa.SILUMUL, a=m8_off, b=gu_off, c=I), f"L{i} m = silu(g) * u -> int8")
+            emit(isa.Instr(isa.MATMUL, a=x_off, b=m8_off, c=i, d=descs[f"{pre}.down"], flags=isa.F_ACC),
+                 f"L{i} x += m W_down")
+        emit(isa.Instr(isa.RMSNORM, a=h8_off, b=x_off, c=H, d=descs["model.norm"]), "h = rmsnorm(x) -> int8")
+        emit(isa.Instr(isa.MATMUL, a=log_off, b=h8_off, c=L, d=descs["lm_head"], flags=isa.F_LOGITS),
+             "logits = h W_lm_head (register flags)")
+        emit(isa.Instr(isa.ARGMAX, a=arg_off, b=log_off, d=V), "token = argmax(logits of the last token)")
+        emit(isa.Instr(isa.END), "end")
+        return ins, cm
+
+    words, labels, comments = [], {}, {}
+    entries = {}
+    for name, tokens in [("decode", 1)] + [(f"prefill{b}", b) for b in prefill_buckets(hw)]:
+        ins, cm = program()
+        labels[len(words)] = f"{name} (n_tokens <= {tokens})"
+        for k, c in enumerate(cm):
+            comments[len(words) + k] = c
+        entries[name] = dict(offset=len(words), length=len(ins), tokens=tokens)
+        words.extend(ins)
+    prog = isa.encode_program(words)
+
+    # ---- HBM images ---------------------------------------------------------------------------------
+    files = {}
+    for p in range(P):
+        end = lock.top if p else const.top
+        img = bytearray(mm.align(max(end, 64)))
+        for a, data in port_chunks[p]:
+            img[a:a + len(data)] = data
+        if p == 0:
+            for a, data in c_chunks:
+                img[a:a + len(data)] = data
+        atomic_write_bytes(out / f"hbm_w{p}.bin", bytes(img))
+        files[f"weights{p}"] = dict(port=f"m_axi_w{p}", bank=p % 32, size=len(img), file=f"hbm_w{p}.bin", file_offset=0)
+    atomic_write_bytes(out / "program.bin", prog)
+    listing = isa.disassemble(prog, labels=labels, comments=comments)
+    atomic_write_text(out / "program.lst", f"; accllm program for {hw.name} ({len(words)} words)\n" + listing + "\n")
+
+    eos = cfg.get("eos_token_id")
+    memmap = {
+        "format": mm.FORMAT, "version": mm.VERSION, "hw": hw.name,
+        "buffers": {
+            "program": dict(port="m_axi_ctrl", bank=0, size=mm.align(len(prog)), file="program.bin", file_offset=0),
+            "io": dict(port="m_axi_ctrl", bank=0, size=io.top),
+            "kv": dict(port="m_axi_ctrl", bank=1, size=kv["total"]),
+            **files,
+        },
+        "entries": {"decode": entries["decode"],
+                    "prefill": [dict(tokens=e["tokens"], offset=e["offset"], length=e["length"])
+                                for k, e in entries.items() if k != "decode"]},
+        "io": {"tokens_in": dict(offset=tok_off, dtype="int32", count=T),
+               "logits_out": dict(offset=log_off, dtype="int32", count=logit_stride // 4, scale=2.0 ** -16),
+               "argmax_out": dict(offset=arg_off, dtype="int32", count=1),
+               "scratch": dict(x=x_off, h8=h8_off, qkv=qkv_off, a8=a8_off, gu=gu_off, m8=m8_off)},
+        "logits_rows": "all",
+        "prefill_partial": True,
+        "attention": dict(kind=rec.attention, sink=S, window=W, slots=slots,
+                          rope_mode=rec.rope_mode if rec.attention == "lambda" else "original"),
+        "max_position": max_position,
+        "vocab_size": V,
+        "eos_token_id": eos[0] if isinstance(eos, list) else eos,
+        "kv": dict(layers=L, kv_heads=Hkv, head_dim=hd, slots=slots, vgroup=vgroup, k_slot_bytes=kv["k_slot"],
+                   v_slot_bytes=kv["v_slot"], bytes_per_layer=kv["per_layer"]),
+        "model": dict(hidden=H, intermediate=I, layers=L, heads=Hq, kv_heads=Hkv, head_dim=hd, vocab=V),
+        "descriptors": descs,
+        "flags": {"logits_all_rows": isa.RF_LOGITS, "argmax_last": isa.RF_ARGMAX},
+    }
+    mm.validate_memmap(memmap)
+    atomic_write_text(out / "memmap.json", json.dumps(memmap, indent=1))
+    return {"hw": hw.to_dict(),
+            "program": {"words": len(words), "entries": entries, "weight_bytes_per_port": [f["size"] for f in files.values()],
+                        "kv_bytes": kv["total"], "io_bytes": io.top, "isa_version": 1}}
+
+
+def program_files() -> list[str]:
+    return ["program.bin", "program.lst", "memmap.json"]
+
+
+def build_step(ctx) -> dict:
+    """compile-model step ``compile_program`` (quant/build.py): compile the package being built in
+    ``ctx.tmp`` for ``--hw`` (+ ``--hw-set``), add the files and record ``hw`` in the manifest."""
+    from quant.package import Package
+    from .config import load_hw
+    hw = load_hw(ctx.args.hw, getattr(ctx.args, "hw_sets", None))
+    pkg = Package(Path(ctx.tmp), ctx.manifest)
+    upd = compile_to_dir(pkg, hw, ctx.tmp, progress=getattr(ctx, "progress", True))
+    ctx.manifest.update(upd)
+    names = program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]
+    for n in names:
+        ctx.add_file(n)
+    return {"hw": hw.name, "words": upd["program"]["words"],
+            "weight_bytes": sum(upd["program"]["weight_bytes_per_port"])}

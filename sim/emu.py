@@ -1,0 +1,355 @@
+"""The functional model of the accelerator: executes program.bin on the packed HBM images with
+exactly the integer numerics of hw/numerics.py (docs/numerics.md), behind the register-level device
+interface of host/device.py (s_axi_control at the Vitis offsets of hw/regmap.py, buffers in HBM banks).
+
+Speed: linear layers run as float32 batched matrix products over groups — exact, because every group
+sum |sum_k d*x| <= (2**b - 1) * 127 * g < 2**22 (b <= 8, g <= 128) and every partial sum is bounded by
+the same sum of absolute values, so all intermediates are integers below 2**24, which float32
+represents exactly; the group-scale accumulation sum_g G*M < 2**38 * 512 < 2**53 runs in float64,
+also exact. The attention products use float64 with the bounds given at each call. Decoded weights
+are cached per descriptor and dropped whenever the host writes a weight buffer.
+
+Bad programs stop with the status codes of hw/regmap.py and the failing instruction index, as the RTL
+does: unknown opcode / reserved bits (1), an access outside a buffer or a missing descriptor (2), no
+END before program_len (3), a position beyond the cache (4), a KV region too small (5), shapes beyond
+the configuration (6).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from host.device import MemoryDevice
+from hw import isa, regmap
+from hw import memmap as mm
+from hw import numerics as nx
+from hw.config import HWConfig
+
+
+class Fault(Exception):
+    def __init__(self, code: int, msg: str = ""):
+        super().__init__(msg)
+        self.code = code
+
+
+class EmuDevice(MemoryDevice):
+    backend = "emu"
+
+    def __init__(self, hw: HWConfig):
+        super().__init__(hw)
+        self._wcache: dict = {}
+        self._wgen = 0
+        self.trace: list[tuple[int, str, int]] | None = None     # (index, op, cycles) of the last run if enabled
+        self.last_error: str = ""
+
+    # ---- memory -------------------------------------------------------------------------------
+    def _dev_write(self, buf, offset, data):
+        super()._dev_write(buf, offset, data)
+        if buf.port.startswith("m_axi_w"):
+            self._wcache.clear()
+
+    def _bufs(self):
+        def get(name):
+            b = self.arg_buffer(name)
+            if b is None:
+                raise Fault(regmap.STATUS_ADDR_RANGE, f"pointer argument {name} is not the start of a buffer")
+            return b.handle
+        return get
+
+    @staticmethod
+    def _view(mem: np.ndarray, off: int, size: int, what: str) -> np.ndarray:
+        if off < 0 or size < 0 or off + size > mem.size:
+            raise Fault(regmap.STATUS_ADDR_RANGE, f"{what}: [{off}, {off + size}) outside its buffer ({mem.size} bytes)")
+        return mem[off:off + size]
+
+    def _x32(self, io, off, T, D, what):
+        st = mm.stride32(D)
+        v = self._view(io, off, T * st, what)
+        return v.view("<i4").reshape(T, st // 4)[:, :D]
+
+    def _x8_read(self, io, off, T, D, what):
+        st = mm.stride8(D)
+        v = self._view(io, off, T * st, what).reshape(T, st)
+        words = v[:, :4].copy().view("<i4").reshape(T).astype(np.int64)
+        return v[:, 64:64 + D].view(np.int8), words
+
+    def _x8_write(self, io, off, codes, words, what):
+        T, D = codes.shape
+        st = mm.stride8(D)
+        v = self._view(io, off, T * st, what).reshape(T, st)
+        v[:, :4] = np.asarray(words, "<i4").reshape(T, 1).view(np.uint8)
+        v[:, 64:64 + D] = codes.astype(np.int8).view(np.uint8)
+
+    # ---- descriptors (cached decode) ------------------------------------------------------------
+    def _linear(self, wbufs, off):
+        key = ("lin", off)
+        if key in self._wcache:
+            return self._wcache[key]
+        h = [self._view(w, off, 64, "linear descriptor") for w in wbufs]
+        try:
+            head = mm.parse_linear_header(h[0].tobytes())
+        except Exception as e:
+            raise Fault(regmap.STATUS_ADDR_RANGE, f"no linear descriptor at 0x{off:x}: {e}")
+        if head["ports"] != len(wbufs):
+            raise Fault(regmap.STATUS_SHAPE, "descriptor port count differs from the configuration")
+        if head["K"] > self.hw.max_hidden:
+            raise Fault(regmap.STATUS_SHAPE, f"K={head['K']} beyond max_hidden")
+        imgs = [self._view(w, off, head["size"], "linear layer") for w in wbufs]
+        try:
+            u = mm.unpack_linear(imgs)
+        except Exception as e:
+            raise Fault(regmap.STATUS_ADDR_RANGE, f"bad linear layer at 0x{off:x}: {e}")
+        N, K, g = u["N"], u["K"], u["group"]
+        d = nx.weight_diff(u["codes"], u["zeros"], g, u["mask"])
+        D = np.ascontiguousarray(d.reshape(N, K // g, g).transpose(1, 0, 2).astype(np.float32))   # [ng, N, g]
+        ent = dict(N=N, K=K, g=g, D=D, M=u["M"].astype(np.float64).T.copy(), SH=u["SH"], bits=u["bits"],
+                   sparse=u["sparse"])
+        self._wcache[key] = ent
+        return ent
+
+    def _embedding(self, wbufs, off):
+        key = ("emb", off)
+        if key not in self._wcache:
+            heads = []
+            for w in wbufs:
+                try:
+                    heads.append(mm.parse_embedding_header(self._view(w, off, 64, "embedding").tobytes()))
+                except Fault:
+                    raise
+                except Exception as e:
+                    raise Fault(regmap.STATUS_ADDR_RANGE, f"no embedding descriptor at 0x{off:x}: {e}")
+            h = heads[0]
+            rows = [self._view(w, off + 64, h["rows_per_port"] * h["D"] * 4, "embedding rows").view("<i4")
+                    .reshape(h["rows_per_port"], h["D"]) for w in wbufs]
+            self._wcache[key] = (h["V"], h["D"], np.concatenate(rows)[:h["V"]].astype(np.int64))
+        return self._wcache[key]
+
+    def _const(self, w0, off, kind):
+        key = (kind, off)
+        if key in self._wcache:
+            return self._wcache[key]
+        try:
+            if kind == "norm":
+                hdr = self._view(w0, off, 64, "norm descriptor")
+                D = int(hdr[4:8].view("<u4")[0])
+                val = mm.parse_norm(self._view(w0, off, 64 + 4 * D, "norm descriptor"))
+            else:
+                a = mm.parse_attn_header(self._view(w0, off, 64, "attention descriptor").tobytes())
+                Hkv, hd = a["kv_heads"], a["head_dim"]
+                lay = mm.kconst_layout(Hkv, hd)
+                base = self._view(w0, a["kconst_off"], lay["_size"][0], "key constants")
+                kc = {}
+                for n, (o, cnt, dt) in lay.items():
+                    if n != "_size":
+                        kc[n] = base[o:o + cnt * np.dtype(dt).itemsize].view(dt).astype(np.int64)
+                for n in ("RK", "KS", "KZ", "KM"):
+                    kc[n] = kc[n].reshape(Hkv, hd)
+                F = self._view(w0, a["rope_off"], 4 * (hd // 2), "rope frequencies").view("<u4").astype(np.int64)
+                val = (a, kc, F)
+        except Fault:
+            raise
+        except Exception as e:
+            raise Fault(regmap.STATUS_ADDR_RANGE, f"no {kind} descriptor at 0x{off:x}: {e}")
+        self._wcache[key] = val
+        return val
+
+    # ---- execution ------------------------------------------------------------------------------
+    def execute(self):
+        index = 0
+        cycles = 0
+        self.last_error = ""
+        try:
+            from sim.cycle import CycleModel
+            cm = CycleModel(self.hw)
+        except ImportError:       # pragma: no cover
+            cm = None
+        try:
+            get = self._bufs()
+            prog = get("program")
+            io, kv = get("io"), get("kv")
+            wbufs = [get(f"weights{p}") for p in range(self.hw.weight_ports)]
+            plen = self.read_arg("program_len")
+            entry = self.read_arg("entry") if "entry" in self.args else 0
+            pos0 = self.read_arg("position")
+            T = self.read_arg("n_tokens")
+            flags = self.read_arg("flags")
+            index = entry
+            if not 1 <= T <= self.hw.max_prefill:
+                raise Fault(regmap.STATUS_SHAPE, f"n_tokens={T} outside 1..max_prefill={self.hw.max_prefill}")
+            if self.trace is not None:
+                self.trace = []
+            pc = entry
+            while True:
+                index = pc
+                if pc >= plen:
+                    raise Fault(regmap.STATUS_NO_END, f"reached program_len={plen} without END")
+                word = self._view(prog, 16 * pc, 16, "instruction fetch").tobytes()
+                try:
+                    ins = isa.decode(word, pc)
+                except isa.DecodeError as e:
+                    raise Fault(regmap.STATUS_BAD_OPCODE, str(e))
+                if ins.op == isa.END:
+                    break
+                info = self._exec(ins, io, kv, wbufs, pos0, T, flags)
+                c = cm.instr_cycles(ins, info, T) if cm is not None else 0
+                cycles += c
+                if self.trace is not None:
+                    self.trace.append((pc, ins.name, c))
+                pc += 1
+            return regmap.STATUS_OK, index, cycles
+        except Fault as f:
+            self.last_error = str(f)
+            return f.code, index, cycles
+
+    def _exec(self, ins, io, kv, wbufs, pos0, T, flags) -> dict:
+        op = ins.op
+        if op == isa.NOP:
+            return {}
+        if op == isa.EMBED:
+            V, D, table = self._embedding(wbufs, ins.d)
+            if D != ins.c:
+                raise Fault(regmap.STATUS_SHAPE, f"EMBED D={ins.c} but the table has D={D}")
+            ids = self._view(io, ins.b, 4 * T, "token ids").view("<i4").astype(np.int64)
+            if ids.min() < 0 or ids.max() >= V:
+                raise Fault(regmap.STATUS_ADDR_RANGE, f"token id outside the table (0..{V - 1})")
+            self._x32(io, ins.a, T, D, "EMBED dst")[:] = table[ids]
+            return dict(kind="embed", D=D)
+        if op in (isa.RMSNORM, isa.QUANT, isa.SILUMUL, isa.ADD):
+            D = ins.c
+            if D == 0 or D > self.hw.max_hidden:
+                raise Fault(regmap.STATUS_SHAPE, f"{ins.name} width {D} outside 1..max_hidden")
+            if op == isa.RMSNORM:
+                Dn, e40, gamma = self._const(wbufs[0], ins.d, "norm")
+                if Dn != D:
+                    raise Fault(regmap.STATUS_SHAPE, f"RMSNORM D={D} but gamma has {Dn}")
+                x = self._x32(io, ins.b, T, D, "RMSNORM src").astype(np.int64)
+                codes, words = nx.act_quant(nx.rmsnorm(x, gamma, e40))
+                self._x8_write(io, ins.a, codes, words, "RMSNORM dst")
+            elif op == isa.QUANT:
+                codes, words = nx.act_quant(self._x32(io, ins.b, T, D, "QUANT src").astype(np.int64))
+                self._x8_write(io, ins.a, codes, words, "QUANT dst")
+            elif op == isa.SILUMUL:
+                gu = self._x32(io, ins.b, T, 2 * D, "SILUMUL src").astype(np.int64)
+                codes, words = nx.act_quant(nx.silu_mul(gu[:, :D], gu[:, D:]))
+                self._x8_write(io, ins.a, codes, words, "SILUMUL dst")
+            else:
+                dst = self._x32(io, ins.a, T, D, "ADD dst")
+                dst[:] = nx.add_sat(dst, self._x32(io, ins.b, T, D, "ADD src"))
+            return dict(kind="sfu", D=D)
+        if op == isa.MATMUL:
+            return self._matmul(ins, io, wbufs, T, flags)
+        if op == isa.ATTN:
+            return self._attn(ins, io, kv, wbufs[0], pos0, T)
+        if op == isa.ARGMAX:
+            if not flags & isa.RF_ARGMAX:
+                return dict(kind="skip")
+            V = ins.d
+            lg = self._x32(io, ins.b, T, V, "ARGMAX src")[T - 1]
+            self._view(io, ins.a, 4, "ARGMAX dst").view("<i4")[0] = int(nx.argmax_first(lg))
+            return dict(kind="argmax", V=V)
+        raise Fault(regmap.STATUS_BAD_OPCODE, f"opcode 0x{op:02x}")   # pragma: no cover (decode rejects)
+
+    def _matmul(self, ins, io, wbufs, T, flags) -> dict:
+        w = self._linear(wbufs, ins.d)
+        N, K, g = w["N"], w["K"], w["g"]
+        rows = np.arange(T)
+        if ins.flags & isa.F_LOGITS:
+            if flags & isa.RF_LOGITS:
+                pass
+            elif flags & isa.RF_ARGMAX:
+                rows = np.array([T - 1])
+            else:
+                return dict(kind="skip")
+        x8, words = self._x8_read(io, ins.b, T, K, "MATMUL src")
+        x8, words = x8[rows], words[rows]
+        X = np.ascontiguousarray(x8.astype(np.float32).reshape(len(rows), K // g, g).transpose(1, 2, 0))  # [ng, g, t]
+        G = np.matmul(w["D"], X)                                   # [ng, N, t] exact (< 2**22)
+        acc = np.einsum("qnt,qn->tn", G.astype(np.float64), w["M"])   # exact (< 2**47)
+        acc = nx.sat(acc.astype(np.int64), nx.ACC_BITS)
+        ma, ea = nx.scale_word_parts(words)
+        y = nx.shift_sat32(acc * ma[:, None], w["SH"][None, :] - ea[:, None])
+        dst = self._x32(io, ins.a, T, N, "MATMUL dst")
+        if ins.flags & isa.F_ACC:
+            y = nx.add_sat(dst[rows], y)
+        dst[rows] = y
+        return dict(kind="matmul", N=N, K=K, bits=w["bits"], group=g, sparse=w["sparse"], rows=len(rows))
+
+    def _attn(self, ins, io, kv, w0, pos0, T) -> dict:
+        a, kc, F = self._const(w0, ins.d, "attn")
+        Hq, Hkv, hd, S, W, slots = a["heads"], a["kv_heads"], a["head_dim"], a["sink"], a["window"], a["slots"]
+        vg = a["vgroup"]
+        if Hq % Hkv or hd % 2 or vg == 0 or hd % vg or Hq * hd > self.hw.max_hidden:
+            raise Fault(regmap.STATUS_SHAPE, "attention descriptor shape")
+        if slots > self.hw.max_context or (S > 0 and slots != S + W) or slots < 1:
+            raise Fault(regmap.STATUS_KV_REGION, f"KV slots {slots} (S={S}, W={W}) vs max_context={self.hw.max_context}")
+        lam = bool(a["ring"])
+        lay = mm.kv_layout(1, Hkv, hd, slots, vg)
+        try:
+            K = self._view(kv, a["k_off"], Hkv * slots * lay["k_slot"], "K region").reshape(Hkv, slots, lay["k_slot"])
+            Vr = self._view(kv, a["v_off"], Hkv * slots * lay["v_slot"], "V region").reshape(Hkv, slots, lay["v_slot"])
+        except Fault as f:
+            raise Fault(regmap.STATUS_KV_REGION, str(f))
+        width = (Hq + 2 * Hkv) * hd
+        qkv = self._x32(io, ins.b, T, width, "ATTN src").astype(np.int64)
+        out = np.zeros((T, Hq * hd), np.int64)
+        grp = Hq // Hkv
+        nb = hd // 2
+        for t in range(T):
+            i = pos0 + t
+            if not lam and i >= slots:
+                raise Fault(regmap.STATUS_POSITION, f"position {i} beyond the {slots}-slot cache")
+            q = qkv[t, :Hq * hd].reshape(Hq, hd)
+            k = qkv[t, Hq * hd:(Hq + Hkv) * hd].reshape(Hkv, hd)
+            v = qkv[t, (Hq + Hkv) * hd:].reshape(Hkv, hd)
+            C, Sn = nx.rope_cos_sin(np.array(i), F)
+            qr = nx.rope(q, C, Sn)
+            kr = nx.rope(k, C, Sn)
+            # KV append (4-bit) into the ring slot
+            kq = nx.key_quant(kr, kc["RK"], kc["KS"], kc["KZ"])
+            vq, vw = nx.value_quant(v, vg)
+            slot = i if (i < S or not lam) else S + (i - S) % W
+            K[:, slot, :] = (kq[:, 0::2] | (kq[:, 1::2] << 4)).astype(np.uint8)
+            Vr[:, slot, :nb] = (vq[:, 0::2] | (vq[:, 1::2] << 4)).astype(np.uint8)
+            Vr[:, slot, nb:] = vw.astype("<u4").view(np.uint8).reshape(Hkv, -1)
+            # visible positions: j <= i and (j < S or j > i - W)
+            if lam:
+                sinks = np.arange(min(S, i + 1))
+                win = np.arange(max(S, i - W + 1), i + 1)
+                sl = np.concatenate([sinks, S + (win - S) % W]).astype(np.int64)
+                ns = sinks.size
+            else:
+                sl = np.arange(i + 1)
+                ns = 0
+            qs = qr
+            if a["rope_mode"] == mm.ROPE_CACHE and ns and i > slots - 1:
+                Cc, Sc = nx.rope_cos_sin(np.array(slots - 1), F)
+                qs = nx.rope(q, Cc, Sc)
+            kb = K[:, sl, :]
+            kcodes = np.stack([kb & 15, kb >> 4], axis=-1).reshape(Hkv, sl.size, hd).astype(np.int64)
+            vb = Vr[:, sl, :]
+            vcodes = np.stack([vb[..., :nb] & 15, vb[..., :nb] >> 4], axis=-1).reshape(Hkv, sl.size, hd).astype(np.int64)
+            vwords = vb[..., nb:].copy().view("<u4").reshape(Hkv, sl.size, hd // vg).astype(np.int64)
+            vhat = nx.value_dequant(vcodes, vwords, vg)                          # [Hkv, n, hd]
+            for h in range(Hkv):
+                d = (kcodes[h] - kc["KZ"][h]).astype(np.float64)                  # |d| <= 15
+                hs = slice(h * grp, (h + 1) * grp)
+                qf = nx.rshift_round(qr[hs] * kc["KM"][h], 16)                    # |qf| < 2**31
+                sc = d @ qf.T.astype(np.float64)                                  # exact: < 2**31*15*256 < 2**43
+                if qs is not qr:
+                    qf2 = nx.rshift_round(qs[hs] * kc["KM"][h], 16)
+                    sc[:ns] = d[:ns] @ qf2.T.astype(np.float64)
+                s = nx.shift_sat32(sc.astype(np.int64).T, int(kc["KSH"][h]) - 16)  # [grp, n]
+                p = nx.softmax_q24(s)                                             # [grp, n], sum ~ 2**24
+                vh = vhat[h]
+                lo = (vh & 0xFFFF).astype(np.float64)
+                hi = (vh >> 16).astype(np.float64)
+                pf = p.astype(np.float64)
+                o = (pf @ hi).astype(np.int64) * 65536 + (pf @ lo).astype(np.int64)   # each < 2**41: exact
+                out[t, hs.start * hd:hs.stop * hd] = nx.sat(nx.rshift_round(o, 24), 32).reshape(-1)
+        codes, words = nx.act_quant(out)
+        self._x8_write(io, ins.a, codes, words, "ATTN dst")
+        return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,
+                    slots=slots)
+
+
+def open_emu(hw: HWConfig) -> EmuDevice:
+    return EmuDevice(hw)
