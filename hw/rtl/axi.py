@@ -157,6 +157,10 @@ class ReadDMA(wiring.Component):
         return m
 
 
+def write_beat(data_w: int) -> data.StructLayout:
+    return data.StructLayout({"data": data_w, "strb": data_w // 8})
+
+
 class WriteDMA(wiring.Component):
     """Writes ``beats`` beats from ``data`` (payload: data + byte strobes) starting at ``addr``.
 
@@ -168,7 +172,7 @@ class WriteDMA(wiring.Component):
         self.data_w, self.burst_beats, self.outstanding = data_w, burst_beats, outstanding
         self.lg_bytes = _log2(data_w // 8)
         self.lg_burst = _log2(burst_beats)
-        self.beat = data.StructLayout({"data": data_w, "strb": data_w // 8})
+        self.beat = write_beat(data_w)
         super().__init__({
             "cmd": In(stream.Signature(XFER)),
             "data": In(stream.Signature(self.beat)),

@@ -1,0 +1,363 @@
+"""The matrix engine: W2/W4/W8 codes x int8 activations, dense and 2:4, exactly hw/numerics.py.
+
+Input: the weight ports' byte streams in the layout of hw/memmap.py (``pack_linear``): port p holds
+rows [p*R, (p+1)*R) as back-to-back records ``[SH int8][M: G x u16][zeros: G b-bit][2:4 idx:
+K/4 3-bit][codes]`` (all packed LSB-first). Every port has the same record structure, so one
+controller consumes all ports in lockstep; a byte gearbox per port (2W-bit window) realigns each
+section to its first byte:
+
+* SH: 1 byte -> the row's shift; scales / zeros / idx: up to W/8 bytes per cycle into per-port
+  section memories (row i of a memory = bytes [i*W/8, (i+1)*W/8) of the section);
+* codes: W/8 bytes per cycle (dense: C = W/b columns) or W/16 bytes (2:4: W/(2b) kept codes =
+  C columns), i.e. one *code step* of C columns per cycle on every port.
+
+Per code step and port (16-column chunks; every chunk lies in one group since group >= 16):
+  P_j = sum code*x, S_j = sum x over the kept columns < K;  t_j = P_j - zero*S_j
+  acc += sum_j t_j * M_j   (exact: the sum of t over a group is numerics.group_sums' G[n, g])
+and at the end of a record: out = shift_sat32(sat48(acc) * ma, SH - ea) (numerics.matmul_finish).
+The P results of a record step go through a small FIFO into the output memory (int32 word n = row
+n, rows of W/32 words), from which the kernel writes back (with F_ACC's saturating add).
+"""
+from __future__ import annotations
+
+from amaranth import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from algo.common import AccllmError
+
+CHUNK = 16
+MIN_GROUP = 16
+OUT_WORDS = 1 << 16          # rows one MATMUL may produce (>= every vocabulary we target)
+PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+BITS_SEL = {2: 0, 4: 1, 8: 2}
+SEC_SH, SEC_SC, SEC_ZE, SEC_IX, SEC_CO = range(5)
+
+
+def _lg(n: int) -> int:
+    if n <= 0 or n & (n - 1):
+        raise AccllmError(f"{n} must be a power of two")
+    return n.bit_length() - 1
+
+
+def sat_const(m: Module, v, bits: int, name: str):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    out = Signal(signed(bits), name=name)
+    m.d.comb += out.eq(Mux(v > hi, hi, Mux(v < lo, lo, v)))
+    return out
+
+
+def shift_sat32(m: Module, y, r, name: str):
+    """numerics.shift_sat32 for one value: y * 2**-r, round half up for r > 0, left shift of the
+    int32-clamped y for r <= 0, saturated to int32."""
+    rs = Signal(range(63), name=f"{name}_rs")
+    ls = Signal(range(32), name=f"{name}_ls")
+    m.d.comb += [rs.eq(Mux(r > 62, 62, Mux(r > 0, r, 0))), ls.eq(Mux(r < -31, 31, Mux(r < 0, -r, 0)))]
+    half = Signal(signed(66), name=f"{name}_half")
+    m.d.comb += half.eq((Const(1, unsigned(64)) << rs) >> 1)     # 2**(rs-1), 0 for rs == 0
+    right = Signal(signed(66), name=f"{name}_right")
+    m.d.comb += right.eq((y + half) >> rs)
+    yc = sat_const(m, y, 32, f"{name}_yc")
+    left = Signal(signed(64), name=f"{name}_left")
+    m.d.comb += left.eq(yc << ls)
+    v = Signal(signed(66), name=f"{name}_v")
+    m.d.comb += v.eq(Mux(r > 0, right, left))
+    return sat_const(m, v, 32, name)
+
+
+class MatrixEngine(wiring.Component):
+    def __init__(self, ports: int, data_w: int, max_k: int, out_words: int = OUT_WORDS):
+        self.P, self.W = ports, data_w
+        _lg(ports)
+        self.lgW = _lg(data_w)
+        self.Wb = data_w // 8
+        self.L = data_w // 2                   # lanes (columns per code step at W2)
+        self.NCH = self.L // CHUNK             # chunks per code step at W2
+        self.E = data_w // 32                  # int32 words per output row
+        self.max_k = max_k
+        if max_k % self.L:
+            raise AccllmError(f"max_hidden {max_k} must be a multiple of {self.L}")
+        self.x_rows = max_k // self.L          # x memory: rows of L int8 (4 beats each)
+        g_max = max_k // MIN_GROUP
+        self.sc_rows = max(2, -(-2 * g_max // self.Wb))
+        self.ze_rows = max(2, -(-g_max // self.Wb))
+        self.ix_rows = max(2, -(-(3 * max_k // 32) // self.Wb) + 1)
+        self.out_words = out_words
+        self.o_rows = out_words // self.E
+        super().__init__({
+            **{f"w{p}": In(stream.Signature(data_w)) for p in range(ports)},
+            "start": In(1), "busy": Out(1),
+            "bits_sel": In(2), "sparse": In(1), "lg_group": In(5), "k": In(32), "rows": In(32),
+            "ma": In(16), "ea": In(8),
+            "x_we": In(1), "x_addr": In(range(max(2, 4 * self.x_rows))), "x_data": In(data_w),
+            "o_raddr": In(range(max(2, self.o_rows))), "o_ren": In(1), "o_rdata": Out(data_w),
+            "consumed": Out(32),               # beats taken per port during this run (for the bench)
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        P, W, Wb, L, NCH, E = self.P, self.W, self.Wb, self.L, self.NCH, self.E
+
+        # ---- activation memory (rows of L int8), written by the kernel's loader one beat at a time
+        m.submodules.xmem = xmem = memory.Memory(shape=unsigned(4 * W), depth=self.x_rows, init=[])
+        xw = xmem.write_port(granularity=W)
+        xr = xmem.read_port()
+        m.d.comb += [xw.addr.eq(self.x_addr >> 2), xw.data.eq(Cat(*([self.x_data] * 4))),
+                     xw.en.eq(Mux(self.x_we, 1 << self.x_addr[:2], 0))]
+        # ---- output memory (rows of E int32 words)
+        m.submodules.omem = omem = memory.Memory(shape=unsigned(W), depth=self.o_rows, init=[])
+        ow = omem.write_port(granularity=32)
+        orp = omem.read_port()
+        m.d.comb += [orp.addr.eq(self.o_raddr), orp.en.eq(self.o_ren), self.o_rdata.eq(orp.data)]
+
+        # ---- run parameters (latched at start)
+        bits_sel, sparse, lg_g, lg_b = Signal(2), Signal(), Signal(5), Signal(2)
+        K, rows = Signal(32), Signal(32)
+        ma, ea = Signal(16), Signal(8)
+        lg_c = Signal(4)                       # log2 columns per code step
+        sec_bytes = [Signal(32, name=f"sec_bytes{i}") for i in range(5)]
+        running = Signal()
+        lgb_now = Signal(2)
+        m.d.comb += lgb_now.eq(self.bits_sel + 1)
+        with m.If(self.start):
+            g = self.k >> self.lg_group
+            m.d.sync += [bits_sel.eq(self.bits_sel), sparse.eq(self.sparse), lg_g.eq(self.lg_group),
+                         lg_b.eq(lgb_now), lg_c.eq(self.lgW - lgb_now), K.eq(self.k), rows.eq(self.rows),
+                         ma.eq(self.ma), ea.eq(self.ea), running.eq(self.rows != 0), self.consumed.eq(0),
+                         sec_bytes[SEC_SH].eq(1), sec_bytes[SEC_SC].eq(g << 1),
+                         sec_bytes[SEC_ZE].eq(((g << lgb_now) + 7) >> 3),
+                         sec_bytes[SEC_IX].eq((3 * (self.k >> 2) + 7) >> 3),
+                         sec_bytes[SEC_CO].eq((((self.k >> self.sparse) << lgb_now) + 7) >> 3)]
+
+        # ---- record controller (shared by all ports)
+        sec = Signal(3)
+        rem = Signal(32)                       # bytes left in the section
+        srow = Signal(16)                      # step within the section
+        rec = Signal(32)                       # record (row group) index
+        sh = [Signal(signed(8), name=f"sh{p}") for p in range(P)]
+        n = Signal(range(Wb + 1))              # bytes consumed by this step
+        cap = Signal(range(Wb + 1))
+        m.d.comb += cap.eq(Mux(sec == SEC_SH, 1, Mux((sec == SEC_CO) & sparse, Wb // 2, Wb)))
+        m.d.comb += n.eq(Mux(rem < cap, rem, cap))
+        q = fifo.SyncFIFOBuffered(width=32 * P + 32, depth=8)
+        m.submodules.resq = q
+        inflight_last = Signal(range(8))
+
+        # ---- per-port byte gearboxes
+        bufs = [Signal(2 * W, name=f"gb{p}") for p in range(P)]
+        cnts = [Signal(range(2 * Wb + 1), name=f"gbn{p}") for p in range(P)]
+        ready_all = Cat(*[c >= n for c in cnts]).all()
+        step = Signal()
+        m.d.comb += step.eq(running & ready_all & (q.w_level + inflight_last < 4))
+        for p in range(P):
+            ws = getattr(self, f"w{p}")
+            acc_beat = Signal(name=f"acc_beat{p}")
+            m.d.comb += [acc_beat.eq(running & ws.valid & (cnts[p] <= Wb)), ws.ready.eq(acc_beat)]
+            used = Mux(step, n, 0)
+            shifted = Signal(2 * W, name=f"gbs{p}")
+            m.d.comb += shifted.eq(bufs[p] >> (used << 3))
+            left = Signal(range(Wb + 1), name=f"gbl{p}")
+            m.d.comb += left.eq(cnts[p] - used)
+            with m.If(acc_beat):
+                m.d.sync += [bufs[p].eq(shifted | (ws.payload << (left << 3))),
+                             cnts[p].eq(cnts[p] - used + Wb)]
+            with m.Else():
+                m.d.sync += [bufs[p].eq(shifted), cnts[p].eq(cnts[p] - used)]
+            with m.If(self.start):
+                m.d.sync += cnts[p].eq(0)
+        with m.If(running & self.w0.valid & (cnts[0] <= Wb)):
+            m.d.sync += self.consumed.eq(self.consumed + 1)
+
+        # section sequencing
+        last_in_sec = rem == n
+        nxt = Signal(3)
+        m.d.comb += nxt.eq(Mux(sec == SEC_ZE, Mux(sparse, SEC_IX, SEC_CO), sec + 1))
+        rec_end = (sec == SEC_CO) & last_in_sec
+        with m.If(self.start):
+            m.d.sync += [sec.eq(SEC_SH), rem.eq(1), srow.eq(0), rec.eq(0)]
+        with m.Elif(step):
+            with m.If(last_in_sec):
+                m.d.sync += srow.eq(0)
+                with m.If(rec_end):
+                    m.d.sync += [sec.eq(SEC_SH), rem.eq(sec_bytes[SEC_SH]), rec.eq(rec + 1)]
+                    with m.If(rec + 1 == rows):
+                        m.d.sync += running.eq(0)
+                with m.Else():
+                    m.d.sync += [sec.eq(nxt), rem.eq(Array(sec_bytes)[nxt])]
+            with m.Else():
+                m.d.sync += [rem.eq(rem - n), srow.eq(srow + 1)]
+            with m.If(sec == SEC_SH):
+                m.d.sync += [sh[p].eq(bufs[p][:8]) for p in range(P)]
+        # per-port section memories
+        col0 = Signal(32)
+        m.d.comb += col0.eq(srow << lg_c)
+        ixoff = Signal(32)                     # idx bit offset of this code step: 3 bits per 4 columns
+        m.d.comb += ixoff.eq((col0 >> 2) * 3)
+        gi0 = Signal(32)
+        m.d.comb += gi0.eq(col0 >> lg_g)
+        rd = []
+        for p in range(P):
+            ports = {}
+            for name, depth, code in (("sc", self.sc_rows, SEC_SC), ("ze", self.ze_rows, SEC_ZE),
+                                      ("ix", self.ix_rows, SEC_IX)):
+                mem = memory.Memory(shape=unsigned(W), depth=depth, init=[])
+                m.submodules[f"{name}{p}"] = mem
+                wp = mem.write_port()
+                m.d.comb += [wp.addr.eq(srow), wp.data.eq(bufs[p][:W]), wp.en.eq(step & (sec == code))]
+                ports[name] = mem.read_port()
+                if name == "ix":
+                    ports["ix1"] = mem.read_port()
+            m.d.comb += [ports["sc"].addr.eq(gi0 >> (self.lgW - 4)),       # W/16 scales per row
+                         ports["ze"].addr.eq((gi0 << lg_b) >> self.lgW),     # W/b zeros per row
+                         ports["ix"].addr.eq(ixoff >> self.lgW), ports["ix1"].addr.eq((ixoff >> self.lgW) + 1)]
+            rd.append(ports)
+
+        # ---- stage 1: the code step's registers (memories answer in this cycle)
+        code_step = step & (sec == SEC_CO)
+        m.d.comb += xr.addr.eq(col0 >> (self.lgW - 1))
+        v1, last1 = Signal(), Signal()
+        sh1 = [Signal(signed(8), name=f"sh1_{p}") for p in range(P)]
+        rec1, col1, ixo1 = Signal(32), Signal(32), Signal(range(W))
+        heads1 = [Signal(W, name=f"head1_{p}") for p in range(P)]
+        m.d.sync += [v1.eq(code_step), last1.eq(rec_end), Cat(*sh1).eq(Cat(*sh)), rec1.eq(rec), col1.eq(col0),
+                     ixo1.eq(ixoff[:self.lgW])]
+        for p in range(P):
+            m.d.sync += heads1[p].eq(bufs[p][:W])
+        kleft = Signal(32)
+        m.d.comb += kleft.eq(K - col1)
+
+        # x lanes: an x row holds L columns; a code step covers C = L >> bits_sel of them
+        xsub = Signal(range(L))
+        m.d.comb += xsub.eq(col1[:self.lgW - 1])
+        xlane = []
+        for i in range(L):
+            xi = Signal(signed(8), name=f"x{i}")
+            sl = lambda j: xr.data[8 * j: 8 * j + 8]   # noqa: E731
+            with m.Switch(bits_sel):
+                with m.Case(0):
+                    m.d.comb += xi.eq(sl(i))
+                if i < L // 2:
+                    with m.Case(1):
+                        m.d.comb += xi.eq(Mux(xsub[-1], sl(i + L // 2), sl(i)))
+                if i < L // 4:
+                    with m.Case(2):
+                        qq = xsub[-2:]
+                        m.d.comb += xi.eq(Mux(qq == 0, sl(i), Mux(qq == 1, sl(i + L // 4),
+                                                                  Mux(qq == 2, sl(i + L // 2), sl(i + 3 * L // 4)))))
+            xlane.append(xi)
+        in_k = [Signal(name=f"ink{i}") for i in range(L)]
+        for i in range(L):
+            m.d.comb += in_k[i].eq(kleft > i)
+        # chunk -> entries of the scale / zero rows
+        sc_ent, ze_ent = [], []
+        for j in range(NCH):
+            gj = Signal(32, name=f"g{j}")
+            m.d.comb += gj.eq((col1 + CHUNK * j) >> lg_g)
+            sc_ent.append(gj[:self.lgW - 4])
+            ze_ent.append(gj)
+
+        v2, last2, rec2 = Signal(), Signal(), Signal(32)
+        sh2 = [Signal(signed(8), name=f"sh2_{p}") for p in range(P)]
+        m.d.sync += [v2.eq(v1), last2.eq(last1), Cat(*sh2).eq(Cat(*sh1)), rec2.eq(rec1)]
+        Psum = [[Signal(signed(24), name=f"P{p}_{j}") for j in range(NCH)] for p in range(P)]
+        Ssum = [[Signal(signed(13), name=f"S{p}_{j}") for j in range(NCH)] for p in range(P)]
+        Z2 = [[Signal(8, name=f"Z{p}_{j}") for j in range(NCH)] for p in range(P)]
+        M2 = [[Signal(16, name=f"M{p}_{j}") for j in range(NCH)] for p in range(P)]
+        for p in range(P):
+            head = heads1[p]
+            ixbits = Signal(W, name=f"ixb{p}")
+            m.d.comb += ixbits.eq(Cat(rd[p]["ix"].data, rd[p]["ix1"].data) >> ixo1)
+            codes, keeps = [], []
+            for i in range(L):
+                width = 8 if i < L // 4 else (4 if i < L // 2 else 2)
+                c = Signal(width, name=f"c{p}_{i}")
+                kp = Signal(name=f"k{p}_{i}")
+                u, pos = i // 4, i % 4
+                idx = ixbits[3 * u: 3 * u + 3]
+                first = [nn for nn, pat in enumerate(PATTERNS) if pat[0] == pos]
+                second = [nn for nn, pat in enumerate(PATTERNS) if pat[1] == pos]
+                is_first = Cat(*[idx == nn for nn in first]).any() if first else Const(0)
+                is_second = Cat(*[idx == nn for nn in second]).any() if second else Const(0)
+                with m.Switch(bits_sel):
+                    for sel, b in ((0, 2), (1, 4), (2, 8)):
+                        if i >= L >> sel:
+                            continue
+                        with m.Case(sel):
+                            with m.If(sparse):
+                                c0 = head[2 * u * b: 2 * u * b + b]
+                                c1 = head[(2 * u + 1) * b: (2 * u + 1) * b + b]
+                                m.d.comb += [c.eq(Mux(is_first, c0, c1)), kp.eq((is_first | is_second) & in_k[i])]
+                            with m.Else():
+                                m.d.comb += [c.eq(head[b * i: b * i + b]), kp.eq(in_k[i])]
+                codes.append(c)
+                keeps.append(kp)
+            for j in range(NCH):
+                lanes = range(CHUNK * j, CHUNK * (j + 1))
+                prods = [Mux(keeps[i], codes[i] * xlane[i], 0) for i in lanes]
+                xs = [Mux(keeps[i], xlane[i], 0) for i in lanes]
+                m.d.sync += [Psum[p][j].eq(sum(prods)), Ssum[p][j].eq(sum(xs))]
+                m.d.sync += M2[p][j].eq(rd[p]["sc"].data.word_select(sc_ent[j], 16))
+                zsel = {}
+                for sel, b in ((0, 2), (1, 4), (2, 8)):
+                    zsel[sel] = rd[p]["ze"].data.word_select(ze_ent[j][:self.lgW - (sel + 1)], b)
+                m.d.sync += Z2[p][j].eq(Mux(bits_sel == 0, zsel[0], Mux(bits_sel == 1, zsel[1], zsel[2])))
+
+        # ---- stage 2 -> 3: t_j = P_j - zero*S_j
+        v3, last3, rec3 = Signal(), Signal(), Signal(32)
+        sh3 = [Signal(signed(8), name=f"sh3_{p}") for p in range(P)]
+        m.d.sync += [v3.eq(v2), last3.eq(last2), Cat(*sh3).eq(Cat(*sh2)), rec3.eq(rec2)]
+        T3 = [[Signal(signed(26), name=f"T{p}_{j}") for j in range(NCH)] for p in range(P)]
+        M3 = [[Signal(16, name=f"M3_{p}_{j}") for j in range(NCH)] for p in range(P)]
+        for p in range(P):
+            for j in range(NCH):
+                m.d.sync += [T3[p][j].eq(Psum[p][j] - Z2[p][j] * Ssum[p][j]), M3[p][j].eq(M2[p][j])]
+
+        # ---- stage 3 -> 4: acc += sum_j t_j * M_j ; the end of a record hands over to the finisher
+        acc = [Signal(signed(58), name=f"acc{p}") for p in range(P)]
+        v4, rec4 = Signal(), Signal(32)
+        sh4 = [Signal(signed(8), name=f"sh4_{p}") for p in range(P)]
+        fin = [Signal(signed(58), name=f"fin{p}") for p in range(P)]
+        m.d.sync += v4.eq(v3 & last3)
+        with m.If(v3 & last3):
+            m.d.sync += [Cat(*sh4).eq(Cat(*sh3)), rec4.eq(rec3)]
+        for p in range(P):
+            contrib = Signal(signed(46), name=f"contrib{p}")
+            m.d.comb += contrib.eq(sum(T3[p][j] * M3[p][j] for j in range(NCH)))
+            with m.If(v3):
+                with m.If(last3):
+                    m.d.sync += [fin[p].eq(acc[p] + contrib), acc[p].eq(0)]
+                with m.Else():
+                    m.d.sync += acc[p].eq(acc[p] + contrib)
+            with m.If(self.start):
+                m.d.sync += acc[p].eq(0)
+        m.d.sync += inflight_last.eq(inflight_last + (code_step & rec_end) - v4)
+        with m.If(self.start):
+            m.d.sync += inflight_last.eq(0)
+
+        # ---- stage 4: finish (sat48, * ma, shift_sat32) into the result FIFO
+        outs = []
+        for p in range(P):
+            r = Signal(signed(10), name=f"r{p}")
+            m.d.comb += r.eq(sh4[p] - ea)
+            a48 = sat_const(m, fin[p], 48, f"a48_{p}")
+            y = Signal(signed(65), name=f"y{p}")
+            m.d.comb += y.eq(a48 * ma)
+            outs.append(shift_sat32(m, y, r, f"o{p}"))
+        m.d.comb += [q.w_en.eq(v4), q.w_data.eq(Cat(rec4, *outs))]
+
+        # ---- result FIFO -> output memory, one word per cycle: port p's row rec is row p*R + rec
+        wsel = Signal(range(P))
+        m.d.comb += q.r_en.eq(0)
+        word = Signal(32)
+        m.d.comb += word.eq(q.r_data[:32] + wsel * rows)
+        m.d.comb += [ow.addr.eq(word >> _lg(E)), ow.data.eq(Cat(*([q.r_data.word_select(wsel + 1, 32)] * E))),
+                     ow.en.eq(Mux(q.r_rdy, 1 << word[:_lg(E)], 0))]
+        with m.If(q.r_rdy):
+            with m.If(wsel == P - 1):
+                m.d.sync += wsel.eq(0)
+                m.d.comb += q.r_en.eq(1)
+            with m.Else():
+                m.d.sync += wsel.eq(wsel + 1)
+
+        m.d.comb += self.busy.eq(running | v1 | v2 | v3 | v4 | q.r_rdy | (inflight_last != 0))
+        return m
