@@ -49,12 +49,14 @@ class HWConfig:
 
 PRESETS: dict[str, dict] = {
     # The real card: 32 HBM2 pseudo-channels, one 512-bit AXI4 master each at 225 MHz
-    # (32 x 64 B x 225 MHz = 460.8 GB/s, the card's HBM peak).
-    "u280": dict(name="u280", clock_mhz=225.0, weight_ports=32, port_width_bits=512, mac_rows=64,
-                 mac_lanes=64, max_hidden=16384, max_context=4096, max_prefill=128, max_layers=80),
+    # (32 x 64 B x 225 MHz = 460.8 GB/s, the card's HBM peak). 96 x 64 W2xA8 MAC array (LUT
+    # multipliers; keeps compute below the weight stream for 2:4 W2, sim/cycle.py); 8-bit scale
+    # mantissas + per-row shift (0.125 bit/weight instead of 0.25; quality cost in README/docs).
+    "u280": dict(name="u280", clock_mhz=225.0, weight_ports=32, port_width_bits=512, mac_rows=96,
+                 mac_lanes=64, max_hidden=16384, max_context=4096, max_prefill=128, max_layers=80, scale_bits=8),
     # Small enough for fast RTL simulation; still runs `tiny` and SmolLM2-135M.
     "sim-small": dict(name="sim-small", clock_mhz=100.0, weight_ports=2, port_width_bits=256, mac_rows=4,
-                      mac_lanes=32, max_hidden=2048, max_context=2048, max_prefill=32, max_layers=32),
+                      mac_lanes=32, max_hidden=2048, max_context=2048, max_prefill=32, max_layers=32, scale_bits=8),
 }
 
 
@@ -85,8 +87,8 @@ def validate(cfg: HWConfig) -> None:
     for k in ("weight_ports", "mac_rows", "mac_lanes", "max_hidden", "max_context", "max_prefill", "max_layers"):
         if getattr(cfg, k) <= 0:
             raise AccllmError(f"hardware key {k} must be positive, got {getattr(cfg, k)}")
-    if cfg.scale_bits not in (8, 12, 16):
-        raise AccllmError(f"scale_bits must be 8, 12 or 16, got {cfg.scale_bits}")
+    if cfg.scale_bits not in (8, 16):
+        raise AccllmError(f"scale_bits must be 8 or 16, got {cfg.scale_bits}")
     if cfg.weight_ports > 32:
         raise AccllmError(f"weight_ports={cfg.weight_ports}: the U280 has 32 HBM pseudo-channels")
 

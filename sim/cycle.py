@@ -30,6 +30,7 @@ from hw.config import HWConfig
 HBM_PEAK_BYTES_PER_S = 460.8e9      # U280: 32 pseudo-channels x 256 bit x 450 MHz
 FILL = 8
 RECIP_CYCLES = 32
+ISSUE = 4            # instruction fetch/decode/dispatch cycles not hidden behind the previous instruction
 
 
 @dataclass
@@ -59,13 +60,28 @@ class CycleModel:
         rows = math.ceil(N / self.hw.weight_ports) * self.hw.weight_ports
         return rows * rec + 64 * self.hw.weight_ports
 
-    def linear_cycles(self, N, K, bits, group, sparse, T=1) -> float:
+    def linear_parts(self, N, K, bits, group, sparse, T=1) -> tuple[float, float]:
+        """(stream cycles without latency, compute cycles incl. adder-tree fill) of one linear layer."""
         hw = self.hw
         pos = K // 2 if sparse else K
-        compute = math.ceil(N / hw.mac_rows) * math.ceil(pos / hw.mac_lanes) * T
-        stream = self.stream_cycles(self.linear_bytes(N, K, bits, group, sparse))
-        fill = math.ceil(math.log2(max(hw.mac_lanes, 2))) + FILL + hw.hbm_latency_cycles
-        return max(compute + fill, stream) + ng_overhead(N, hw)
+        compute = math.ceil(N / hw.mac_rows) * math.ceil(pos / hw.mac_lanes) * T + ng_overhead(N, hw) \
+            + math.ceil(math.log2(max(hw.mac_lanes, 2))) + FILL
+        stream = self.stream_cycles(self.linear_bytes(N, K, bits, group, sparse)) - hw.hbm_latency_cycles
+        return stream, compute
+
+    def linear_cycles(self, N, K, bits, group, sparse, T=1) -> float:
+        """Cycles of one linear layer on its own (no overlap with neighbours): latency + max(parts)."""
+        s, c = self.linear_parts(N, K, bits, group, sparse, T)
+        return self.hw.hbm_latency_cycles + max(s, c)
+
+    def overlapped(self, parts: list[tuple[float, float]]) -> float:
+        """Cycles of a run of instructions whose weight/KV streams the DMA prefetches across instruction
+        boundaries (prefetch FIFO per port, see docs/architecture.md): the stream and the compute
+        pipelines each run back to back, plus one HBM latency and ISSUE cycles per instruction."""
+        if not parts:
+            return 0.0
+        return max(sum(p[0] for p in parts), sum(p[1] for p in parts)) + self.hw.hbm_latency_cycles \
+            + ISSUE * len(parts)
 
     def sfu_cycles(self, D: int, passes: int, T: int = 1) -> float:
         return T * (passes * math.ceil(D / self.hw.mac_lanes) + RECIP_CYCLES + FILL)
@@ -73,35 +89,132 @@ class CycleModel:
     def kv_bytes_per_token(self, kv_heads: int, head_dim: int, kept: int, vgroup: int) -> float:
         return kv_heads * kept * (head_dim // 2 + head_dim // 2 + 4 * (head_dim // vgroup))
 
-    def attn_cycles(self, heads, kv_heads, head_dim, kept, vgroup=64, T=1) -> float:
+    def attn_parts(self, heads, kv_heads, head_dim, kept, vgroup=64, T=1) -> tuple[float, float]:
+        """(stream, compute): KV bytes of the kept slots; scores and P x V on the MAC array (one slot per
+        row, mac_lanes channels per cycle), softmax 2 passes, one reciprocal per head, RoPE."""
         hw = self.hw
         nbytes = self.kv_bytes_per_token(kv_heads, head_dim, kept, vgroup)
-        stream = self.stream_cycles(nbytes)
+        stream = self.stream_cycles(nbytes) - hw.hbm_latency_cycles
         work = heads * (2 * math.ceil(kept / hw.mac_rows) * math.ceil(head_dim / hw.mac_lanes)
                         + 2 * math.ceil(kept / hw.mac_lanes) + RECIP_CYCLES)
         rope = 2 * math.ceil((heads + kv_heads) * head_dim / hw.mac_lanes)
-        return T * (max(stream, work) + rope + FILL)
+        return T * stream, T * (work + rope + FILL)
 
-    # used by the functional model: cycles of one executed instruction
-    def instr_cycles(self, ins, info: dict, T: int) -> int:
+    def attn_cycles(self, heads, kv_heads, head_dim, kept, vgroup=64, T=1) -> float:
+        s, c = self.attn_parts(heads, kv_heads, head_dim, kept, vgroup, T)
+        return self.hw.hbm_latency_cycles + max(s, c)
+
+    # used by the functional model: (stream, compute) of one executed instruction; a run's cycles are
+    # overlapped(parts of all its instructions)
+    def instr_parts(self, ins, info: dict, T: int) -> tuple[float, float]:
         k = info.get("kind")
         if k is None or k == "skip":
-            return 1
+            return 0.0, 1.0
         if k == "matmul":
-            return int(self.linear_cycles(info["N"], info["K"], info["bits"], info["group"], info["sparse"],
-                                          info.get("rows", T)))
+            return self.linear_parts(info["N"], info["K"], info["bits"], info["group"], info["sparse"],
+                                     info.get("rows", T))
         if k == "sfu":
             passes = {isa.RMSNORM: 4, isa.QUANT: 2, isa.SILUMUL: 3, isa.ADD: 1}.get(ins.op, 2)
-            return int(self.sfu_cycles(info["D"], passes, T))
+            return 0.0, self.sfu_cycles(info["D"], passes, T)
         if k == "attn":
-            return int(self.attn_cycles(info["heads"], info["kv_heads"], info["head_dim"], info["kept"], T=T))
+            return self.attn_parts(info["heads"], info["kv_heads"], info["head_dim"], info["kept"],
+                                   info.get("vgroup", 64), T=T)
         if k == "embed":
-            return int(self.stream_cycles(info["D"] * 4) * T)
+            return T * info["D"] * 4 / self.bytes_per_cycle, float(T)
         if k == "argmax":
-            return int(math.ceil(info["V"] / self.hw.mac_lanes) + FILL)
-        return 1
+            return 0.0, math.ceil(info["V"] / self.hw.mac_lanes) + FILL
+        return 0.0, 1.0
 
 
 def ng_overhead(N: int, hw: HWConfig) -> float:
     """Row-record switch cost: one cycle per row group handed to the array (scales/zeros load)."""
     return math.ceil(N / hw.mac_rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# whole-model projection (accllm perf)
+# --------------------------------------------------------------------------------------------------
+def _layer_format(recipe, name: str) -> tuple[int, int, bool]:
+    """(bits, group, 2:4) the compiler would use for linear layer *name* under *recipe*."""
+    import fnmatch
+    hp = any(fnmatch.fnmatch(name, p) for p in recipe.high_precision_layers)
+    bits = (recipe.high_precision_bits if hp else recipe.weight_bits) or 8     # float layers -> W8 (compiler)
+    skip = any(fnmatch.fnmatch(name, p) for p in recipe.prune_skip)
+    sparse = recipe.sparsity == "2:4" and not skip
+    return bits, recipe.group_size if recipe.weight_bits else 64, sparse
+
+
+def project(shape: dict, recipe, hw: HWConfig, context: int | None = None, prompt: int = 512) -> dict:
+    """Bytes and cycles per decode token (at *context* kept KV tokens), prefill and TTFT of *prompt*."""
+    cm = CycleModel(hw)
+    H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    Hq, Hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    hd = shape.get("head_dim") or H // Hq
+    V = shape["vocab_size"]
+    vg = min(recipe.kv_group_size, hd)
+    if context is None:
+        context = recipe.sink_tokens + recipe.window if recipe.attention == "lambda" else \
+            min(hw.max_context, shape.get("max_position_embeddings", hw.max_context))
+    kept = min(context, recipe.sink_tokens + recipe.window) if recipe.attention == "lambda" else context
+    lin = [("qkv", "model.layers.0.self_attn.q_proj", (Hq + 2 * Hkv) * hd, H),
+           ("o", "model.layers.0.self_attn.o_proj", H, Hq * hd),
+           ("gate_up", "model.layers.0.mlp.gate_proj", 2 * I, H),
+           ("down", "model.layers.0.mlp.down_proj", H, I)]
+    per_layer = {}
+    wbytes = 0.0
+    for tag, name, N, K in lin:
+        b, g, sp = _layer_format(recipe, name)
+        by = cm.linear_bytes(N, K, b, g, sp)
+        parts = cm.linear_parts(N, K, b, g, sp)
+        per_layer[tag] = dict(N=N, K=K, bits=b, group=g, sparse=sp, bytes=by, parts=parts, cycles=max(parts))
+        wbytes += by
+    attn_p = cm.attn_parts(Hq, Hkv, hd, kept, vg)
+    attn_c = max(attn_p)
+    kv_read = cm.kv_bytes_per_token(Hkv, hd, kept, vg)
+    kv_write = Hkv * (hd + 4 * (hd // vg))
+    sfu_c = 2 * cm.sfu_cycles(H, 4) + cm.sfu_cycles(I, 3)
+    layer_parts = [v["parts"] for v in per_layer.values()] + [attn_p, (0.0, cm.sfu_cycles(H, 4)),
+                                                              (0.0, cm.sfu_cycles(H, 4)), (0.0, cm.sfu_cycles(I, 3))]
+    layer_cycles = cm.overlapped(layer_parts) - hw.hbm_latency_cycles
+    hb, hg, hs = _layer_format(recipe, "lm_head")
+    head_bytes = cm.linear_bytes(V, H, hb, hg, hs)
+    embed_bytes = 4 * H
+    head_parts = [cm.linear_parts(V, H, hb, hg, hs), (0.0, cm.sfu_cycles(H, 4)),
+                  (0.0, math.ceil(V / hw.mac_lanes) + FILL)]
+    head_c = cm.overlapped(head_parts) - hw.hbm_latency_cycles
+    all_parts = [(embed_bytes / cm.bytes_per_cycle, 1.0)] + layer_parts * L + head_parts
+    total_cycles = cm.overlapped(all_parts)
+    bytes_tok = L * (wbytes + kv_read + kv_write) + head_bytes + embed_bytes
+    clk = hw.clock_mhz * 1e6
+    hbm_peak = min(hw.weight_ports * hw.port_bytes * clk, HBM_PEAK_BYTES_PER_S * hw.weight_ports / 32)
+    decode_tps = clk / total_cycles
+    roofline = hbm_peak / bytes_tok
+    # prefill: blocks of max_prefill tokens, weights streamed once per block
+    T = hw.max_prefill
+    nblk = math.ceil(prompt / T)
+    blk_parts = [cm.linear_parts(v["N"], v["K"], v["bits"], v["group"], v["sparse"], T) for v in per_layer.values()]
+    blk_parts += [cm.attn_parts(Hq, Hkv, hd, min(kept, prompt), vg, T), (0.0, 2 * cm.sfu_cycles(H, 4, T)),
+                  (0.0, cm.sfu_cycles(I, 3, T))]
+    blk = cm.overlapped([(embed_bytes * T / cm.bytes_per_cycle, T)] + blk_parts * L)
+    prefill_cycles = nblk * blk + head_c
+    return {
+        "model": shape.get("name"), "hw": hw.name, "recipe": recipe.name, "clock_mhz": hw.clock_mhz,
+        "context_kept_tokens": kept, "prompt_tokens": prompt,
+        "bytes_per_token": int(bytes_tok),
+        "bytes_per_token_breakdown": {"linear_weights": int(L * wbytes), "lm_head": int(head_bytes),
+                                      "kv_read": int(L * kv_read), "kv_write": int(L * kv_write),
+                                      "embedding": embed_bytes},
+        "cycles_per_layer": int(layer_cycles),
+        "cycles_per_layer_breakdown": {**{k: int(v["cycles"]) for k, v in per_layer.items()},
+                                       "attention": int(attn_c), "sfu": int(sfu_c),
+                                       "note": "each unit alone; the layer total overlaps streams and compute"},
+        "cycles_per_token": int(total_cycles),
+        "decode_tokens_per_s": decode_tps,
+        "hbm_peak_bytes_per_s": hbm_peak,
+        "roofline_tokens_per_s": roofline,
+        "fraction_of_roofline": decode_tps / roofline,
+        "prefill_tokens_per_s": prompt * clk / prefill_cycles,
+        "ttft_s": prefill_cycles / clk,
+        "validated": False,
+        "note": "cycle model (sim/cycle.py), UNVALIDATED until the RTL issues compare it with measured cycles",
+    }

@@ -156,6 +156,7 @@ class EmuDevice(MemoryDevice):
     def execute(self):
         index = 0
         cycles = 0
+        parts = []
         self.last_error = ""
         try:
             from sim.cycle import CycleModel
@@ -190,11 +191,13 @@ class EmuDevice(MemoryDevice):
                 if ins.op == isa.END:
                     break
                 info = self._exec(ins, io, kv, wbufs, pos0, T, flags)
-                c = cm.instr_cycles(ins, info, T) if cm is not None else 0
-                cycles += c
-                if self.trace is not None:
-                    self.trace.append((pc, ins.name, c))
+                if cm is not None:
+                    part = cm.instr_parts(ins, info, T)
+                    parts.append(part)
+                    if self.trace is not None:
+                        self.trace.append((pc, ins.name, part))
                 pc += 1
+            cycles = int(cm.overlapped(parts)) if cm is not None else 0
             return regmap.STATUS_OK, index, cycles
         except Fault as f:
             self.last_error = str(f)
@@ -348,7 +351,7 @@ class EmuDevice(MemoryDevice):
         codes, words = nx.act_quant(out)
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,
-                    slots=slots)
+                    slots=slots, vgroup=vg)
 
 
 def open_emu(hw: HWConfig) -> EmuDevice:

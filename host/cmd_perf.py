@@ -1,0 +1,90 @@
+"""``accllm perf``: cycle-model projection of decode/prefill speed and the HBM roofline."""
+from __future__ import annotations
+
+import json
+
+from .args import add_recipe_args, recipe_from_args
+
+DESCRIPTION = """Project bytes moved per token, cycles per layer, decode and prefill tokens/s, time to
+first token and the HBM roofline (peak bandwidth / bytes per token) for a model shape on a hardware
+configuration, from the cycle model (sim/cycle.py). Model dimensions only — no weights are loaded.
+The cycle model is UNVALIDATED until the RTL issues compare it with measured cycles."""
+EPILOG = ("examples:\n  accllm perf --model llama2-7b --hw u280 --recipe accllm --json\n"
+          "  accllm perf --model smollm2-135m --hw u280 --plot roofline.png")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="llama2-7b", help="llama2-7b | smollm2-135m | tiny | HF directory (config.json)")
+    p.add_argument("--hw", default="u280", help="hardware configuration preset (u280 | sim-small)")
+    p.add_argument("--hw-set", dest="hw_sets", action="append", default=[], metavar="KEY=VALUE")
+    add_recipe_args(p, default="accllm")
+    p.add_argument("--context", type=int, default=None,
+                   help="KV tokens present when decoding (default: S+W under Λ, else the configured context)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt length for prefill speed and TTFT (default 512)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a roofline plot")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bpt = res["bytes_per_token"]
+    peak = res["hbm_peak_bytes_per_s"]
+    xs = [bpt * f for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([x / 1e9 for x in xs], [peak / x for x in xs], label=f"HBM roofline ({peak / 1e9:.0f} GB/s)")
+    ax.scatter([bpt / 1e9], [res["decode_tokens_per_s"]], color="C1", zorder=3,
+               label=f"projected {res['decode_tokens_per_s']:.0f} tok/s (unvalidated)")
+    for name, tps in (("AccLLM (paper)", 164), ("FlightLLM (paper)", 55)):
+        ax.axhline(tps, ls="--", lw=0.8, color="gray")
+        ax.text(xs[-1] / 1e9, tps, f" {name} {tps}", va="bottom", ha="right", fontsize=8)
+    ax.set_xlabel("bytes per decode token (GB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{res['model']} on {res['hw']} ({res['recipe']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    from algo.common import atomic_write_bytes
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args) -> int:
+    from algo.models import model_shape
+    from hw.config import load_hw
+    from sim.cycle import project
+    from algo.common import AccllmError
+    hw = load_hw(args.hw, args.hw_sets)
+    recipe = recipe_from_args(args)
+    shape = dict(model_shape(args.model), name=args.model)
+    if args.context is not None and args.context < 0:
+        raise AccllmError(f"--context must be >= 0, got {args.context}")
+    if args.prompt < 1:
+        raise AccllmError(f"--prompt must be >= 1, got {args.prompt}")
+    res = project(shape, recipe, hw, args.context, args.prompt)
+    if args.plot:
+        _plot(res, args.plot)
+        res["plot"] = args.plot
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    b = res["bytes_per_token_breakdown"]
+    rows = [("model / hw / recipe", f"{res['model']} / {res['hw']} @ {res['clock_mhz']:.0f} MHz / {res['recipe']}"),
+            ("KV tokens kept", f"{res['context_kept_tokens']}"),
+            ("bytes per token", f"{res['bytes_per_token'] / 1e6:,.1f} MB (weights {b['linear_weights'] / 1e6:,.1f}, "
+                                f"lm_head {b['lm_head'] / 1e6:,.1f}, KV {(b['kv_read'] + b['kv_write']) / 1e6:,.1f})"),
+            ("cycles per layer", f"{res['cycles_per_layer']:,} ({', '.join(f'{k} {v}' for k, v in res['cycles_per_layer_breakdown'].items() if k != 'note')})"),
+            ("decode", f"{res['decode_tokens_per_s']:.1f} tokens/s"),
+            ("HBM roofline", f"{res['roofline_tokens_per_s']:.1f} tokens/s ({res['hbm_peak_bytes_per_s'] / 1e9:.1f} GB/s); "
+                             f"projection at {100 * res['fraction_of_roofline']:.1f}%"),
+            ("prefill", f"{res['prefill_tokens_per_s']:.1f} tokens/s; TTFT {res['ttft_s'] * 1e3:.1f} ms for {res['prompt_tokens']} tokens"),
+            ("anchors", "AccLLM 164 tokens/s, FlightLLM 55 tokens/s (Llama-2-7B, U280)"),
+            ("status", "cycle model UNVALIDATED until RTL cycle counts confirm it")]
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+    if args.plot:
+        print(f"  {'plot':<{w}}  {args.plot}")
+    return 0
