@@ -1,0 +1,282 @@
+"""Functional model (sim/emu.py) against an independent straightforward reference written here from
+hw/numerics.py (int64 einsum, Python lists for the KV cache, no HBM byte layouts, no float BLAS), on
+small synthetic packages built from random integer tensors; and bad programs -> status codes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from algo.recipe import load_recipe
+from hw import isa, regmap
+from hw import memmap as mm
+from hw import numerics as nx
+from hw.config import load_hw
+
+CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16, vocab_size=300, rms_norm_eps=1e-5, rope_theta=10000.0,
+           max_position_embeddings=256, eos_token_id=2)
+
+
+class FakePackage:
+    """What hw.compiler needs from quant.package.Package, from random integers (package layout)."""
+
+    def __init__(self, recipe, seed=0, sparse=True, bits=2, group=32):
+        rng = np.random.default_rng(seed)
+        self.recipe = recipe
+        c = CFG
+        H, I, L, Hq, Hkv, hd, V = (c[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                  "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"))
+        self.manifest = {"model_config": dict(c), "recipe": recipe.to_dict(), "layers": {}}
+        self.t = {"model.embed_tokens.weight": (rng.standard_normal((V, H)) * 0.5).astype(np.float16),
+                  "model.norm.weight": (1 + 0.1 * rng.standard_normal(H)).astype(np.float16)}
+        self.lin = {}
+
+        def lin(name, N, K, b, g, sp):
+            codes = rng.integers(0, 1 << b, (N, K))
+            zeros = rng.integers(0, 1 << b, (N, K // g))
+            scales = (rng.random((N, K // g)) * 0.05 + 0.005).astype(np.float16)
+            mask = None
+            if sp:
+                mask = np.zeros((N, K), bool)
+                pats = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+                sel = rng.integers(0, 6, (N, K // 4))
+                for j, (a, bb) in enumerate(pats):
+                    r, q = np.nonzero(sel == j)
+                    mask[r, 4 * q + a] = True
+                    mask[r, 4 * q + bb] = True
+                codes = np.where(mask, codes, np.repeat(zeros, g, axis=1))
+            self.lin[name] = (codes, zeros, scales, mask, b, g)
+            self.manifest["layers"][name] = {"bits": b, "group": g}
+
+        for i in range(L):
+            p = f"model.layers.{i}"
+            for n, N, K in (("q", Hq * hd, H), ("k", Hkv * hd, H), ("v", Hkv * hd, H), ("o", H, Hq * hd)):
+                lin(f"{p}.self_attn.{n}_proj", N, K, bits, group, sparse)
+            for n, N, K in (("gate", I, H), ("up", I, H), ("down", H, I)):
+                lin(f"{p}.mlp.{n}_proj", N, K, bits, group, sparse)
+            self.t[f"{p}.input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(H)).astype(np.float16)
+            self.t[f"{p}.post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(H)).astype(np.float16)
+            self.t[f"{p}.self_attn.k_scale"] = (rng.random((Hkv, hd)) * 0.2 + 0.05).astype(np.float16)
+            self.t[f"{p}.self_attn.k_zero"] = rng.integers(4, 12, (Hkv, hd)).astype(np.float16)
+        lin("lm_head", V, H, 8, 32, False)
+
+    def tensor(self, name):
+        return self.t[name]
+
+    def linear(self, name):
+        return self.lin[name]
+
+
+def compile_fake(tmp_path, recipe_name="accllm", sets=(), hw_sets=(), **kw):
+    from hw.compiler import compile_to_dir
+    r = load_recipe(recipe_name, None, ["window=8", "sink_tokens=2", "kv_group_size=16", *sets])
+    hw = load_hw("sim-small", list(hw_sets))
+    pkg = FakePackage(r, **kw)
+    compile_to_dir(pkg, hw, tmp_path, progress=False)
+    return pkg, hw
+
+
+class Host:
+    """Drives an EmuDevice from memmap.json like the runtime does (register level)."""
+
+    def __init__(self, d, hw):
+        import json
+        from sim.emu import EmuDevice
+        self.m = json.loads((d / "memmap.json").read_text())
+        self.dev = EmuDevice(hw)
+        self.buf = {}
+        for name, b in self.m["buffers"].items():
+            self.buf[name] = self.dev.alloc(b["size"], port=b["port"], bank=b["bank"], name=name)
+            if b.get("file"):
+                self.buf[name].upload(np.fromfile(d / b["file"], dtype=np.uint8), b.get("file_offset", 0))
+        self.pos = 0
+
+    def run(self, ids, flags=1, entry="decode", position=None, program_len=None):
+        e = entry if isinstance(entry, dict) else self.m["entries"]["decode"] if entry == "decode" else \
+            next((x for x in self.m["entries"]["prefill"] if x["tokens"] >= len(ids)), self.m["entries"]["prefill"][-1])
+        io = self.buf["io"]
+        io.upload(np.asarray(ids, np.int32), self.m["io"]["tokens_in"]["offset"])
+        for n, b in self.buf.items():
+            self.dev.set_arg(n, b)
+        self.dev.set_arg("entry", e["offset"])
+        self.dev.set_arg("program_len", program_len if program_len is not None else e["offset"] + e["length"])
+        self.dev.set_arg("position", self.pos if position is None else position)
+        self.dev.set_arg("n_tokens", len(ids))
+        self.dev.set_arg("flags", flags)
+        self.dev.start()
+        code = self.dev.wait(60)
+        if code == 0:
+            self.pos += len(ids)
+        V = self.m["vocab_size"]
+        cnt = self.m["io"]["logits_out"]["count"]
+        raw = np.frombuffer(io.download(len(ids) * cnt * 4, self.m["io"]["logits_out"]["offset"]), np.int32)
+        return code, self.dev.read_status()[1], raw.reshape(len(ids), cnt)[:, :V].astype(np.int64)
+
+
+def reference_logits(pkg, hw, ids, S=2, W=8, vg=16):
+    """Straightforward reference: token by token, Λ visibility rule, per-head loops."""
+    c = CFG
+    H, I, L, Hq, Hkv, hd = (c[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads", "head_dim"))
+    e40 = int(round(c["rms_norm_eps"] * 2.0 ** 40))
+
+    def W_(name):
+        codes, zeros, scales, mask, b, g = pkg.linear(name)
+        M, SH = nx.scales_to_hw(scales, hw.scale_bits)
+        return codes, zeros, M, SH, g, mask
+
+    def lin(x8, w, name, dst=None):
+        codes, zeros, M, SH, g, mask = W_(name)
+        return nx.matmul(x8[0], x8[1], codes, zeros, M, SH, g, mask, dst)
+
+    def norm(x, name):
+        return nx.act_quant(nx.rmsnorm(x, nx.fp16_to_q16(pkg.tensor(name + ".weight")), e40))
+
+    emb = nx.fp16_to_q16(pkg.tensor("model.embed_tokens.weight"))
+    inv = 1.0 / (c["rope_theta"] ** (np.arange(0, hd, 2) / hd))
+    F = nx.rope_freq_words(inv)
+    cache = [[] for _ in range(L)]
+    out = []
+    for i, tok in enumerate(ids):
+        x = emb[[tok]]
+        for li in range(L):
+            p = f"model.layers.{li}"
+            h = norm(x, f"{p}.input_layernorm")
+            q = lin(h, None, f"{p}.self_attn.q_proj").reshape(Hq, hd)
+            k = lin(h, None, f"{p}.self_attn.k_proj").reshape(Hkv, hd)
+            v = lin(h, None, f"{p}.self_attn.v_proj").reshape(Hkv, hd)
+            C, Sn = nx.rope_cos_sin(np.array(i), F)
+            qr, kr = nx.rope(q, C, Sn), nx.rope(k, C, Sn)
+            Cc, Sc = nx.rope_cos_sin(np.array(min(i, S + W - 1)), F)
+            qc = nx.rope(q, Cc, Sc)
+            kc = nx.key_consts(pkg.tensor(f"{p}.self_attn.k_scale"), pkg.tensor(f"{p}.self_attn.k_zero"), hd)
+            kq = nx.key_quant(kr, kc["RK"], kc["KS"], kc["KZ"])
+            vq, vw = nx.value_quant(v, vg)
+            cache[li].append((i, kq, vq, vw))
+            vis = [e for e in cache[li] if e[0] <= i and (e[0] < S or e[0] > i - W)]
+            o = np.zeros((Hq, hd), np.int64)
+            for hh in range(Hq):
+                g = hh // (Hq // Hkv)
+                s = np.array([nx.attn_scores(qc[hh] if e[0] < S else qr[hh], e[1][g][None], kc["KZ"][g],
+                                             kc["KM"][g], int(kc["KSH"][g]))[0] for e in vis])
+                pr = nx.softmax_q24(s)
+                vh = np.stack([nx.value_dequant(e[2][g], e[3][g], vg) for e in vis])
+                o[hh] = nx.attn_out(pr, vh)
+            a8 = nx.act_quant(o.reshape(1, -1))
+            x = lin(a8, None, f"{p}.self_attn.o_proj", dst=x)
+            h = norm(x, f"{p}.post_attention_layernorm")
+            gg = lin(h, None, f"{p}.mlp.gate_proj")
+            uu = lin(h, None, f"{p}.mlp.up_proj")
+            m8 = nx.act_quant(nx.silu_mul(gg, uu))
+            x = lin(m8, None, f"{p}.mlp.down_proj", dst=x)
+        h = norm(x, "model.norm")
+        out.append(lin(h, None, "lm_head")[0])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("sparse,bits", [(True, 2), (False, 4)])
+def test_emu_bit_exact_vs_reference_through_window_wrap(tmp_path, sparse, bits):
+    pkg, hw = compile_fake(tmp_path, sparse=sparse, bits=bits)
+    ids = list(np.random.default_rng(1).integers(3, 300, 14))      # 14 > S + W = 10: the ring wraps
+    ref = reference_logits(pkg, hw, ids)
+    h = Host(tmp_path, hw)
+    code, _, lg = h.run(ids[:5], flags=isa.RF_LOGITS, entry="prefill")      # prefill of a partial bucket
+    assert code == 0
+    got = [lg]
+    for t in ids[5:]:
+        code, _, lg = h.run([t], flags=isa.RF_LOGITS)
+        assert code == 0
+        got.append(lg)
+    got = np.concatenate(got)
+    assert np.array_equal(got, ref), np.abs(got - ref).max()
+    assert h.dev.cycles() > 0
+
+
+def test_argmax_and_skip(tmp_path):
+    pkg, hw = compile_fake(tmp_path)
+    h = Host(tmp_path, hw)
+    code, _, lg = h.run([5, 6, 7], flags=isa.RF_LOGITS | isa.RF_ARGMAX, entry="prefill")
+    assert code == 0
+    am = int(np.frombuffer(h.buf["io"].download(4, h.m["io"]["argmax_out"]["offset"]), np.int32)[0])
+    assert am == int(np.argmax(lg[-1]))
+    # flags 0: no lm_head, still ok (and faster in cycles)
+    c_all = h.dev.cycles()
+    code, _, _ = h.run([8], flags=0)
+    assert code == 0 and h.dev.cycles() < c_all
+
+
+def _patch_word(host, index, word):
+    host.buf["program"].upload(np.frombuffer(word, np.uint8), 16 * index)
+
+
+def test_bad_programs_stop_with_status_and_index(tmp_path):
+    pkg, hw = compile_fake(tmp_path)
+    h = Host(tmp_path, hw)
+    dec = h.m["entries"]["decode"]
+    # unknown opcode at instruction 3
+    bad = bytearray(h.buf["program"].read(16, 16 * 3))
+    bad[0] = 0x7F
+    _patch_word(h, 3, bytes(bad))
+    code, idx, _ = h.run([5])
+    assert (code, idx) == (regmap.STATUS_BAD_OPCODE, 3)
+    # reserved field set
+    _patch_word(h, 3, isa.struct.pack("<BBHIII", isa.END, 0, 0, 0, 0, 1))
+    code, idx, _ = h.run([5])
+    assert (code, idx) == (regmap.STATUS_BAD_OPCODE, 3)
+    # program without END: program_len stops before END
+    h2 = Host(tmp_path, hw)
+    code, idx, _ = h2.run([5], program_len=dec["length"] - 1)
+    assert (code, idx) == (regmap.STATUS_NO_END, dec["length"] - 1)
+    # program_len beyond the program buffer (a truncated program): the fetch leaves the buffer
+    last = max(h2.m["entries"]["prefill"], key=lambda e: e["offset"])
+    end_idx = last["offset"] + last["length"] - 1
+    assert (end_idx + 1) * 16 <= h2.buf["program"].size < (end_idx + 2) * 16 + 64
+    _patch_word(h2, end_idx, isa.encode(isa.Instr(isa.NOP)))
+    words = h2.buf["program"].size // 16
+    for j in range(end_idx + 1, words):
+        _patch_word(h2, j, isa.encode(isa.Instr(isa.NOP)))
+    code, idx, _ = h2.run([5], entry=last, program_len=words + 5)
+    assert (code, idx) == (regmap.STATUS_ADDR_RANGE, words)
+    # address outside a buffer: EMBED writing past the io buffer
+    h3 = Host(tmp_path, hw)
+    _patch_word(h3, 0, isa.encode(isa.Instr(isa.EMBED, a=h3.buf["io"].size - 64, b=0, c=CFG["hidden_size"],
+                                            d=h3.m["descriptors"]["embed"])))
+    code, idx, _ = h3.run([5])
+    assert (code, idx) == (regmap.STATUS_ADDR_RANGE, 0)
+    # n_tokens beyond max_prefill
+    h4 = Host(tmp_path, hw)
+    code, idx, _ = h4.run(list(range(3, 3 + hw.max_prefill + 1)), entry="decode")
+    assert code == regmap.STATUS_SHAPE
+
+
+def test_position_beyond_cache_full_attention(tmp_path):
+    pkg, hw = compile_fake(tmp_path, "w2a8kv4", hw_sets=["max_context=16"])
+    h = Host(tmp_path, hw)
+    assert h.m["max_position"] == 16
+    code, idx, _ = h.run([5], position=16)
+    assert code == regmap.STATUS_POSITION
+    assert isa.decode(h.buf["program"].read(16, 16 * idx)).op == isa.ATTN
+
+
+def test_kv_region_too_small(tmp_path):
+    pkg, hw = compile_fake(tmp_path)
+    h = Host(tmp_path, hw)
+    # point layer 1's attention descriptor at a V area past the KV buffer
+    off = h.m["descriptors"]["model.layers.1.attn"]
+    hdr = mm.parse_attn_header(h.buf["weights0"].read(64, off))
+    hdr["v_off"] = h.buf["kv"].size
+    hdr.pop("magic")
+    h.buf["weights0"].upload(np.frombuffer(mm.pack_attn_header(**hdr), np.uint8), off)
+    code, idx, _ = h.run([5])
+    assert code == regmap.STATUS_KV_REGION
+    assert isa.decode(h.buf["program"].read(16, 16 * idx)).op == isa.ATTN
+
+
+def test_compiler_refuses_what_hardware_cannot_run(tmp_path):
+    from algo.common import AccllmError
+    with pytest.raises(AccllmError, match="kv_bits"):
+        compile_fake(tmp_path, "w2")
+    with pytest.raises(AccllmError, match="SpAtten"):
+        compile_fake(tmp_path, sets=("token_keep=0.5",))
+    with pytest.raises(AccllmError, match="max_context"):
+        compile_fake(tmp_path, sets=("window=5000",))
