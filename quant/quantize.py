@@ -204,6 +204,10 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
     from tqdm.auto import tqdm
     check_model(model, recipe)
     t0 = time.time()
+    teacher = None
+    if recipe.qat_steps > 0:
+        import copy
+        teacher = copy.deepcopy(model)           # the float model, for distillation after PTQ
     _round_fp16_(model)
     report: dict = {"layers": {}}
     need_h = bool(recipe.weight_bits) and recipe.weight_method != "rtn"
@@ -232,6 +236,9 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
         report["layers"]["lm_head"] = rep
         bar.close()
         _finish_act(model, recipe, {})
+        if recipe.qat_steps > 0 and calib is not None:
+            from .qat import distill
+            report["qat"] = distill(model, recipe, calib, teacher=teacher, progress=progress)
         report["seconds"] = round(time.time() - t0, 3)
         return report
 
@@ -284,7 +291,8 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
     _finish_act(model, recipe, absmax_all)
     if recipe.qat_steps > 0:
         from .qat import distill
-        report["qat"] = distill(model, recipe, calib, progress=progress)
+        report["qat"] = distill(model, recipe, calib, teacher=teacher, progress=progress)
+        del teacher
     report["seconds"] = round(time.time() - t0, 3)
     errs = [r["rel_out_err"] for r in report["layers"].values() if "rel_out_err" in r]
     if errs:

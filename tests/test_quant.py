@@ -141,3 +141,22 @@ def test_bad_recipes_refused(tiny):
         check_model(tiny.model, r)
     with pytest.raises(AccllmError, match="unknown recipe key"):
         load_recipe("w2", sets=["wieght_bits=2"])
+
+
+def test_qat_distillation_updates_and_refreezes(fresh_tiny):
+    import copy
+    from algo.data import calibration_batches
+    from quant.qat import distill
+    from quant.quantize import quantize_model
+    teacher = copy.deepcopy(fresh_tiny.model)
+    quantize_model(fresh_tiny.model, load_recipe("w2", sets=["weight_method=rtn"]), None, progress=False)
+    q = fresh_tiny.model.model.layers[0].mlp.down_proj
+    c0 = q.codes.clone()
+    r = load_recipe("w2", sets=["qat_steps=2"])
+    rep = distill(fresh_tiny.model, r, calibration_batches(fresh_tiny.tokenizer, 2, 16), teacher=teacher,
+                  progress=False, lr=1e-3, scale_lr=1e-3, batch=2)
+    assert rep["steps"] == 2 and rep["device"] in ("cpu", "cuda")
+    assert not torch.equal(q.codes, c0)                 # training moved codes
+    # frozen back into the exact integer format
+    assert torch.equal(q.weight, dequant_weight(q.codes, q.zeros, q.scales, 64))
+    assert q.forward.__func__ is QLinear.forward
