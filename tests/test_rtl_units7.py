@@ -27,3 +27,9 @@ def test_sfu(simulator, tmp_path):
     p = SFU_PARAMS
     _run(tmp_path, simulator, SFU(**p), "sfu_top", "sfu",
          env=dict(MAX_D=p["max_d"], MAX_HD=p["max_hd"], MAX_N=p["max_n"]))
+
+
+@pytest.mark.parametrize("simulator", ["verilator", "icarus"])
+def test_topk(simulator, tmp_path):
+    from hw.rtl.topk import TopK
+    _run(tmp_path, simulator, TopK(256), "topk_top", "topk", env=dict(MAX_N=256))
