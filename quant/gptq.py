@@ -15,9 +15,26 @@ objective is the layer *output* error ‖X (W − Ŵ)ᵀ‖².
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .quantizers import check_group, group_params, quantize_codes
+
+
+def single_thread(fn):
+    """Run *fn* with one torch thread: the column loop is thousands of small ops, and on a shared
+    2-core machine a second OpenMP thread makes each op wait for a descheduled peer (measured 15x
+    slower under load); the work per op is too small to gain from two threads."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*a, **kw)
+        finally:
+            torch.set_num_threads(n)
+    return wrapper
 
 
 def _prep_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float):
@@ -30,6 +47,7 @@ def _prep_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float):
     return H
 
 
+@single_thread
 def clip_search(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask: torch.Tensor | None = None,
                 steps: int = 20, min_ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group clip ratios (hi, lo) [N, K/g] minimising Δ_g H_gg Δ_gᵀ (see module doc)."""
@@ -70,6 +88,7 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask: t
 
 
 @torch.no_grad()
+@single_thread
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask: torch.Tensor | None = None,
                   clip_hi: torch.Tensor | None = None, clip_lo: torch.Tensor | None = None,
                   blocksize: int = 128, percdamp: float = 0.01):
