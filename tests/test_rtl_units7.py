@@ -33,3 +33,9 @@ def test_sfu(simulator, tmp_path):
 def test_topk(simulator, tmp_path):
     from hw.rtl.topk import TopK
     _run(tmp_path, simulator, TopK(256), "topk_top", "topk", env=dict(MAX_N=256))
+
+
+@pytest.mark.parametrize("simulator", ["verilator"])
+def test_kvcache(simulator, tmp_path):
+    from hw.rtl.kvcache import KVCacheUnit
+    _run(tmp_path, simulator, KVCacheUnit(max_context=2048, max_group=128), "kvcache_top", "kvcache")

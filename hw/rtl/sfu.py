@@ -104,11 +104,12 @@ class Divider(wiring.Component):
 
     def __init__(self, num_w: int, den_w: int):
         self.num_w, self.den_w = num_w, den_w
-        super().__init__({"start": In(1), "num": In(num_w), "den": In(den_w), "busy": Out(1), "quo": Out(num_w)})
+        super().__init__({"start": In(1), "num": In(num_w), "den": In(den_w), "busy": Out(1), "quo": Out(num_w),
+                          "rem": Out(den_w + 1)})
 
     def elaborate(self, platform):
         m = Module()
-        rem = Signal(self.den_w + 1)
+        rem = self.rem
         den = Signal(self.den_w)
         cnt = Signal(range(self.num_w + 1))
         t = Signal(self.den_w + 2)
