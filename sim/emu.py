@@ -99,10 +99,8 @@ class EmuDevice(MemoryDevice):
         except Exception as e:
             raise Fault(regmap.STATUS_ADDR_RANGE, f"bad linear layer at 0x{off:x}: {e}")
         N, K, g = u["N"], u["K"], u["group"]
-        d = nx.weight_diff(u["codes"], u["zeros"], g, u["mask"])
-        D = np.ascontiguousarray(d.reshape(N, K // g, g).transpose(1, 0, 2).astype(np.float32))   # [ng, N, g]
-        ent = dict(N=N, K=K, g=g, D=D, M=u["M"].astype(np.float64).T.copy(), SH=u["SH"], bits=u["bits"],
-                   sparse=u["sparse"])
+        ent = dict(N=N, K=K, g=g, M=u["M"].astype(np.float64).T.copy(), SH=u["SH"], bits=u["bits"],
+                   sparse=u["sparse"], u=u, D=None, I8=None)
         self._wcache[key] = ent
         return ent
 
@@ -264,9 +262,17 @@ class EmuDevice(MemoryDevice):
                 return dict(kind="skip")
         x8, words = self._x8_read(io, ins.b, T, K, "MATMUL src")
         x8, words = x8[rows], words[rows]
-        X = np.ascontiguousarray(x8.astype(np.float32).reshape(len(rows), K // g, g).transpose(1, 2, 0))  # [ng, g, t]
-        G = np.matmul(w["D"], X)                                   # [ng, N, t] exact (< 2**22)
-        acc = np.einsum("qnt,qn->tn", G.astype(np.float64), w["M"])   # exact (< 2**47)
+        # torch._int_mm has a large fixed cost per call on CPU: used only for big decode products (lm_head)
+        big = N * K >= 1 << 24
+        G = self._group_sums(w, x8) if big and len(rows) == 1 and _int_mm() is not None else None
+        if G is None:
+            if w["D"] is None:
+                u = w["u"]
+                d = nx.weight_diff(u["codes"], u["zeros"], g, u["mask"])
+                w["D"] = np.ascontiguousarray(d.reshape(N, K // g, g).transpose(1, 0, 2).astype(np.float32))
+            X = np.ascontiguousarray(x8.astype(np.float32).reshape(len(rows), K // g, g).transpose(1, 2, 0))  # [ng, g, t]
+            G = np.matmul(w["D"], X)                               # [ng, N, t] exact (< 2**22)
+        acc = (G.astype(np.float64) * w["M"][:, :, None]).sum(axis=0).T      # exact (< 2**47)
         acc = nx.sat(acc.astype(np.int64), nx.ACC_BITS)
         ma, ea = nx.scale_word_parts(words)
         y = nx.shift_sat32(acc * ma[:, None], w["SH"][None, :] - ea[:, None])
@@ -275,6 +281,36 @@ class EmuDevice(MemoryDevice):
             y = nx.add_sat(dst[rows], y)
         dst[rows] = y
         return dict(kind="matmul", N=N, K=K, bits=w["bits"], group=g, sparse=w["sparse"], rows=len(rows))
+
+    @staticmethod
+    def _group_sums(w, x8):
+        """Decode fast path: exact int8 x int8 -> int32 GEMM (torch._int_mm) against the block-diagonal
+        arrangement of the token's activations, giving G [ng, N, 1]. 2/4-bit: d = code - zero fits int8.
+        8-bit: codes (zero at pruned positions) split into nibbles, G = 16*G_hi + G_lo - zero*sum_g(x)."""
+        import torch
+        N, K, g = w["N"], w["K"], w["g"]
+        ng = K // g
+        u = w["u"]
+        if w["I8"] is None:
+            if w["bits"] <= 4:
+                d = nx.weight_diff(u["codes"], u["zeros"], g, u["mask"])
+                w["I8"] = (torch.from_numpy(d.astype(np.int8)),)
+            else:
+                c = u["codes"] if u["mask"] is None else np.where(u["mask"], u["codes"], np.repeat(u["zeros"], g, 1))
+                w["I8"] = (torch.from_numpy((c >> 4).astype(np.int8)), torch.from_numpy((c & 15).astype(np.int8)),
+                           u["zeros"].astype(np.int64))
+        x = torch.from_numpy(np.ascontiguousarray(x8[0]).astype(np.int8))
+        B = torch.zeros((K, max(ng, 8)), dtype=torch.int8)       # block-diagonal [K, ng] (>= 8 columns)
+        idx = torch.arange(K)
+        B[idx, idx // g] = x
+        mm_ = _int_mm()
+        if len(w["I8"]) == 1:
+            G = mm_(w["I8"][0], B)[:, :ng].numpy().astype(np.int64)
+        else:
+            hi, lo, z = w["I8"]
+            G = 16 * mm_(hi, B)[:, :ng].numpy().astype(np.int64) + mm_(lo, B)[:, :ng].numpy().astype(np.int64)
+            G -= z * x8[0].astype(np.int64).reshape(ng, g).sum(-1)[None, :]
+        return G.T[:, :, None].astype(np.float64)
 
     def _attn(self, ins, io, kv, w0, pos0, T) -> dict:
         a, kc, F = self._const(w0, ins.d, "attn")
@@ -352,6 +388,24 @@ class EmuDevice(MemoryDevice):
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,
                     slots=slots, vgroup=vg)
+
+
+_INT_MM = []
+
+
+def _int_mm():
+    """torch._int_mm (exact int8 GEMM with int32 accumulation) if this torch has it on CPU, else None."""
+    if not _INT_MM:
+        fn = None
+        try:
+            import torch
+            a = torch.ones((32, 32), dtype=torch.int8)
+            if int(torch._int_mm(a, a)[0, 0]) == 32:
+                fn = torch._int_mm
+        except Exception:
+            fn = None
+        _INT_MM.append(fn)
+    return _INT_MM[0]
 
 
 def open_emu(hw: HWConfig) -> EmuDevice:

@@ -280,3 +280,22 @@ def test_compiler_refuses_what_hardware_cannot_run(tmp_path):
         compile_fake(tmp_path, sets=("token_keep=0.5",))
     with pytest.raises(AccllmError, match="max_context"):
         compile_fake(tmp_path, sets=("window=5000",))
+
+
+@pytest.mark.parametrize("bits,sparse", [(2, True), (4, False), (8, False), (8, True)])
+def test_int8_gemm_decode_path_is_exact(bits, sparse):
+    from sim.emu import EmuDevice, _int_mm
+    if _int_mm() is None:
+        pytest.skip("torch._int_mm not available on this CPU build")
+    rng = np.random.default_rng(7)
+    N, K, g = 40, 256, 64
+    codes = rng.integers(0, 1 << bits, (N, K))
+    zeros = rng.integers(0, 1 << bits, (N, K // g))
+    mask = (rng.random((N, K)) < 0.5) if sparse else None
+    u = dict(codes=codes, zeros=zeros, mask=mask)
+    w = dict(N=N, K=K, g=g, bits=bits, u=u, I8=None)
+    x8 = rng.integers(-127, 128, (1, K)).astype(np.int8)
+    G = EmuDevice._group_sums(w, x8)[:, :, 0].T
+    d = nx.weight_diff(codes, zeros, g, mask)
+    ref = np.einsum("ngk,gk->ng", d.reshape(N, K // g, g), x8[0].astype(np.int64).reshape(K // g, g))
+    assert np.array_equal(G.astype(np.int64), ref)
