@@ -21,10 +21,12 @@ def _has_command(name):
     return name in {c[0] for c in cli.COMMANDS}
 
 
-def _compile(out, model="tiny"):
+def _compile(out, model="tiny", fast=True):
     from host import cli
+    # the accllm recipe; for the tests with a small calibration set (the recipe's structure is unchanged)
+    small = ["--set", "calib_samples=4", "--set", "calib_seqlen=128"] if fast else []
     rc = cli.compile_model_main(["--model", model, "--recipe", "accllm", "--hw", "sim-small", "--out", str(out),
-                                 "--no-progress"])
+                                 "--no-progress"] + small)
     assert rc == 0
 
 
@@ -176,7 +178,7 @@ def test_smollm2_emu_and_rtl_identical_tokens(tmp_path):
         pytest.skip("`accllm build-rtl` is not in this checkout yet")
     from host.runtime import open_runtime
     out = tmp_path / "smollm2"
-    _compile(out, "smollm2-135m")
+    _compile(out, "smollm2-135m", fast=False)
     toks = {}
     for backend in ("emu", "rtl"):
         with open_runtime(out, backend) as rt:
