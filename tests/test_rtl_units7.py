@@ -39,3 +39,9 @@ def test_topk(simulator, tmp_path):
 def test_kvcache(simulator, tmp_path):
     from hw.rtl.kvcache import KVCacheUnit
     _run(tmp_path, simulator, KVCacheUnit(max_context=2048, max_group=128), "kvcache_top", "kvcache")
+
+
+@pytest.mark.parametrize("simulator", ["verilator"])
+def test_attention(simulator, tmp_path):
+    from hw.rtl.attention import AttentionCore
+    _run(tmp_path, simulator, AttentionCore(max_hd=64, max_n=64), "attention_top", "attention")
