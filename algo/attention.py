@@ -349,7 +349,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, cache_factory
     logits = None
     for s in range(0, prompt_ids.numel(), block):
         ids = prompt_ids[s:s + block]
-        out = model(input_ids=ids[None], cache=cache, use_cache=True,
+        out = model(input_ids=ids[None], cache=cache, use_cache=True, logits_to_keep=1,
                     position_ids=torch.arange(pos, pos + ids.numel())[None])
         cache, pos, logits = out.cache, pos + ids.numel(), out.logits[0, -1]
     new = []
