@@ -367,3 +367,31 @@ def build_step(ctx) -> dict:
         ctx.add_file(n)
     return {"hw": hw.name, "words": upd["program"]["words"],
             "weight_bytes": sum(upd["program"]["weight_bytes_per_port"])}
+
+
+def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False) -> Path:
+    """Compile an existing package again for *hw* (no recompression): into *out_dir* (a copy of the
+    package, written atomically) or in place. Files of a previous compilation are replaced and the
+    manifest's ``files``/``hw``/``program`` updated."""
+    import shutil
+    from algo.common import atomic_directory, sha256_file
+    from quant.package import load_package
+    src = Path(package_dir)
+    pkg = load_package(src)
+    target = Path(out_dir) if out_dir else src
+    with atomic_directory(target) as tmp:
+        tmp = Path(tmp)
+        old_hw = [f for f in pkg.manifest.get("files", {}) if f.startswith("hbm_w") or f in program_files()]
+        for f in src.iterdir():
+            if f.is_file() and f.name not in old_hw:
+                shutil.copy2(f, tmp / f.name)
+        man = json.loads((tmp / "manifest.json").read_text())
+        for f in old_hw:
+            man["files"].pop(f, None)
+        from quant.package import Package
+        upd = compile_to_dir(Package(tmp, man), hw, tmp, progress=progress)
+        man.update(upd)
+        for n in program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]:
+            man["files"][n] = sha256_file(tmp / n)
+        atomic_write_text(tmp / "manifest.json", json.dumps(man, indent=1))
+    return target
