@@ -2,7 +2,8 @@
 
 Weights: group-wise asymmetric along K (input dim), b in {2,3,4,8} bits, group g | K::
 
-    scale  = fp16((max - min) / (2^b - 1))          (range always includes 0, clipped by a ratio)
+    scale  = fp16_up((max - min) / (2^b - 1))       (range always includes 0, clipped by a ratio;
+                                                     rounded up to the next fp16 value)
     zero   = clamp(round(-min / scale), 0, 2^b - 1)  (unsigned b-bit integer)
     code   = clamp(round(w / scale) + zero, 0, 2^b - 1)
     W_hat  = float(scale) * (code - zero)            (exactly what the package stores)
@@ -11,7 +12,7 @@ The scale is rounded to fp16 *before* the codes are computed, so the fake-quant 
 the packed integer tensors agree bit for bit. The fake-quant weight is held as a brevitas
 ``GroupwiseIntQuantTensor`` (``.value`` the dequantized weight, ``.int()`` the codes).
 
-Activations: per-token dynamic symmetric int8 (``scale = fp16(max|x| / 127)`` per row, codes in
+Activations: per-token dynamic symmetric int8 (``scale = fp16_up(max|x| / 127)`` per row, codes in
 [-127, 127]) or static per-tensor symmetric int8 with a calibrated fp16 scale.
 
 KV cache (4-bit): keys per channel with static calibrated fp16 scale + integer zero, values per
@@ -39,8 +40,15 @@ def check_group(k: int, group: int, name: str = "layer") -> None:
 
 
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round a positive scale to fp16 (kept as float32 values): no zeros, no infs."""
-    return scale.clamp(min=1e-7, max=65504.0).to(torch.float16).clamp(min=FP16_TINY).float()
+    """Round a positive scale UP to the next fp16 value (kept as float32 values): the quantization
+    range then always covers the requested range (no code is clipped by the fp16 rounding); no
+    zeros, no infs."""
+    s = scale.float().clamp(min=FP16_TINY, max=65504.0)
+    h = s.to(torch.float16)
+    up = h.float() < s
+    if bool(up.any()):
+        h = torch.where(up, (h.view(torch.int16) + 1).view(torch.float16), h)   # positive: next fp16
+    return h.float()
 
 
 def group_params(w: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0,
