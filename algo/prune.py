@@ -310,34 +310,45 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
         for li in bar:
             layer = layers[li]
             mods = by_layer.get(li, {})
-            Hs = {name: torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=device)
+            Hs = {name: torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=device)
                   for name, mod in mods.items()}
             counts = {name: 0 for name in mods}
+            alias: dict[str, str] = {}      # q/k/v (and gate/up) read the same input: one Hessian
+            seen: dict = {}
             handles = []
             for name, mod in mods.items():
                 def hook(_m, inp, _out, name=name):
-                    x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-                    Hs[name] += x.T @ x
+                    x = inp[0]
+                    key = (x.data_ptr(), tuple(x.shape))
+                    first = seen.setdefault(key, (name, x))[0]   # holding x: its memory is not reused
+                    if first != name:
+                        alias[name] = first
+                        return
+                    x = x.reshape(-1, x.shape[-1]).float()
+                    Hs[name].addmm_(x.T, x)
                     counts[name] += x.shape[0]
                 handles.append(mod.register_forward_hook(hook))
             try:
                 if mods:
-                    _run_layer(layer, batches)
+                    for h, kw in batches:
+                        seen.clear()
+                        layer(h, **kw)
             finally:
                 for h in handles:
                     h.remove()
             for name, mod in mods.items():
-                prune_one(name, mod, (Hs[name] / max(1, counts[name])).float())
+                src = alias.get(name, name)
+                prune_one(name, mod, Hs[src] / max(1, counts[src]))
             outs = _run_layer(layer, batches)
             batches = [(o, kw) for o, (_, kw) in zip(outs, batches)]
             bar.set_postfix(err=f"{sum(per_layer[k]['rel_err'] or 0 for k in mods) / max(1, len(mods)):.3f}")
         for name in outside:       # lm_head (untied): inputs are the final norm of the pruned stack
             mod = targets[name]
-            H = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=device)
+            H = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=device)
             cnt = 0
             for h, _ in batches:
-                x = inner.norm(h).reshape(-1, h.shape[-1]).double()
-                H += x.T @ x
+                x = inner.norm(h).reshape(-1, h.shape[-1]).float()
+                H.addmm_(x.T, x)
                 cnt += x.shape[0]
             prune_one(name, mod, (H / max(1, cnt)).float())
 
