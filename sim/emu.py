@@ -313,6 +313,10 @@ class EmuDevice(MemoryDevice):
         return G.T[:, :, None].astype(np.float64)
 
     def _attn(self, ins, io, kv, w0, pos0, T) -> dict:
+        """The whole block at once, exactly as token-by-token processing would do it: every query sees
+        the keys kept before the block (a snapshot of the ring, so evictions by later tokens of the same
+        block do not hide keys an earlier token still sees) plus the block's own keys up to itself, under
+        the visibility rule j <= i and (j < S or j > i - W)."""
         a, kc, F = self._const(w0, ins.d, "attn")
         Hq, Hkv, hd, S, W, slots = a["heads"], a["kv_heads"], a["head_dim"], a["sink"], a["window"], a["slots"]
         vg = a["vgroup"]
@@ -321,70 +325,79 @@ class EmuDevice(MemoryDevice):
         if slots > self.hw.max_context or (S > 0 and slots != S + W) or slots < 1:
             raise Fault(regmap.STATUS_KV_REGION, f"KV slots {slots} (S={S}, W={W}) vs max_context={self.hw.max_context}")
         lam = bool(a["ring"])
+        if not lam:
+            S, W = 0, slots
         lay = mm.kv_layout(1, Hkv, hd, slots, vg)
         try:
             K = self._view(kv, a["k_off"], Hkv * slots * lay["k_slot"], "K region").reshape(Hkv, slots, lay["k_slot"])
             Vr = self._view(kv, a["v_off"], Hkv * slots * lay["v_slot"], "V region").reshape(Hkv, slots, lay["v_slot"])
         except Fault as f:
             raise Fault(regmap.STATUS_KV_REGION, str(f))
+        if not lam and pos0 + T > slots:
+            raise Fault(regmap.STATUS_POSITION, f"position {max(pos0, slots)} beyond the {slots}-slot cache")
         width = (Hq + 2 * Hkv) * hd
         qkv = self._x32(io, ins.b, T, width, "ATTN src").astype(np.int64)
-        out = np.zeros((T, Hq * hd), np.int64)
         grp = Hq // Hkv
         nb = hd // 2
-        for t in range(T):
-            i = pos0 + t
-            if not lam and i >= slots:
-                raise Fault(regmap.STATUS_POSITION, f"position {i} beyond the {slots}-slot cache")
-            q = qkv[t, :Hq * hd].reshape(Hq, hd)
-            k = qkv[t, Hq * hd:(Hq + Hkv) * hd].reshape(Hkv, hd)
-            v = qkv[t, (Hq + Hkv) * hd:].reshape(Hkv, hd)
-            C, Sn = nx.rope_cos_sin(np.array(i), F)
-            qr = nx.rope(q, C, Sn)
-            kr = nx.rope(k, C, Sn)
-            # KV append (4-bit) into the ring slot
-            kq = nx.key_quant(kr, kc["RK"], kc["KS"], kc["KZ"])
-            vq, vw = nx.value_quant(v, vg)
-            slot = i if (i < S or not lam) else S + (i - S) % W
-            K[:, slot, :] = (kq[:, 0::2] | (kq[:, 1::2] << 4)).astype(np.uint8)
-            Vr[:, slot, :nb] = (vq[:, 0::2] | (vq[:, 1::2] << 4)).astype(np.uint8)
-            Vr[:, slot, nb:] = vw.astype("<u4").view(np.uint8).reshape(Hkv, -1)
-            # visible positions: j <= i and (j < S or j > i - W)
-            if lam:
-                sinks = np.arange(min(S, i + 1))
-                win = np.arange(max(S, i - W + 1), i + 1)
-                sl = np.concatenate([sinks, S + (win - S) % W]).astype(np.int64)
-                ns = sinks.size
-            else:
-                sl = np.arange(i + 1)
-                ns = 0
-            qs = qr
-            if a["rope_mode"] == mm.ROPE_CACHE and ns and i > slots - 1:
-                Cc, Sc = nx.rope_cos_sin(np.array(slots - 1), F)
-                qs = nx.rope(q, Cc, Sc)
-            kb = K[:, sl, :]
-            kcodes = np.stack([kb & 15, kb >> 4], axis=-1).reshape(Hkv, sl.size, hd).astype(np.int64)
-            vb = Vr[:, sl, :]
-            vcodes = np.stack([vb[..., :nb] & 15, vb[..., :nb] >> 4], axis=-1).reshape(Hkv, sl.size, hd).astype(np.int64)
-            vwords = vb[..., nb:].copy().view("<u4").reshape(Hkv, sl.size, hd // vg).astype(np.int64)
-            vhat = nx.value_dequant(vcodes, vwords, vg)                          # [Hkv, n, hd]
-            for h in range(Hkv):
-                d = (kcodes[h] - kc["KZ"][h]).astype(np.float64)                  # |d| <= 15
-                hs = slice(h * grp, (h + 1) * grp)
-                qf = nx.rshift_round(qr[hs] * kc["KM"][h], 16)                    # |qf| < 2**31
-                sc = d @ qf.T.astype(np.float64)                                  # exact: < 2**31*15*256 < 2**43
-                if qs is not qr:
-                    qf2 = nx.rshift_round(qs[hs] * kc["KM"][h], 16)
-                    sc[:ns] = d[:ns] @ qf2.T.astype(np.float64)
-                s = nx.shift_sat32(sc.astype(np.int64).T, int(kc["KSH"][h]) - 16)  # [grp, n]
-                p = nx.softmax_q24(s)                                             # [grp, n], sum ~ 2**24
-                vh = vhat[h]
-                lo = (vh & 0xFFFF).astype(np.float64)
-                hi = (vh >> 16).astype(np.float64)
-                pf = p.astype(np.float64)
-                o = (pf @ hi).astype(np.int64) * 65536 + (pf @ lo).astype(np.int64)   # each < 2**41: exact
-                out[t, hs.start * hd:hs.stop * hd] = nx.sat(nx.rshift_round(o, 24), 32).reshape(-1)
-        codes, words = nx.act_quant(out)
+        pos = pos0 + np.arange(T, dtype=np.int64)
+        q = qkv[:, :Hq * hd].reshape(T, Hq, hd)
+        k = qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(T, Hkv, hd)
+        v = qkv[:, (Hq + Hkv) * hd:].reshape(T, Hkv, hd)
+        C, Sn = nx.rope_cos_sin(pos, F)                                   # [T, hd/2]
+        qr = nx.rope(q, C[:, None], Sn[:, None])
+        kr = nx.rope(k, C[:, None], Sn[:, None])
+        cache_rope = a["rope_mode"] == mm.ROPE_CACHE and lam
+        if cache_rope:
+            Cc, Sc = nx.rope_cos_sin(np.minimum(pos, slots - 1), F)
+            qs = nx.rope(q, Cc[:, None], Sc[:, None])
+        kq = nx.key_quant(kr, kc["RK"], kc["KS"], kc["KZ"])               # [T, Hkv, hd]
+        vq, vw = nx.value_quant(v, vg)                                    # [T, Hkv, hd], [T, Hkv, hd/vg]
+        # keys kept before the block: slot -> position
+        sl_all = np.arange(slots, dtype=np.int64)
+        if lam:
+            last = pos0 - 1
+            wpos = last - ((last - S) - (sl_all - S)) % W
+            opos = np.where(sl_all < S, sl_all, wpos)
+        else:
+            opos = sl_all
+        ovalid = (opos >= 0) & (opos < pos0) & ((sl_all < S) | (opos >= S))
+        oslots = sl_all[ovalid]
+        opos = opos[ovalid]
+        kb = K[:, oslots, :]
+        okc = np.stack([kb & 15, kb >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
+        vb = Vr[:, oslots, :]
+        ovc = np.stack([vb[..., :nb] & 15, vb[..., :nb] >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
+        ovw = vb[..., nb:].copy().view("<u4").reshape(Hkv, oslots.size, hd // vg).astype(np.int64)
+        # all candidate keys: old + the block's own
+        kpos = np.concatenate([opos, pos])
+        kcodes = np.concatenate([okc, kq.transpose(1, 0, 2)], axis=1)    # [Hkv, n, hd]
+        vhat = np.concatenate([nx.value_dequant(ovc, ovw, vg), nx.value_dequant(vq, vw, vg).transpose(1, 0, 2)], axis=1)
+        vis = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] < S) | (kpos[None, :] > pos[:, None] - W))   # [T, n]
+        sink_col = kpos < S
+        out = np.zeros((T, Hq, hd), np.int64)
+        for h in range(Hkv):
+            d = (kcodes[h] - kc["KZ"][h]).astype(np.float64)               # [n, hd], |d| <= 15
+            hs = slice(h * grp, (h + 1) * grp)
+            qf = nx.rshift_round(qr[:, hs] * kc["KM"][h], 16)               # [T, grp, hd], |qf| < 2**31
+            sc = qf.astype(np.float64) @ d.T                                # [T, grp, n] exact (< 2**43)
+            if cache_rope and sink_col.any():
+                qf2 = nx.rshift_round(qs[:, hs] * kc["KM"][h], 16)
+                sc2 = qf2.astype(np.float64) @ d[sink_col].T
+                sc[:, :, sink_col] = sc2
+            s_ = nx.shift_sat32(sc.astype(np.int64), int(kc["KSH"][h]) - 16)
+            p_ = nx.softmax_q24(s_, np.broadcast_to(vis[:, None, :], s_.shape))   # [T, grp, n] Q8.24
+            vh = vhat[h]
+            lo = (vh & 0xFFFF).astype(np.float64)
+            hi = (vh >> 16).astype(np.float64)
+            pf = p_.astype(np.float64)
+            o = (pf @ hi).astype(np.int64) * 65536 + (pf @ lo).astype(np.int64)   # each < 2**41: exact
+            out[:, hs] = nx.sat(nx.rshift_round(o, 24), 32)
+        # append the block to the ring (in order; a later token overwrites an earlier one's slot)
+        slot = np.where((pos < S) | (not lam), pos, S + (pos - S) % W)
+        K[:, slot, :] = (kq[..., 0::2] | (kq[..., 1::2] << 4)).astype(np.uint8).transpose(1, 0, 2)
+        Vr[:, slot, :nb] = (vq[..., 0::2] | (vq[..., 1::2] << 4)).astype(np.uint8).transpose(1, 0, 2)
+        Vr[:, slot, nb:] = vw.astype("<u4").view(np.uint8).reshape(T, Hkv, -1).transpose(1, 0, 2)
+        codes, words = nx.act_quant(out.reshape(T, Hq * hd))
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,
                     slots=slots, vgroup=vg)

@@ -190,6 +190,14 @@ def test_emu_bit_exact_vs_reference_through_window_wrap(tmp_path, sparse, bits):
     got = np.concatenate(got)
     assert np.array_equal(got, ref), np.abs(got - ref).max()
     assert h.dev.cycles() > 0
+    # the same tokens as prefill blocks whose appends wrap the ring inside a block (positions 8..13, S+W=10)
+    h = Host(tmp_path, hw)
+    got = []
+    for blk in (ids[:8], ids[8:14]):
+        code, _, lg = h.run(blk, flags=isa.RF_LOGITS, entry="prefill")
+        assert code == 0
+        got.append(lg)
+    assert np.array_equal(np.concatenate(got), ref)
 
 
 def test_argmax_and_skip(tmp_path):
