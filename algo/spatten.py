@@ -180,3 +180,70 @@ def uninstall(model) -> None:
     for layer in model.model.layers:
         if hasattr(layer.self_attn, "accllm_spatten"):
             del layer.self_attn.accllm_spatten
+
+
+# --------------------------------------------------------------------------------------------
+# perplexity vs keep-ratio curve from `accllm eval --json` results
+# --------------------------------------------------------------------------------------------
+def plot_keep_curve(results: list[dict], path: str, title: str = "SpAtten token pruning") -> list[tuple]:
+    """Plot stream perplexity and KV reads saved against token_keep (one point per result);
+    returns the (token_keep, ppl, kv_reads_saved) rows, sorted by keep ratio."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .common import atomic_write_bytes
+    rows = []
+    for r in results:
+        keep = r["recipe"]["token_keep"]
+        keep = keep[r["recipe"]["spatten_start_layer"]] if isinstance(keep, list) else keep
+        rows.append((float(keep), float(r["ppl"]), float(r.get("kv", {}).get("kv_reads_saved", 0.0))))
+    if not rows:
+        raise AccllmError("no results to plot")
+    rows.sort()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label="perplexity")
+    ax.set_xlabel("token keep ratio per layer")
+    ax.set_ylabel("perplexity (stream)")
+    ax2 = ax.twinx()
+    ax2.plot([r[0] for r in rows], [100 * r[2] for r in rows], marker="s", color="tab:orange",
+             label="KV reads saved (%)")
+    ax2.set_ylabel("KV reads saved (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88), fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog="python -m algo.spatten",
+                                description="Plot perplexity vs token keep ratio from `accllm eval --stream --json` "
+                                            "outputs of SpAtten recipes (one file per keep ratio).")
+    p.add_argument("results", nargs="+", help="JSON files written by accllm eval --json")
+    p.add_argument("--plot", required=True, metavar="PNG")
+    args = p.parse_args(argv)
+    res = []
+    for f in args.results:
+        try:
+            with open(f) as fh:
+                res.append(json.load(fh))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {f}: {e}")
+    rows = plot_keep_curve(res, args.plot)
+    print("  token_keep  ppl        KV reads saved")
+    for k, ppl, saved in rows:
+        print(f"  {k:<10}  {ppl:<9.3f}  {100 * saved:.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -342,3 +342,12 @@ def test_cli_lambda_stream_json_and_plot(tmp_path):
     out = json.loads(r.stdout)
     assert [b["end"] for b in out["blocks"]] == [128, 256, 384, 512, 600]
     assert out["kv"]["kv_tokens_peak"] == 68 and png.stat().st_size > 1000
+
+
+def test_spatten_keep_curve_plot(tmp_path):
+    from algo.spatten import plot_keep_curve
+    res = [{"recipe": {"token_keep": k, "spatten_start_layer": 0}, "ppl": p, "kv": {"kv_reads_saved": s}}
+           for k, p, s in [(0.5, 12.0, 0.3), (1.0, 10.0, 0.0), ([0.25, 0.25], 20.0, 0.5)]]
+    rows = plot_keep_curve(res, str(tmp_path / "c.png"))
+    assert rows == [(0.25, 20.0, 0.5), (0.5, 12.0, 0.3), (1.0, 10.0, 0.0)]
+    assert (tmp_path / "c.png").stat().st_size > 1000
