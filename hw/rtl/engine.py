@@ -152,8 +152,9 @@ class MatrixEngine(wiring.Component):
         for p in range(P):
             ws = getattr(self, f"w{p}")
             acc_beat = Signal(name=f"acc_beat{p}")
-            m.d.comb += [acc_beat.eq(running & ws.valid & (cnts[p] <= Wb)), ws.ready.eq(acc_beat)]
             used = Mux(step, n, 0)
+            # take a beat whenever it fits after this cycle's consumption (full rate at W/8 B per step)
+            m.d.comb += [acc_beat.eq(running & ws.valid & (cnts[p] - used <= Wb)), ws.ready.eq(acc_beat)]
             shifted = Signal(2 * W, name=f"gbs{p}")
             m.d.comb += shifted.eq(bufs[p] >> (used << 3))
             left = Signal(range(Wb + 1), name=f"gbl{p}")
@@ -165,7 +166,7 @@ class MatrixEngine(wiring.Component):
                 m.d.sync += [bufs[p].eq(shifted), cnts[p].eq(cnts[p] - used)]
             with m.If(self.start):
                 m.d.sync += cnts[p].eq(0)
-        with m.If(running & self.w0.valid & (cnts[0] <= Wb)):
+        with m.If(self.w0.valid & self.w0.ready):
             m.d.sync += self.consumed.eq(self.consumed + 1)
 
         # section sequencing
@@ -359,5 +360,5 @@ class MatrixEngine(wiring.Component):
             with m.Else():
                 m.d.sync += wsel.eq(wsel + 1)
 
-        m.d.comb += self.busy.eq(running | v1 | v2 | v3 | v4 | q.r_rdy | (inflight_last != 0))
+        m.d.comb += self.busy.eq(running | v1 | v2 | v3 | v4 | q.r_rdy | (q.w_level != 0) | (inflight_last != 0))
         return m
