@@ -1,4 +1,8 @@
-"""``accllm bench BACKEND``: benchmark a device backend (``emu`` here; the RTL helper adds ``rtl``)."""
+"""``accllm bench BACKEND``: benchmark a device backend (``emu`` here; the RTL helper adds ``rtl``).
+
+Adding a backend: put ``"rtl": "module:function"`` into BACKENDS (function(args) -> dict, printed as
+JSON with --json) and, if it needs options of its own, add them in ``add_arguments`` (they are shared
+by every backend, so give them backend-neutral names or document which backend reads them)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +21,7 @@ BACKENDS: dict[str, str] = {"emu": "host.cmd_bench:_bench_emu"}   # backend -> "
 
 
 def add_arguments(p) -> None:
-    p.add_argument("backend", help="backend to benchmark: emu" + " | rtl" * 0)
+    p.add_argument("backend", help="backend to benchmark: " + " | ".join(BACKENDS))
     p.add_argument("--model", default="smollm2-135m", help="model (default smollm2-135m)")
     p.add_argument("--recipe", default="accllm", help="recipe for the cached package (default accllm)")
     p.add_argument("--hw", default="sim-small", help="hardware configuration (default sim-small)")
