@@ -201,8 +201,17 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     bar.update(1)
     bar.close()
 
+    # ---- KV cache: striped over the weight ports (KV head h on port h % P), same offsets on every port,
+    # so the S + W slots of all heads stream from all pseudo-channels in parallel -----------------------
+    hpp = -(-Hkv // P)
+    kv = mm.kv_layout(L, hpp, hd, slots, vgroup)
+    kv_base = lock.top
+    for lay_ in kv["layers"]:
+        lay_["k_off"] += kv_base
+        lay_["v_off"] += kv_base
+
     # ---- constants on port 0 ---------------------------------------------------------------------
-    const = _Area(lock.top)
+    const = _Area(kv_base + kv["total"])
     c_chunks: list[tuple[int, bytes]] = []
 
     def cput(name: str, data: bytes) -> int:
@@ -217,7 +226,6 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
 
     inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     rope_off = cput("rope", np.asarray(nx.rope_freq_words(inv_freq), "<u4").tobytes())
-    kv = mm.kv_layout(L, Hkv, hd, slots, vgroup)
     kcl = mm.kconst_layout(Hkv, hd)
     for i in range(L):
         pre = f"model.layers.{i}"
@@ -302,13 +310,16 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     for p in range(P):
         end = lock.top if p else const.top
         img = bytearray(mm.align(max(end, 64)))
+        if p:
+            img = img[:kv_base]             # the KV area of ports > 0 is not part of the file (zeroed buffer)
         for a, data in port_chunks[p]:
             img[a:a + len(data)] = data
         if p == 0:
             for a, data in c_chunks:
                 img[a:a + len(data)] = data
         atomic_write_bytes(out / f"hbm_w{p}.bin", bytes(img))
-        files[f"weights{p}"] = dict(port=f"m_axi_w{p}", bank=p % 32, size=len(img), file=f"hbm_w{p}.bin", file_offset=0)
+        files[f"weights{p}"] = dict(port=f"m_axi_w{p}", bank=p % 32, size=max(len(img), kv_base + kv["total"]),
+                                    file=f"hbm_w{p}.bin", file_offset=0)
     atomic_write_bytes(out / "program.bin", prog)
     listing = isa.disassemble(prog, labels=labels, comments=comments)
     atomic_write_text(out / "program.lst", f"; accllm program for {hw.name} ({len(words)} words)\n" + listing + "\n")
@@ -319,7 +330,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         "buffers": {
             "program": dict(port="m_axi_ctrl", bank=0, size=mm.align(len(prog)), file="program.bin", file_offset=0),
             "io": dict(port="m_axi_ctrl", bank=0, size=io.top),
-            "kv": dict(port="m_axi_ctrl", bank=1, size=kv["total"]),
+            "kv": dict(port="m_axi_ctrl", bank=1, size=mm.ALIGN),      # reserved in v1: KV lives in weights<p>
             **files,
         },
         "entries": {"decode": entries["decode"],
@@ -337,7 +348,10 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         "vocab_size": V,
         "eos_token_id": eos[0] if isinstance(eos, list) else eos,
         "kv": dict(layers=L, kv_heads=Hkv, head_dim=hd, slots=slots, vgroup=vgroup, k_slot_bytes=kv["k_slot"],
-                   v_slot_bytes=kv["v_slot"], bytes_per_layer=kv["per_layer"]),
+                   v_slot_bytes=kv["v_slot"], placement="striped over the weight buffers: KV head h in weights<h % P> "
+                   "at local head index h // P; per port and layer a K area [heads_per_port][slots][k_slot] then a V "
+                   "area [heads_per_port][slots][v_slot], at the attention descriptor's k_off / v_off",
+                   base=kv_base, heads_per_port=hpp, bytes_per_port=kv["total"], bytes_per_layer_per_port=kv["per_layer"]),
         "model": dict(hidden=H, intermediate=I, layers=L, heads=Hq, kv_heads=Hkv, head_dim=hd, vocab=V),
         "descriptors": descs,
         "flags": {"logits_all_rows": isa.RF_LOGITS, "argmax_last": isa.RF_ARGMAX},
@@ -346,7 +360,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     atomic_write_text(out / "memmap.json", json.dumps(memmap, indent=1))
     return {"hw": hw.to_dict(),
             "program": {"words": len(words), "entries": entries, "weight_bytes_per_port": [f["size"] for f in files.values()],
-                        "kv_bytes": kv["total"], "io_bytes": io.top, "isa_version": 1}}
+                        "kv_bytes_per_port": kv["total"], "io_bytes": io.top, "isa_version": 1}}
 
 
 def program_files() -> list[str]:

@@ -15,8 +15,9 @@ Per instruction, from the hardware parameters (hw/config.py):
 * SFU: ``sfu_lanes`` (= mac_lanes) elements per cycle per pass; RMSNorm 2 passes, SiLU x gate 1,
   quantize 2 (max, then scale); + 32 cycles per reciprocal/isqrt.
 * attention: per token, per KV head, the kept S + W slots stream from HBM (K and V, 4-bit + group
-  words) over the control port(s) — modelled at the same per-port rate over ``kv_ports`` ports — and the
-  score / P x V work runs on the MAC array at one slot per row per cycle; softmax 2 passes.
+  words). The KV cache is striped over the weight ports (KV head h on port h % P), so the stream runs
+  at min(kv_heads, P) / P of the weight rate; the score / P x V work runs on the MAC array at one slot
+  per row per cycle; softmax 2 passes.
 * lm_head: like any linear layer (8-bit); embedding gather: one row.
 """
 from __future__ import annotations
@@ -94,7 +95,9 @@ class CycleModel:
         row, mac_lanes channels per cycle), softmax 2 passes, one reciprocal per head, RoPE."""
         hw = self.hw
         nbytes = self.kv_bytes_per_token(kv_heads, head_dim, kept, vgroup)
-        stream = self.stream_cycles(nbytes) - hw.hbm_latency_cycles
+        # KV head h lives on weight port h % P: only min(kv_heads, P) pseudo-channels carry the KV stream
+        share = min(kv_heads, hw.weight_ports) / hw.weight_ports
+        stream = (self.stream_cycles(nbytes) - hw.hbm_latency_cycles) / share
         work = heads * (2 * math.ceil(kept / hw.mac_rows) * math.ceil(head_dim / hw.mac_lanes)
                         + 2 * math.ceil(kept / hw.mac_lanes) + RECIP_CYCLES)
         rope = 2 * math.ceil((heads + kv_heads) * head_dim / hw.mac_lanes)

@@ -239,7 +239,7 @@ class EmuDevice(MemoryDevice):
         if op == isa.MATMUL:
             return self._matmul(ins, io, wbufs, T, flags)
         if op == isa.ATTN:
-            return self._attn(ins, io, kv, wbufs[0], pos0, T)
+            return self._attn(ins, io, wbufs, pos0, T)
         if op == isa.ARGMAX:
             if not flags & isa.RF_ARGMAX:
                 return dict(kind="skip")
@@ -312,12 +312,12 @@ class EmuDevice(MemoryDevice):
             G -= z * x8[0].astype(np.int64).reshape(ng, g).sum(-1)[None, :]
         return G.T[:, :, None].astype(np.float64)
 
-    def _attn(self, ins, io, kv, w0, pos0, T) -> dict:
+    def _attn(self, ins, io, wbufs, pos0, T) -> dict:
         """The whole block at once, exactly as token-by-token processing would do it: every query sees
         the keys kept before the block (a snapshot of the ring, so evictions by later tokens of the same
         block do not hide keys an earlier token still sees) plus the block's own keys up to itself, under
         the visibility rule j <= i and (j < S or j > i - W)."""
-        a, kc, F = self._const(w0, ins.d, "attn")
+        a, kc, F = self._const(wbufs[0], ins.d, "attn")
         Hq, Hkv, hd, S, W, slots = a["heads"], a["kv_heads"], a["head_dim"], a["sink"], a["window"], a["slots"]
         vg = a["vgroup"]
         if Hq % Hkv or hd % 2 or vg == 0 or hd % vg or Hq * hd > self.hw.max_hidden:
@@ -327,10 +327,13 @@ class EmuDevice(MemoryDevice):
         lam = bool(a["ring"])
         if not lam:
             S, W = 0, slots
-        lay = mm.kv_layout(1, Hkv, hd, slots, vg)
-        try:
-            K = self._view(kv, a["k_off"], Hkv * slots * lay["k_slot"], "K region").reshape(Hkv, slots, lay["k_slot"])
-            Vr = self._view(kv, a["v_off"], Hkv * slots * lay["v_slot"], "V region").reshape(Hkv, slots, lay["v_slot"])
+        P = len(wbufs)
+        lay = mm.kv_layout(1, -(-Hkv // P), hd, slots, vg)
+        try:      # KV head h lives in weights<h % P> at local index h // P (hw/compiler.py, memmap.json "kv")
+            Kh = [self._view(wbufs[h % P], a["k_off"] + (h // P) * slots * lay["k_slot"], slots * lay["k_slot"],
+                             "K region").reshape(slots, lay["k_slot"]) for h in range(Hkv)]
+            Vh = [self._view(wbufs[h % P], a["v_off"] + (h // P) * slots * lay["v_slot"], slots * lay["v_slot"],
+                             "V region").reshape(slots, lay["v_slot"]) for h in range(Hkv)]
         except Fault as f:
             raise Fault(regmap.STATUS_KV_REGION, str(f))
         if not lam and pos0 + T > slots:
@@ -363,9 +366,9 @@ class EmuDevice(MemoryDevice):
         ovalid = (opos >= 0) & (opos < pos0) & ((sl_all < S) | (opos >= S))
         oslots = sl_all[ovalid]
         opos = opos[ovalid]
-        kb = K[:, oslots, :]
+        kb = np.stack([k_[oslots] for k_ in Kh])
         okc = np.stack([kb & 15, kb >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
-        vb = Vr[:, oslots, :]
+        vb = np.stack([v_[oslots] for v_ in Vh])
         ovc = np.stack([vb[..., :nb] & 15, vb[..., :nb] >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
         ovw = vb[..., nb:].copy().view("<u4").reshape(Hkv, oslots.size, hd // vg).astype(np.int64)
         # all candidate keys: old + the block's own
@@ -394,9 +397,13 @@ class EmuDevice(MemoryDevice):
             out[:, hs] = nx.sat(nx.rshift_round(o, 24), 32)
         # append the block to the ring (in order; a later token overwrites an earlier one's slot)
         slot = np.where((pos < S) | (not lam), pos, S + (pos - S) % W)
-        K[:, slot, :] = (kq[..., 0::2] | (kq[..., 1::2] << 4)).astype(np.uint8).transpose(1, 0, 2)
-        Vr[:, slot, :nb] = (vq[..., 0::2] | (vq[..., 1::2] << 4)).astype(np.uint8).transpose(1, 0, 2)
-        Vr[:, slot, nb:] = vw.astype("<u4").view(np.uint8).reshape(T, Hkv, -1).transpose(1, 0, 2)
+        kpk = (kq[..., 0::2] | (kq[..., 1::2] << 4)).astype(np.uint8)              # [T, Hkv, hd/2]
+        vpk = (vq[..., 0::2] | (vq[..., 1::2] << 4)).astype(np.uint8)
+        vwb = vw.astype("<u4").view(np.uint8).reshape(T, Hkv, -1)
+        for h in range(Hkv):
+            Kh[h][slot, :] = kpk[:, h]
+            Vh[h][slot, :nb] = vpk[:, h]
+            Vh[h][slot, nb:] = vwb[:, h]
         codes, words = nx.act_quant(out.reshape(T, Hq * hd))
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,

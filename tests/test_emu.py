@@ -272,7 +272,7 @@ def test_kv_region_too_small(tmp_path):
     # point layer 1's attention descriptor at a V area past the KV buffer
     off = h.m["descriptors"]["model.layers.1.attn"]
     hdr = mm.parse_attn_header(h.buf["weights0"].read(64, off))
-    hdr["v_off"] = h.buf["kv"].size
+    hdr["v_off"] = h.buf["weights1"].size - 64          # V area of KV head 1 (port 1) runs past its buffer
     hdr.pop("magic")
     h.buf["weights0"].upload(np.frombuffer(mm.pack_attn_header(**hdr), np.uint8), off)
     code, idx, _ = h.run([5])
