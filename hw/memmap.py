@@ -6,11 +6,12 @@ Buffers (one per pointer argument of hw/regmap.py):
   prefill program per length bucket. The runtime sets ``entry`` (first instruction index) and
   ``program_len`` (index one past the program's END).
 * ``io``       (m_axi_ctrl, bank 0): token ids in, logits / argmax out, activation scratch.
-* ``kv``       (m_axi_ctrl, bank 1): the KV cache (see :func:`kv_layout`), zero-initialised.
+* ``kv``       (m_axi_ctrl, bank 1): reserved in v1 (64 bytes); the KV cache is in the weight buffers.
 * ``weights<p>`` (m_axi_w<p>, bank p): file ``hbm_w<p>.bin``. Every port holds the same layout
   ("lockstep" area: for every linear layer / the embedding a 64-byte descriptor and the port's slice of
-  rows, at the same offset on every port) followed, on port 0 only, by the constants area (RMSNorm
-  gammas, attention descriptors, RoPE tables, KV-quantization constants).
+  rows, at the same offset on every port), then the port's stripe of the KV cache (KV head h on port
+  h % P, zero-initialised, :func:`kv_layout` per port), then, on port 0 only, the constants area
+  (RMSNorm gammas, attention descriptors, RoPE frequency words, KV-quantization constants).
 
 All offsets in instructions and descriptors are byte offsets relative to the start of the buffer the
 operand lives in; every region is 64-byte aligned (one 512-bit beat).
