@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("disasm", "host.cmd_disasm", "disassemble an accelerator program.bin into a readable listing"),
     ("perf", "host.cmd_perf", "cycle-model projection: bytes/token, decode/prefill tokens/s, HBM roofline (+ PNG)"),
     ("bench", "host.cmd_bench", "benchmark a backend (emu: functional-model decode speed)"),
+    ("build-rtl", "host.cmd_build_rtl", "export the accelerator RTL: Verilog, kernel.xml, regmap.json (+ yosys resources)"),
 ]
 
 

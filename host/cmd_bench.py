@@ -17,7 +17,8 @@ hardware configuration (cached in the accllm cache, keyed by model, recipe and c
 --package DIR), prefills a prompt, then times --tokens decode steps."""
 EPILOG = "example: accllm bench emu --model smollm2-135m --json"
 
-BACKENDS: dict[str, str] = {"emu": "host.cmd_bench:_bench_emu"}   # backend -> "module:function(args)->dict"
+BACKENDS: dict[str, str] = {"emu": "host.cmd_bench:_bench_emu",   # backend -> "module:function(args)->dict"
+                            "rtl": "hw.build_rtl:bench_rtl"}       # reads --hw (RTL kernel on Verilator)
 
 
 def add_arguments(p) -> None:

