@@ -27,8 +27,13 @@ LIMITS = {"LUT": 0.70, "FF": 1.0, "DSP": 0.80, "BRAM": 0.80, "URAM": 0.80}
 
 
 def design_hash(cfg: HWConfig, extra: str = "") -> str:
+    """Hash of the RTL modules the kernel is built from (those hw.rtl.kernel imports, so a unit
+    registered in UNITS counts once it is imported there) plus the contracts and the config."""
+    import hw.rtl.kernel  # noqa: F401
+    mods = sorted({Path(m.__file__) for name, m in list(sys.modules.items())
+                   if name.startswith("hw.rtl") and getattr(m, "__file__", None)})
     h = hashlib.sha256()
-    for p in sorted((ROOT / "rtl").glob("*.py")) + [ROOT / n for n in ("isa.py", "memmap.py", "regmap.py", "config.py")]:
+    for p in mods + [ROOT / n for n in ("isa.py", "memmap.py", "regmap.py", "config.py")]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     h.update(cfg.to_json().encode())

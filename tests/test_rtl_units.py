@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from hw.build_rtl import cached_verilog
 from hw.config import load_hw
 from hw.rtl.tops import ControlTop, DmaTop, to_verilog
 from sim.toolchain import run_cocotb
@@ -12,8 +13,7 @@ TB = Path(__file__).resolve().parents[1] / "sim" / "tb"
 
 
 def _run(tmp_path, simulator, top, name, unit, env=None, testcase=None):
-    v = tmp_path / f"{name}.v"
-    v.write_text(to_verilog(top, name))
+    v = cached_verilog(name, load_hw("sim-small"), lambda: to_verilog(top, name))
     metrics = tmp_path / "metrics.json"
     env = dict(env or {}, RTL_METRICS=str(metrics))
     run_cocotb(simulator=simulator, toplevel=name, sources=[v], test_module=f"test_{unit}", test_dir=TB / unit,
