@@ -174,3 +174,16 @@ def test_linear_pack_roundtrip(sparse, bits, scale_bits):
 
 def test_memmap_strides():
     assert mm.stride32(576) == 2304 and mm.stride8(576) == 64 + 576 and mm.stride8(100) == 64 + 128
+
+
+def test_disasm_cli(tmp_path, capsys):
+    from host.cli import main
+    prog = isa.encode_program([isa.Instr(isa.EMBED, a=64, b=0, c=8, d=0), isa.Instr(isa.END)])
+    (tmp_path / "program.bin").write_bytes(prog)
+    assert main(["disasm", str(tmp_path / "program.bin")]) == 0
+    out = capsys.readouterr().out
+    assert "embed" in out and "end" in out
+    (tmp_path / "t.bin").write_bytes(prog[:20])
+    assert main(["disasm", str(tmp_path / "t.bin")]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert main(["bench", "nosuchbackend"]) == 2
