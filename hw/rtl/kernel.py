@@ -134,6 +134,17 @@ class MatmulUnit(wiring.Component):
         m.d.comb += [eng.bits_sel.eq(lg_b - 1), eng.sparse.eq(sparse[0]), eng.lg_group.eq(lg_g), eng.k.eq(K),
                      eng.rows.eq(R)]
 
+        started = Signal()
+
+        def issue_weights():
+            # the weight streams start while the activations load (their latency overlaps)
+            for p in range(P):
+                cmd = getattr(self, f"w_cmd{p}")
+                m.d.comb += [cmd.valid.eq(~issued[p]), cmd.payload.addr.eq(getattr(self, f"weights{p}") + d + 64),
+                             cmd.payload.beats.eq(w_beats)]
+                with m.If(cmd.valid & cmd.ready):
+                    m.d.sync += issued[p].eq(1)
+
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
@@ -166,15 +177,17 @@ class MatmulUnit(wiring.Component):
                     m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
                     m.next = "DONE"
                 with m.Else():
-                    m.d.sync += [src_off.eq(b + t * stride8), dst_off.eq(a + t * stride32)]
+                    m.d.sync += [src_off.eq(b + t * stride8), dst_off.eq(a + t * stride32), issued.eq(0)]
                     m.next = "XLOAD"
             with m.State("XLOAD"):
+                issue_weights()
                 m.d.comb += [self.rd_cmd.valid.eq(1), self.rd_cmd.payload.addr.eq(self.io + src_off),
                              self.rd_cmd.payload.beats.eq(stride8 >> lgWb)]
                 with m.If(self.rd_cmd.ready):
                     m.d.sync += xb.eq(0)
                     m.next = "XRX"
             with m.State("XRX"):
+                issue_weights()
                 m.d.comb += [self.rd_data.ready.eq(1), eng.x_data.eq(self.rd_data.payload),
                              eng.x_addr.eq(xb - 64 // Wb), eng.x_we.eq(self.rd_data.valid & (xb >= 64 // Wb))]
                 with m.If(self.rd_data.valid):
@@ -182,18 +195,13 @@ class MatmulUnit(wiring.Component):
                     with m.If(xb == 0):
                         m.d.sync += [eng.ma.eq(self.rd_data.payload[0:16]), eng.ea.eq(self.rd_data.payload[16:24])]
                     with m.If(xb == (stride8 >> lgWb) - 1):
-                        m.d.sync += issued.eq(0)
+                        m.d.sync += started.eq(0)
                         m.next = "RUN"
             with m.State("RUN"):
-                m.d.comb += eng.start.eq(issued == 0)
-                for p in range(P):
-                    cmd = getattr(self, f"w_cmd{p}")
-                    m.d.comb += [cmd.valid.eq(~issued[p]), cmd.payload.addr.eq(getattr(self, f"weights{p}") + d + 64),
-                                 cmd.payload.beats.eq(w_beats)]
-                    with m.If(cmd.valid & cmd.ready):
-                        m.d.sync += issued[p].eq(1)
-                m.d.sync += issued[P].eq(1)
-                with m.If(issued[P] & (issued[:P] == (1 << P) - 1) & ~eng.busy):
+                issue_weights()
+                m.d.comb += eng.start.eq(~started)
+                m.d.sync += started.eq(1)
+                with m.If(started & (issued[:P] == (1 << P) - 1) & ~eng.busy):
                     m.d.sync += [qi.eq(0), qo.eq(0), dv.eq(0), acc_mode.eq(fl[0]), issued.eq(0)]
                     m.next = "WB"
             with m.State("WB"):
@@ -232,7 +240,8 @@ class MatmulUnit(wiring.Component):
                     with m.If(t + 1 >= t_end):
                         m.next = "DONE"
                     with m.Else():
-                        m.d.sync += [t.eq(t + 1), src_off.eq(src_off + stride8), dst_off.eq(dst_off + stride32)]
+                        m.d.sync += [t.eq(t + 1), src_off.eq(src_off + stride8), dst_off.eq(dst_off + stride32),
+                                     issued.eq(0)]
                         m.next = "XLOAD"
             with m.State("DONE"):
                 m.d.comb += self.done.eq(1)
