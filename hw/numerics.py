@@ -39,6 +39,11 @@ def sat(x, bits: int) -> np.ndarray:
 def rshift_round(x, s) -> np.ndarray:
     """Round-half-up arithmetic shift right by *s* (array or scalar, s >= 0; s == 0 is identity)."""
     x = np.asarray(x, dtype=np.int64)
+    if isinstance(s, (int, np.integer)):
+        s = int(s)
+        if s < 0:
+            raise ValueError("rshift_round needs s >= 0")
+        return x >> 0 if s == 0 else (x + (1 << (s - 1))) >> s
     s = np.asarray(s, dtype=np.int64)
     if np.any(s < 0):
         raise ValueError("rshift_round needs s >= 0")
@@ -301,14 +306,39 @@ def argmax_first(logits) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # RoPE
 # --------------------------------------------------------------------------------------------------
-def rope_tables(inv_freq, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Compiler side (float64): C[p, i] = round(cos(p * inv_freq[i]) * 2**30), S likewise (int32 Q2.30)."""
-    ang = np.arange(rows, dtype=np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
-    return np.floor(np.cos(ang) * 2.0 ** 30 + 0.5).astype(np.int64), np.floor(np.sin(ang) * 2.0 ** 30 + 0.5).astype(np.int64)
+# sine ROM: SIN_LUT[i] = round(sin(2*pi*i/4096) * 2**30), i = 0..4096 (4097 entries, Q2.30)
+SIN_LUT = np.floor(np.sin(2 * np.pi * np.arange(4097) / 4096.0) * 2.0 ** 30 + 0.5).astype(np.int64)
+
+
+def rope_freq_words(inv_freq) -> np.ndarray:
+    """Compiler side (float64): phase increment per position of each rotary pair, in turns * 2**32:
+    F[i] = round(inv_freq[i] * 2**32 / (2*pi)) (uint32). Positions are not bounded by a table: the
+    phase of position p is (p * F) mod 2**32, like a DDS."""
+    f = np.floor(np.asarray(inv_freq, np.float64) * 2.0 ** 32 / (2 * np.pi) + 0.5)
+    if np.any(f >= 2.0 ** 32) or np.any(f < 0):
+        raise AccllmError("RoPE frequency out of range")
+    return f.astype(np.int64)
+
+
+def _sin_phase(ph) -> np.ndarray:
+    ph = np.asarray(ph, np.int64)
+    idx = ph >> 20
+    rem = ph & 0xFFFFF
+    lo = SIN_LUT[idx]
+    return lo + rshift_round((SIN_LUT[idx + 1] - lo) * rem, 20)
+
+
+def rope_cos_sin(pos, F) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (Q2.30) of positions pos [...] for frequency words F [hd/2] -> [..., hd/2].
+    phase = (pos * F) mod 2**32; sin by SIN_LUT[phase >> 20] + linear interpolation over the 20 low
+    bits (round half up); cos(phase) = sin(phase + 2**30)."""
+    p = np.asarray(pos, np.uint64)[..., None]
+    ph = ((p * np.asarray(F, np.uint64)) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return _sin_phase((ph + (1 << 30)) & 0xFFFFFFFF), _sin_phase(ph)
 
 
 def rope(x, C, S) -> np.ndarray:
-    """Rotate X32 [..., hd] (HF rotate_half pairs i, i + hd/2) by table rows C, S [..., hd/2] (Q2.30):
+    """Rotate X32 [..., hd] (HF rotate_half pairs i, i + hd/2) by C, S [..., hd/2] (Q2.30):
     y1 = round((x1*C - x2*S) / 2**30), y2 = round((x2*C + x1*S) / 2**30), saturated to int32."""
     x = np.asarray(x, np.int64)
     h = x.shape[-1] // 2
