@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import AccllmError
-from .topk import topk_torch
+from .topk import topk_numpy
 
 
 @dataclass
@@ -136,7 +136,7 @@ class SpattenState:
                 alive = self.pruned_at[cand] > li
                 if int(alive.sum()) > k:
                     idx = alive.nonzero().flatten()
-                    keep = topk_torch(cum[li, idx].float().cpu(), k).to(idx.device)
+                    keep = torch.from_numpy(topk_numpy(cum[li, idx].float().cpu().numpy(), k)).to(idx.device)
                     drop = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
                     drop[keep] = False
                     self.pruned_at[cand[idx[drop]]] = li
@@ -144,7 +144,7 @@ class SpattenState:
             halive = self.head_pruned_at > li
             if int(halive.sum()) > kh:
                 idx = halive.nonzero().flatten()
-                keep = topk_torch(hcum[li, idx].float().cpu(), kh).to(idx.device)
+                keep = torch.from_numpy(topk_numpy(hcum[li, idx].float().cpu().numpy(), kh)).to(idx.device)
                 drop = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
                 drop[keep] = False
                 self.head_pruned_at[idx[drop]] = li
