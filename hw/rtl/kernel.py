@@ -251,6 +251,8 @@ class MatmulUnit(wiring.Component):
 
 # opcode -> unit class; issue 7 registers the SFU, attention/KV and top-k units here
 UNITS: dict[int, type] = {isa.MATMUL: MatmulUnit}
+from .units import UNITS as _ROW_UNITS  # noqa: E402  (issue 7: EMBED, RMSNORM, QUANT, SILUMUL, ADD, ARGMAX)
+UNITS.update(_ROW_UNITS)
 
 
 class Kernel(wiring.Component):
