@@ -87,7 +87,7 @@ class MatrixEngine(wiring.Component):
         super().__init__({
             **{f"w{p}": In(stream.Signature(data_w)) for p in range(ports)},
             "start": In(1), "busy": Out(1),
-            "bits_sel": In(2), "sparse": In(1), "lg_group": In(5), "k": In(32), "rows": In(32),
+            "bits_sel": In(2), "sparse": In(1), "lg_group": In(5), "scale8": In(1), "k": In(32), "rows": In(32),
             "ma": In(16), "ea": In(8),
             "x_we": In(1), "x_addr": In(range(max(2, 4 * self.x_rows))), "x_data": In(data_w),
             "o_raddr": In(range(max(2, self.o_rows))), "o_ren": In(1), "o_rdata": Out(data_w),
@@ -112,6 +112,7 @@ class MatrixEngine(wiring.Component):
 
         # ---- run parameters (latched at start)
         bits_sel, sparse, lg_g, lg_b = Signal(2), Signal(), Signal(5), Signal(2)
+        scale8 = Signal()                      # 8-bit scale mantissas (1 byte per group) instead of 16
         K, rows = Signal(32), Signal(32)
         ma, ea = Signal(16), Signal(8)
         lg_c = Signal(4)                       # log2 columns per code step
@@ -124,7 +125,8 @@ class MatrixEngine(wiring.Component):
             m.d.sync += [bits_sel.eq(self.bits_sel), sparse.eq(self.sparse), lg_g.eq(self.lg_group),
                          lg_b.eq(lgb_now), lg_c.eq(self.lgW - lgb_now), K.eq(self.k), rows.eq(self.rows),
                          ma.eq(self.ma), ea.eq(self.ea), running.eq(self.rows != 0), self.consumed.eq(0),
-                         sec_bytes[SEC_SH].eq(1), sec_bytes[SEC_SC].eq(g << 1),
+                         scale8.eq(self.scale8),
+                         sec_bytes[SEC_SH].eq(1), sec_bytes[SEC_SC].eq(Mux(self.scale8, g, g << 1)),
                          sec_bytes[SEC_ZE].eq(((g << lgb_now) + 7) >> 3),
                          sec_bytes[SEC_IX].eq((3 * (self.k >> 2) + 7) >> 3),
                          sec_bytes[SEC_CO].eq((((self.k >> self.sparse) << lgb_now) + 7) >> 3)]
@@ -208,7 +210,7 @@ class MatrixEngine(wiring.Component):
                 ports[name] = mem.read_port()
                 if name == "ix":
                     ports["ix1"] = mem.read_port()
-            m.d.comb += [ports["sc"].addr.eq(gi0 >> (self.lgW - 4)),       # W/16 scales per row
+            m.d.comb += [ports["sc"].addr.eq(Mux(scale8, gi0 >> (self.lgW - 3), gi0 >> (self.lgW - 4))),
                          ports["ze"].addr.eq((gi0 << lg_b) >> self.lgW),     # W/b zeros per row
                          ports["ix"].addr.eq(ixoff >> self.lgW), ports["ix1"].addr.eq((ixoff >> self.lgW) + 1)]
             rd.append(ports)
@@ -254,7 +256,7 @@ class MatrixEngine(wiring.Component):
         for j in range(NCH):
             gj = Signal(32, name=f"g{j}")
             m.d.comb += gj.eq((col1 + CHUNK * j) >> lg_g)
-            sc_ent.append(gj[:self.lgW - 4])
+            sc_ent.append(gj)
             ze_ent.append(gj)
 
         v2, last2, rec2 = Signal(), Signal(), Signal(32)
@@ -297,7 +299,8 @@ class MatrixEngine(wiring.Component):
                 prods = [Mux(keeps[i], codes[i] * xlane[i], 0) for i in lanes]
                 xs = [Mux(keeps[i], xlane[i], 0) for i in lanes]
                 m.d.sync += [Psum[p][j].eq(sum(prods)), Ssum[p][j].eq(sum(xs))]
-                m.d.sync += M2[p][j].eq(rd[p]["sc"].data.word_select(sc_ent[j], 16))
+                m.d.sync += M2[p][j].eq(Mux(scale8, rd[p]["sc"].data.word_select(sc_ent[j][:self.lgW - 3], 8),
+                                            rd[p]["sc"].data.word_select(sc_ent[j][:self.lgW - 4], 16)))
                 zsel = {}
                 for sel, b in ((0, 2), (1, 4), (2, 8)):
                     zsel[sel] = rd[p]["ze"].data.word_select(ze_ent[j][:self.lgW - (sel + 1)], b)

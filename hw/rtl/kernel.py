@@ -58,7 +58,7 @@ class MatmulUnit(wiring.Component):
     Tokens are processed one after the other (the weights stream once per token).
 
     Status: STATUS_SHAPE for a descriptor this engine cannot run (bad magic, bits not 2/4/8, scale
-    mantissas not 16-bit, group not a power of two in [16, 128], K > max_hidden, N > OUT_WORDS,
+    mantissas not 8- or 16-bit, group not a power of two in [16, 128], K > max_hidden, N > OUT_WORDS,
     port count or record size inconsistent, n_tokens > max_prefill); STATUS_ADDR_RANGE when an
     operand or the weight stream runs past the 4 GiB offset space of its buffer argument."""
 
@@ -94,7 +94,7 @@ class MatmulUnit(wiring.Component):
         lg_b = Signal(4)
         m.d.comb += lg_b.eq(Mux(bits == 2, 1, Mux(bits == 4, 2, 3)))
         rec_calc = Signal(32)
-        m.d.comb += rec_calc.eq(1 + 2 * G + (((G << lg_b) + 7) >> 3) + Mux(sparse[0], (3 * (K >> 2) + 7) >> 3, 0)
+        m.d.comb += rec_calc.eq(1 + Mux(scale_bits == 8, G, 2 * G) + (((G << lg_b) + 7) >> 3) + Mux(sparse[0], (3 * (K >> 2) + 7) >> 3, 0)
                                 + ((((K >> sparse[0]) << lg_b) + 7) >> 3))
         stride8 = Signal(32)
         stride32 = Signal(32)
@@ -105,7 +105,7 @@ class MatmulUnit(wiring.Component):
         m.d.comb += w_beats.eq((stream_bytes + Wb - 1) >> lgWb)
         bad_shape = Signal()
         m.d.comb += bad_shape.eq((magic != memmap.MAGIC_LIN) | ~((bits == 2) | (bits == 4) | (bits == 8))
-                                 | (sparse > 1) | (scale_bits != 16)
+                                 | (sparse > 1) | ~((scale_bits == 16) | (scale_bits == 8))
                                  | ~((group == 16) | (group == 32) | (group == 64) | (group == 128))
                                  | (K == 0) | (K > cfg.max_hidden) | ((K & (group - 1)) != 0)
                                  | (N == 0) | (N > OUT_WORDS) | (R * P < N) | (ports != P) | (port != 0)
@@ -131,7 +131,7 @@ class MatmulUnit(wiring.Component):
             wd = getattr(self, f"w_data{p}")
             m.d.comb += [getattr(eng, f"w{p}").valid.eq(wd.valid), getattr(eng, f"w{p}").payload.eq(wd.payload),
                          wd.ready.eq(getattr(eng, f"w{p}").ready)]
-        m.d.comb += [eng.bits_sel.eq(lg_b - 1), eng.sparse.eq(sparse[0]), eng.lg_group.eq(lg_g), eng.k.eq(K),
+        m.d.comb += [eng.bits_sel.eq(lg_b - 1), eng.sparse.eq(sparse[0]), eng.scale8.eq(scale_bits == 8), eng.lg_group.eq(lg_g), eng.k.eq(K),
                      eng.rows.eq(R)]
 
         started = Signal()

@@ -75,11 +75,11 @@ class Host:
         return st, cyc
 
 
-def make_linear(rng: np.random.Generator, N, K, bits, group, sparse, sat=False, zero_group=False):
+def make_linear(rng: np.random.Generator, N, K, bits, group, sparse, sat=False, zero_group=False, scale_bits=16):
     qmax = (1 << bits) - 1
     G = K // group
     zeros = rng.integers(0, qmax + 1, (N, G))
-    M = rng.integers(0, 1 << 16, (N, G))
+    M = rng.integers(0, 1 << scale_bits, (N, G))
     SH = rng.integers(14, 30, N) if not sat else rng.integers(-8, 0, N)
     if sparse:
         idx = rng.integers(0, 6, (N, K // 4))
@@ -95,14 +95,14 @@ def make_linear(rng: np.random.Generator, N, K, bits, group, sparse, sat=False, 
         if zero_group:
             kept[0, :group // 2] = zeros[0, 0]
             codes[r, cols] = kept.reshape(N, K // 4, 2)
-        images = memmap.pack_linear(kept, zeros, M, SH, bits, group, idx=idx, ports=P)
+        images = memmap.pack_linear(kept, zeros, M, SH, bits, group, idx=idx, ports=P, scale_bits=scale_bits)
     else:
         codes = rng.integers(0, qmax + 1, (N, K))
         mask = None
         if zero_group:
             codes[0, :group] = zeros[0, 0]
-        images = memmap.pack_linear(codes, zeros, M, SH, bits, group, ports=P)
-    return dict(N=N, K=K, bits=bits, group=group, codes=codes, zeros=zeros, M=M, SH=SH, mask=mask, images=images)
+        images = memmap.pack_linear(codes, zeros, M, SH, bits, group, ports=P, scale_bits=scale_bits)
+    return dict(N=N, K=K, bits=bits, group=group, scale_bits=scale_bits, codes=codes, zeros=zeros, M=M, SH=SH, mask=mask, images=images)
 
 
 def memmap_patterns():
@@ -128,7 +128,7 @@ def x8_rows(rng, T, K, sat=False):
 
 def work_estimate(lin, T):
     R = -(-lin["N"] // P)
-    rec = memmap.RowRecord(lin["K"], lin["bits"], lin["group"], lin["mask"] is not None, 16).size
+    rec = memmap.RowRecord(lin["K"], lin["bits"], lin["group"], lin["mask"] is not None, lin["scale_bits"]).size
     per_token = 3 * LAT + R * (rec // Wb + 6) + lin["N"] * 4 // Wb + memmap.stride8(lin["K"]) // Wb + 100
     return T * per_token
 
@@ -186,7 +186,9 @@ async def matmul_sparse_24(dut):
     await host.setup()
     cases = [dict(N=6, K=192, bits=2, group=64, sparse=True, zero_group=True),
              dict(N=5, K=128, bits=4, group=16, sparse=True),
-             dict(N=3, K=64, bits=8, group=32, sparse=True)]
+             dict(N=3, K=64, bits=8, group=32, sparse=True),
+             dict(N=6, K=256, bits=2, group=16, sparse=True, scale_bits=8),
+             dict(N=5, K=128, bits=4, group=64, sparse=False, scale_bits=8)]
     await check_matmul(host, cases, T=1)
 
 
