@@ -30,9 +30,10 @@ RoPE under Λ (``recipe.rope_mode``):
   for the window keys and at ``min(i, S+W-1)`` for the S sink keys. Distances seen by the model
   never exceed S + W - 1, inside the trained context, at any stream length.
 * ``original``: every key and query at its absolute position; the distance to the sinks grows
-  without bound (measured to be worse past the trained context, see README).
+  without bound, past the trained context after 8192 tokens for SmolLM2.
 
-The choice is documented with measurements in README.md (Λ-shaped attention).
+``cache`` is the default: with it Λ measured no collapse over 32768 tokens (README). ``original``
+past 8192 tokens has not been measured yet (command in README).
 
 Full attention (``recipe.attention = "full"``) uses a transformers DynamicCache that applies the
 KV hook on writes (:class:`HookedDynamicCache`); the stock attention kernels are used unless
