@@ -69,6 +69,7 @@ def _step(i, n, what):
 def run(args) -> int:
     from algo.common import AccllmError, atomic_write_text, cache_dir
     from algo.eval import format_table
+    from host.backends.rtl import RtlUnsupported
     from host.runtime import open_runtime
 
     N = 6
@@ -151,6 +152,8 @@ def run(args) -> int:
                        f"{time.time() - t0:.0f} s wall")
             if not ok:
                 failures.append("rtl tokens differ from emu")
+        except RtlUnsupported as e:
+            rtl_row = f"not run: {e}"
         except AccllmError as e:
             rtl_row = f"FAILED: {e}"
             failures.append("rtl run failed")

@@ -589,6 +589,9 @@ def open_runtime(package_dir, backend: str = "emu", *, hw=None, owner: str = "ac
             raise AccllmError(f"package {package_dir} was not compiled for hardware (no 'hw' in manifest.json); "
                               f"run compile-model with --hw sim-small or u280")
         hw = hw_from_dict(m["hw"])
+    if backend == "rtl":
+        from host.backends.rtl import check_program_supported
+        check_program_supported(package_dir)
     dev = open_device(backend, hw, **device_kw)
     try:
         rt = Runtime(package_dir, dev, owner=owner, wait_s=wait_s, timeout_s=timeout_s)

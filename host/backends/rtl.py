@@ -62,6 +62,27 @@ def ensure_rtl(hw, progress: bool = True) -> Path:
     return out
 
 
+class RtlUnsupported(AccllmError):
+    """The program uses an opcode the RTL kernel has no execution unit for."""
+
+
+def missing_units(program: bytes) -> list[str]:
+    """Names of the opcodes in *program* that the RTL kernel (hw.rtl.kernel.UNITS) cannot execute."""
+    from hw import isa
+    from hw.rtl.kernel import UNITS
+    used = {ins.op for ins in isa.decode_program(program)}
+    return sorted(isa.OPS[op].name for op in used - set(UNITS) - {isa.END, isa.NOP})
+
+
+def check_program_supported(package_dir) -> None:
+    """Refuse, before any simulator is built, a program the RTL kernel cannot run to the end."""
+    prog = Path(package_dir) / "program.bin"
+    missing = missing_units(prog.read_bytes())
+    if missing:
+        raise RtlUnsupported(f"the RTL kernel has no execution unit yet for {', '.join(missing)}, which "
+                             f"{prog} uses (issue 7); run it with --backend emu")
+
+
 _LIVE: "weakref.WeakSet[RtlDevice]" = weakref.WeakSet()
 
 
