@@ -34,7 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--chunks", type=int, default=16, help="perplexity chunks of 1024 tokens (default 16)")
     p.add_argument("--out", default=None, metavar="DIR", help="package directory (default: in the cache)")
     p.add_argument("--rebuild", action="store_true", help="recompile the package even if cached")
-    p.add_argument("--no-synth", action="store_true", help="skip the u280 resource report")
+    p.add_argument("--synth", action="store_true", help="also synthesize the u280 configuration with yosys for "
+                   "the resource report (slow: tens of minutes on 2 cores; cached afterwards)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -171,12 +172,13 @@ def run(args) -> int:
         except (AccllmError, ValueError) as e:
             proj[model] = {"error": str(e)}
 
-    # 6. resources of the u280 configuration (synthesis, cached)
-    res_row = "skipped (--no-synth)"
-    if not args.no_synth:
+    # 6. resources of the u280 configuration (synthesis: opt-in, cached)
+    from host.backends.rtl import _rtl_sources_digest
+    rdir = cache_dir("demo") / f"synth-u280-{_rtl_sources_digest()}"
+    res_row = ("not measured: `accllm demo --synth` or `accllm build-rtl --hw u280 --out DIR --synth` "
+               "(yosys synthesis, tens of minutes)")
+    if args.synth or (rdir / "resources.json").is_file():
         _step(6, N, "resources of the u280 configuration (build-rtl --synth; cached after the first time)")
-        from host.backends.rtl import _rtl_sources_digest
-        rdir = cache_dir("demo") / f"synth-u280-{_rtl_sources_digest()}"
         try:
             if not (rdir / "resources.json").is_file():
                 _cli(["build-rtl", "--hw", "u280", "--out", str(rdir), "--synth"])
@@ -187,7 +189,7 @@ def run(args) -> int:
         except (AccllmError, OSError, ValueError) as e:
             res_row = f"not available: {e}"
     else:
-        _step(6, N, "resources skipped")
+        _step(6, N, "u280 resources: not synthesized (pass --synth)")
 
     def tps(model):
         p = proj.get(model, {})
