@@ -63,6 +63,19 @@ def _last_json(text: str) -> dict:
     raise ValueError("no JSON line in the output")
 
 
+def _fp_continuation(model: str, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation by the uncompressed model (transformers), the reference for the package's."""
+    import torch
+    from algo.models import load_model
+    loaded = load_model(model)
+    tok = loaded.tokenizer
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def _step(i, n, what):
     print(f"[{i}/{n}] {what}", flush=True)
 
@@ -115,6 +128,8 @@ def run(args) -> int:
                                          + prog, capture=True))["ppl"]
         atomic_write_text(ppl_cache, json.dumps(ppl))
     t_ppl = time.time() - t0
+    fp_text = _fp_continuation(args.model, args.prompt, args.max_new_tokens)
+    print(f"    fp {args.model}: {args.prompt}{fp_text}".replace("\n", "\n    "), flush=True)
 
     # 3. emu
     _step(3, N, f"accllm run --backend emu --prompt {args.prompt!r} --max-new-tokens {args.max_new_tokens}")
@@ -131,6 +146,7 @@ def run(args) -> int:
             shown = text
         print()
         emu_stats = rt.stats
+        rt_text = rt.decode(emu_tokens)
     t_emu = time.time() - t0
 
     # 4. rtl: a few tokens with the same host code
@@ -206,6 +222,8 @@ def run(args) -> int:
         ("bits per weight", f"{fp.get('bits_per_weight', 'n/a')}"),
         ("perplexity fp -> package", f"{ppl['fp']:.3f} -> {ppl['package']:.3f}  (WikiText-2 test, "
                                      f"{args.chunks} x 1024)"),
+        ("fp continuation", repr(args.prompt + fp_text)),
+        ("package on emu", repr(args.prompt + rt_text)),
         ("emu", f"{len(emu_tokens)} tokens; TTFT {emu_stats.ttft_s:.2f} s, decode "
                 f"{emu_stats.decode_tokens_per_s:.2f} tokens/s (wall, {n_dec} steps)"),
         ("rtl vs emu", rtl_row),
