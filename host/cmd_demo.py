@@ -32,6 +32,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--rtl-tokens", type=int, default=3, help="tokens generated on the RTL (0: skip rtl)")
     p.add_argument("--chunks", type=int, default=16, help="perplexity chunks of 1024 tokens (default 16)")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows of WikiText-2 valid for "
+                   "pruning and quantization (default %(default)s; compile-model's default is 64)")
+    p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window (default "
+                   "%(default)s; compile-model's default is 512)")
     p.add_argument("--out", default=None, metavar="DIR", help="package directory (default: in the cache)")
     p.add_argument("--rebuild", action="store_true", help="recompile the package even if cached")
     p.add_argument("--synth", action="store_true", help="also synthesize the u280 configuration with yosys for "
@@ -99,7 +103,9 @@ def run(args) -> int:
         try:
             from host.runtime import load_package_verified
             m = load_package_verified(pkg).manifest
-            cached = m.get("hw", {}).get("name") == args.hw
+            r = m.get("recipe", {})
+            cached = (m.get("hw", {}).get("name") == args.hw and r.get("calib_samples") == args.calib_samples
+                      and r.get("calib_seqlen") == args.calib_seqlen)
         except AccllmError as e:
             print(f"    cached package unusable ({e}); recompiling", flush=True)
     _step(1, N, f"compile-model --model {args.model} --recipe {args.recipe} --hw {args.hw} --out {pkg}"
@@ -107,7 +113,8 @@ def run(args) -> int:
     if not cached:
         from host import cli
         rc = cli.compile_model_main(["--model", args.model, "--recipe", args.recipe, "--hw", args.hw,
-                                     "--out", str(pkg)] + prog)
+                                     "--set", f"calib_samples={args.calib_samples}",
+                                     "--set", f"calib_seqlen={args.calib_seqlen}", "--out", str(pkg)] + prog)
         if rc:
             raise AccllmError(f"compile-model failed (exit {rc})")
     t_compile = time.time() - t0
