@@ -36,8 +36,6 @@ import numpy as np
 from algo.common import AccllmError
 from hw import regmap
 
-FORMAT = "accllm-package"
-FORMAT_VERSION = 1
 FLAG_LOGITS, FLAG_ARGMAX = 1, 2
 
 
@@ -45,32 +43,14 @@ FLAG_LOGITS, FLAG_ARGMAX = 1, 2
 # package
 # ---------------------------------------------------------------------------------------------
 def read_package_manifest(path) -> dict:
-    """manifest.json of a package with the format checks (no sha256 of the weights: load_package)."""
-    path = Path(path)
-    mf = path / "manifest.json"
-    if not path.is_dir():
-        raise AccllmError(f"package {path} is not a directory (make one with compile-model ... --out DIR)")
-    if not mf.is_file():
-        raise AccllmError(f"package {path} has no manifest.json (make one with compile-model ... --out DIR)")
-    try:
-        m = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AccllmError(f"package {path}: manifest.json is not valid JSON ({e})") from None
-    if m.get("format") != FORMAT:
-        raise AccllmError(f"package {path}: format {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise AccllmError(f"package {path}: format_version {m.get('format_version')!r}; this accllm reads "
-                          f"version {FORMAT_VERSION} (recompile the package with this version)")
-    return m
+    """manifest.json of a package with the format checks (no sha256 of the files: load_package_verified)."""
+    from quant.package import read_manifest
+    return read_manifest(path)
 
 
 def load_package_verified(path):
-    """quant.package.load_package (every sha256 checked) after the cheap format checks."""
-    read_package_manifest(path)
-    try:
-        from quant.package import load_package
-    except ImportError as e:
-        raise AccllmError(f"quant.package is not available in this checkout ({e})") from None
+    """quant.package.load_package: format checks and every file's sha256."""
+    from quant.package import load_package
     return load_package(path)
 
 

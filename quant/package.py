@@ -275,7 +275,9 @@ class Package:
         return _cache_factory_for(model, r, hook)
 
 
-def load_package(directory: str | os.PathLike) -> Package:
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The package's manifest after the cheap checks (directory, JSON, format, format_version); the
+    sha256 of the files is checked by :func:`load_package`."""
     d = Path(directory)
     mf = d / MANIFEST
     if not d.is_dir():
@@ -291,6 +293,12 @@ def load_package(directory: str | os.PathLike) -> Package:
     if man.get("format_version") != FORMAT_VERSION:
         raise AccllmError(f"package {d}: {MANIFEST} format_version {man.get('format_version')!r} is not "
                           f"supported; this accllm reads format_version {FORMAT_VERSION}")
+    return man
+
+
+def load_package(directory: str | os.PathLike) -> Package:
+    d = Path(directory)
+    man = read_manifest(d)
     files = man.get("files") or {}
     if WEIGHTS not in files:
         raise AccllmError(f"package {d}: {MANIFEST} lists no {WEIGHTS}")
