@@ -60,11 +60,17 @@ def _cli(argv: list[str], capture: bool = False):
 
 
 def _last_json(text: str) -> dict:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
+    """The JSON object a command printed with --json (one object, pretty-printed or on one line),
+    after any progress lines."""
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    for line in reversed(text.splitlines()):
+        if line.strip().startswith("{"):
             return json.loads(line)
-    raise ValueError("no JSON line in the output")
+    raise ValueError("no JSON object in the output")
 
 
 def _fp_continuation(model: str, prompt: str, max_new_tokens: int) -> str:
@@ -226,7 +232,9 @@ def run(args) -> int:
     rows += [
         ("model / recipe / hw", f"{args.model} / {args.recipe} / {args.hw}"),
         ("package", f"{pkg} ({'cached' if cached else f'compiled in {t_compile:.0f} s'})"),
-        ("bits per weight", f"{fp.get('bits_per_weight', 'n/a')}"),
+        ("bits per weight", f"{fp.get('bits_per_weight_blocks', 'n/a')} (decoder blocks), "
+                            f"{fp.get('bits_per_weight_linear', 'n/a')} (with lm_head), "
+                            f"{fp.get('bits_per_weight_total', 'n/a')} (every stored tensor)"),
         ("perplexity fp -> package", f"{ppl['fp']:.3f} -> {ppl['package']:.3f}  (WikiText-2 test, "
                                      f"{args.chunks} x 1024)"),
         ("fp continuation", repr(args.prompt + fp_text)),
