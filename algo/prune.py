@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .common import AccllmError
+from .calib import capture_layer0_inputs
 
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01
@@ -215,35 +216,6 @@ def _decoder_layers(model):
     return inner, layers
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _capture_layer0_inputs(model, layers, calib: torch.Tensor):
-    """Run the embedding part of the model on *calib* batches; return [(hidden, kwargs)] per batch."""
-    captured = []
-
-    def hook(_mod, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        kw["cache"] = None
-        kw["use_cache"] = False
-        captured.append((h.detach(), kw))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b in range(0, calib.shape[0], CALIB_BATCH):
-            try:
-                model(input_ids=calib[b:b + CALIB_BATCH], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
 def _run_layer(layer, batches):
     outs = []
     for h, kw in batches:
@@ -314,7 +286,7 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
     else:
         device = next(model.parameters()).device
         calib = calib.to(device)
-        batches = _capture_layer0_inputs(model, layers, calib)
+        batches = capture_layer0_inputs(model, calib, CALIB_BATCH)
         by_layer: dict[int, dict[str, nn.Linear]] = {}
         for name, mod in targets.items():
             if id(mod) in layer_prefix:

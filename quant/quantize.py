@@ -18,6 +18,7 @@ import time
 import torch
 from torch import nn
 
+from algo.calib import capture_layer0_inputs
 from algo.common import AccllmError
 
 from .gptq import clip_search, gptq_quantize
@@ -104,32 +105,6 @@ def _rtn_clipped(W, bits, g, hi, lo, mask):
     if mask is not None:
         codes = torch.where(mask.reshape(n, k // g, g), codes, z[..., None].expand_as(codes))
     return codes.reshape(n, k).to(torch.uint8), z.to(torch.uint8), s.to(torch.float16)
-
-
-class _Catch(Exception):
-    pass
-
-
-def _capture_layer0_inputs(model, calib: torch.Tensor, batch: int):
-    layers = model.model.layers
-    inputs, kwargs_list = [], []
-
-    def pre_hook(mod, args, kwargs):
-        inputs.append(args[0].detach())
-        kwargs_list.append({k: v for k, v in kwargs.items() if k in ("attention_mask", "position_embeddings",
-                                                                     "position_ids")})
-        raise _Catch
-
-    h = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        for i in range(0, calib.shape[0], batch):
-            try:
-                model(input_ids=calib[i:i + batch], use_cache=False)
-            except _Catch:
-                pass
-    finally:
-        h.remove()
-    return inputs, kwargs_list
 
 
 class _HessianCollector:
@@ -243,7 +218,9 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
         return report
 
     batch = 4
-    inps, kws = _capture_layer0_inputs(model, calib, batch)
+    pairs = capture_layer0_inputs(model, calib, batch)
+    inps, kws = [h for h, _ in pairs], [kw for _, kw in pairs]
+    del pairs
     absmax_all: dict[str, float] = {}
     bar = tqdm(total=len(layers) + 1, desc=f"quantize ({recipe.weight_method if need_h else 'act'})",
                disable=not progress, leave=False)
