@@ -320,11 +320,15 @@ class EmuDevice(MemoryDevice):
         a, kc, F = self._const(wbufs[0], ins.d, "attn")
         Hq, Hkv, hd, S, W, slots = a["heads"], a["kv_heads"], a["head_dim"], a["sink"], a["window"], a["slots"]
         vg = a["vgroup"]
-        if Hq % Hkv or hd % 2 or vg == 0 or hd % vg or Hq * hd > self.hw.max_hidden:
-            raise Fault(regmap.STATUS_SHAPE, "attention descriptor shape")
-        if slots > self.hw.max_context or (S > 0 and slots != S + W) or slots < 1:
-            raise Fault(regmap.STATUS_KV_REGION, f"KV slots {slots} (S={S}, W={W}) vs max_context={self.hw.max_context}")
+        # hardware limits of the KV-cache unit / attention core (hw/rtl/attn_unit.py, docs/rtl.md):
+        # head_dim <= 128 and a multiple of 8, value groups of >= 8 channels, 4-bit KV
+        if (Hkv == 0 or vg == 0 or a["kv_bits"] != 4 or Hq % Hkv or hd % vg or Hq * hd > self.hw.max_hidden
+                or Hq == 0 or hd == 0 or hd > 128 or hd % 8 or vg < 8):
+            raise Fault(regmap.STATUS_SHAPE, f"attention descriptor shape (heads {Hq}/{Hkv}, head_dim {hd}, vgroup {vg}, "
+                                             f"kv_bits {a['kv_bits']})")
         lam = bool(a["ring"])
+        if (slots > self.hw.max_context or slots < 1 or (lam and (slots != S + W or W == 0))):
+            raise Fault(regmap.STATUS_KV_REGION, f"KV slots {slots} (S={S}, W={W}) vs max_context={self.hw.max_context}")
         if not lam:
             S, W = 0, slots
         P = len(wbufs)

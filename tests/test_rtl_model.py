@@ -108,3 +108,101 @@ def test_row_ops_bad_input(pair):
         out = pair.run([isa.Instr(isa.NOP)] + prog + [isa.Instr(isa.END)], 2)
         e = _same(out, what)
         assert (e[0], e[1]) == (code, 1), what
+
+
+# --------------------------------------------------------------------------------------------------
+# ATTN: RoPE, 4-bit KV append (weight-port writes), scores, softmax, P x V, act-quant
+# --------------------------------------------------------------------------------------------------
+K_OFF, V_OFF = 0x4000, 0x8000
+
+
+def _attn_desc(pair, rng, at, *, Hq, Hkv, hd, vg, S, W, slots, ring, rope_mode, magic_ok=True, kv_bits=4):
+    """Descriptor at weights0+at, RoPE words at +0x40, key constants at +0x100 (random scales)."""
+    ks = rng.uniform(0.02, 0.6, (Hkv, hd)).astype(np.float16)
+    kz = rng.integers(0, 16, (Hkv, hd)).astype(np.float64)
+    kc = nx.key_consts(ks, kz, hd)
+    lay = memmap.kconst_layout(Hkv, hd)
+    blob = bytearray(lay["_size"][0])
+    for n_, (o, cnt, dt) in lay.items():
+        if n_ != "_size":
+            arr = np.asarray(kc[n_]).reshape(-1).astype(dt)
+            blob[o:o + arr.nbytes] = arr.tobytes()
+    inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rope = np.asarray(nx.rope_freq_words(inv), "<u4").tobytes()
+    hdr = bytearray(memmap.pack_attn_header(layer=0, heads=Hq, kv_heads=Hkv, head_dim=hd, sink=S, window=W, slots=slots,
+                                            rope_mode=rope_mode, ring=ring, k_off=K_OFF, v_off=V_OFF, rope_off=at + 0x40,
+                                            kconst_off=at + 0x100, vgroup=vg, kv_bits=kv_bits))
+    if not magic_ok:
+        hdr[0] ^= 0xFF
+    pair.upload("weights0", bytes(hdr), at)
+    pair.upload("weights0", rope, at + 0x40)
+    pair.upload("weights0", bytes(blob), at + 0x100)
+
+
+def _same_all(out, what):
+    e = _same(out, what)
+    for p_, (we, wr) in enumerate(zip(out["emu"][3], out["rtl"][3])):
+        a_, b_ = np.frombuffer(we, np.uint8), np.frombuffer(wr, np.uint8)
+        diff = np.nonzero(a_ != b_)[0]
+        assert diff.size == 0, f"{what}: weights{p_} (KV cache) differs at {diff.size} bytes, first {diff[:8]}"
+    return e
+
+
+def _qkv(pair, rng, T, width, amp):
+    rows = _x32_rows(rng, T, width, amp)
+    rows[:, :width][rng.random((T, width)) < 0.02] = 0
+    pair.upload("io", rows, 0x0)
+
+
+def test_attention_ring_bit_exact(pair):
+    """Λ cache (S=2, W=4, RoPE at cache positions for sinks), GQA 4/2 over both weight ports: a prefill
+    block, decode steps through three ring wraps, a block that evicts inside itself; every io byte and
+    the whole KV cache compared with the functional model after each run."""
+    rng = np.random.default_rng(21)
+    Hq, Hkv, hd, vg, S, W = 4, 2, 32, 16, 2, 4
+    for p_ in range(P):       # random old cache contents (extreme value words included)
+        pair.upload(f"weights{p_}", rng.integers(0, 256, 0x8000, dtype=np.uint8), 0x4000)
+    _attn_desc(pair, rng, 0x2000, Hq=Hq, Hkv=Hkv, hd=hd, vg=vg, S=S, W=W, slots=S + W, ring=1,
+               rope_mode=memmap.ROPE_CACHE)
+    width = (Hq + 2 * Hkv) * hd
+    prog = [isa.Instr(isa.ATTN, a=0xC000, b=0x0, c=0, d=0x2000), isa.Instr(isa.END)]
+    runs = [(0, 3)] + [(pos, 1) for pos in range(3, 16)] + [(16, 5)]
+    for pos, T in runs:
+        _fresh_io(pair, rng)
+        _qkv(pair, rng, T, width, 1 << 19)
+        e = _same_all(pair.run(prog, T, position=pos), f"ATTN ring pos={pos} T={T}")
+        assert e[0] == regmap.STATUS_OK, (pos, T, e[:2])
+
+
+def test_attention_linear_and_bad_input(pair):
+    """Linear cache (slot = position, RoPE at original positions), 3 KV heads (port 0 holds two),
+    then the error codes: position past the cache, KV region, shape, descriptor magic."""
+    rng = np.random.default_rng(22)
+    Hq, Hkv, hd, vg = 6, 3, 32, 8
+    _attn_desc(pair, rng, 0x2000, Hq=Hq, Hkv=Hkv, hd=hd, vg=vg, S=0, W=0, slots=8, ring=0,
+               rope_mode=memmap.ROPE_ORIGINAL)
+    width = (Hq + 2 * Hkv) * hd
+    prog = [isa.Instr(isa.NOP), isa.Instr(isa.ATTN, a=0xC000, b=0x0, c=0, d=0x2000), isa.Instr(isa.END)]
+    for pos, T in ((0, 2), (2, 1), (3, 4)):
+        _fresh_io(pair, rng)
+        _qkv(pair, rng, T, width, 1 << 21)
+        e = _same_all(pair.run(prog, T, position=pos), f"ATTN linear pos={pos} T={T}")
+        assert e[0] == regmap.STATUS_OK
+    e = _same_all(pair.run(prog, 2, position=7), "linear cache: position 8 beyond 8 slots")
+    assert (e[0], e[1]) == (regmap.STATUS_POSITION, 1)
+    bad = {
+        "slots != S + W": (dict(Hq=4, Hkv=2, hd=32, vg=16, S=2, W=4, slots=7, ring=1), regmap.STATUS_KV_REGION),
+        "slots > max_context": (dict(Hq=4, Hkv=2, hd=32, vg=16, S=0, W=0, slots=CFG.max_context + 1, ring=0),
+                                regmap.STATUS_KV_REGION),
+        "heads not a multiple of kv heads": (dict(Hq=3, Hkv=2, hd=32, vg=16, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
+        "head_dim not a multiple of 8": (dict(Hq=2, Hkv=1, hd=36, vg=12, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
+        "kv_bits 8": (dict(Hq=2, Hkv=1, hd=32, vg=16, S=2, W=4, slots=6, ring=1, kv_bits=8), regmap.STATUS_SHAPE),
+        "descriptor magic": (dict(Hq=2, Hkv=1, hd=32, vg=16, S=2, W=4, slots=6, ring=1, magic_ok=False),
+                             regmap.STATUS_ADDR_RANGE),
+    }
+    for what, (kw, code) in bad.items():
+        _attn_desc(pair, rng, 0x3000, rope_mode=memmap.ROPE_CACHE, **kw)
+        out = pair.run([isa.Instr(isa.NOP), isa.Instr(isa.ATTN, a=0xC000, b=0x0, c=0, d=0x3000), isa.Instr(isa.END)],
+                       1, position=0)
+        e = _same_all(out, what)
+        assert (e[0], e[1]) == (code, 1), what

@@ -4,7 +4,7 @@ Ports (names as Vitis infers them): ``ap_clk``, ``ap_rst_n`` (active low, synchr
 ``s_axi_control_*`` (AXI4-Lite, hw/regmap.py), ``interrupt``, ``m_axi_ctrl_*`` (program, kv, io) and
 ``m_axi_w<p>_*`` (weights<p>), all AXI4 with 64-bit addresses and the config's data width.
 
-Sequencer: on ap_start, pc = 0; FETCH reads the beat holding word pc (a beat of W/128 words is
+Sequencer: on ap_start, pc = entry; FETCH reads the beat holding word pc (a beat of W/128 words is
 kept, so consecutive words cost one read), DECODE checks the word exactly as hw/isa.decode does
 (unknown opcode, undefined flag bits, non-zero unused fields -> STATUS_BAD_OPCODE), END finishes
 with STATUS_OK, NOP skips, every other opcode is dispatched to the execution unit registered for it
@@ -12,9 +12,12 @@ with STATUS_OK, NOP skips, every other opcode is dispatched to the execution uni
 returns a status; non-zero stops the run. pc reaching ``program_len`` without END stops with
 STATUS_NO_END. Status = code | pc << 8; ap_done is raised in every case (never a hang).
 
-Units (issue 7 adds SFU, KV-cache, top-k the same way) implement :func:`unit_signature`: a start
-pulse with the instruction word and the argument registers, a done pulse with a status code, and
-exclusive use of the ctrl-port read/write DMAs and of every weight port's read DMA while running.
+The run starts at instruction ``entry`` (register; decode and prefill-bucket programs share one
+program buffer, hw/memmap.py) and ``program_len`` counts from index 0.
+
+Units implement :func:`unit_signature`: a start pulse with the instruction word and the argument
+registers, a done pulse with a status code, and exclusive use of the ctrl-port read/write DMAs and
+of every weight port's read and write DMAs while running (the KV cache lives in the weight buffers).
 """
 from __future__ import annotations
 
@@ -45,6 +48,10 @@ def unit_signature(cfg: HWConfig) -> wiring.Signature:
         members[f"weights{p}"] = In(64)
         members[f"w_cmd{p}"] = Out(stream.Signature(XFER))
         members[f"w_data{p}"] = In(stream.Signature(W))
+        # write path of the weight port (the KV cache lives in the weight buffers: hw/compiler.py)
+        members[f"ww_cmd{p}"] = Out(stream.Signature(XFER))
+        members[f"ww_data{p}"] = Out(stream.Signature(beat))
+        members[f"ww_busy{p}"] = In(1)
     return wiring.Signature(members)
 
 
@@ -253,6 +260,8 @@ class MatmulUnit(wiring.Component):
 UNITS: dict[int, type] = {isa.MATMUL: MatmulUnit}
 from .units import UNITS as _ROW_UNITS  # noqa: E402  (issue 7: EMBED, RMSNORM, QUANT, SILUMUL, ADD, ARGMAX)
 UNITS.update(_ROW_UNITS)
+from .attn_unit import AttnUnit  # noqa: E402
+UNITS[isa.ATTN] = AttnUnit
 
 
 class Kernel(wiring.Component):
@@ -285,16 +294,17 @@ class Kernel(wiring.Component):
         for name in self.axi.members:
             src = rd.axi if hasattr(rd.axi, name) else wr.axi
             connect_flat(m, self, "m_axi_ctrl", src, wiring.Signature({name: self.axi.members[name]}))
-        wrd = []
+        wrd, wwr = [], []
         for p in range(P):
             d = ReadDMA(W, cfg.burst_beats, cfg.outstanding_reads)
+            dw = WriteDMA(W, cfg.burst_beats, cfg.outstanding_reads)
             m.submodules[f"rd_w{p}"] = d
+            m.submodules[f"wr_w{p}"] = dw
             wrd.append(d)
+            wwr.append(dw)
             for name in self.axi.members:
-                if hasattr(d.axi, name):
-                    connect_flat(m, self, f"m_axi_w{p}", d.axi, wiring.Signature({name: self.axi.members[name]}))
-                elif self.axi.members[name].flow == Out:
-                    m.d.comb += getattr(self, f"m_axi_w{p}_{name}").eq(0)
+                src = d.axi if hasattr(d.axi, name) else dw.axi
+                connect_flat(m, self, f"m_axi_w{p}", src, wiring.Signature({name: self.axi.members[name]}))
 
         units = {}
         for op, cls in self.units.items():
@@ -304,7 +314,8 @@ class Kernel(wiring.Component):
             m.d.comb += [u.position.eq(ctl.arg_position), u.n_tokens.eq(ctl.arg_n_tokens), u.flags.eq(ctl.arg_flags),
                          u.kv.eq(ctl.arg_kv), u.io.eq(ctl.arg_io), u.wr_busy.eq(wr.busy)]
             for p in range(P):
-                m.d.comb += getattr(u, f"weights{p}").eq(getattr(ctl, f"arg_weights{p}"))
+                m.d.comb += [getattr(u, f"weights{p}").eq(getattr(ctl, f"arg_weights{p}")),
+                             getattr(u, f"ww_busy{p}").eq(wwr[p].busy)]
 
         # ---- sequencer
         busy = Signal()
@@ -362,11 +373,16 @@ class Kernel(wiring.Component):
                     m.d.comb += [wrd[p].cmd.valid.eq(uc.valid), wrd[p].cmd.payload.eq(uc.payload),
                                  uc.ready.eq(wrd[p].cmd.ready), ud.valid.eq(wrd[p].data.valid),
                                  ud.payload.eq(wrd[p].data.payload), wrd[p].data.ready.eq(ud.ready)]
+                    wc, wd = getattr(u, f"ww_cmd{p}"), getattr(u, f"ww_data{p}")
+                    m.d.comb += [wwr[p].cmd.valid.eq(wc.valid), wwr[p].cmd.payload.eq(wc.payload),
+                                 wc.ready.eq(wwr[p].cmd.ready), wwr[p].data.valid.eq(wd.valid),
+                                 wwr[p].data.payload.eq(wd.payload), wd.ready.eq(wwr[p].data.ready)]
 
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(ctl.start):
-                    m.d.sync += [busy.eq(1), pc.eq(0), cycles.eq(0), status.eq(0), ibuf_ok.eq(0), active.eq(0)]
+                    m.d.sync += [busy.eq(1), pc.eq(ctl.arg_entry), cycles.eq(0), status.eq(0), ibuf_ok.eq(0),
+                                 active.eq(0)]
                     m.next = "FETCH"
             with m.State("FETCH"):
                 with m.If(pc >= ctl.arg_program_len):
