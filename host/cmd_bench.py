@@ -14,21 +14,30 @@ DESCRIPTION = """Benchmark a backend of the accelerator.
 
 emu: decode speed of the functional model (sim/emu.py) on this machine: compiles the model for the
 hardware configuration (cached in the accllm cache, keyed by model, recipe and configuration; or
---package DIR), prefills a prompt, then times --tokens decode steps."""
-EPILOG = "example: accllm bench emu --model smollm2-135m --json"
+--package DIR), prefills a prompt, then times --tokens decode steps.
+
+rtl with --model or --package: the whole model on the RTL kernel (Verilator): prefill a prompt, then
+--tokens decode steps; cycles per decode token measured by the kernel's cycle register against the
+cycle model's prediction for the same runs (sim/cycle.py, through the functional model), tokens
+compared with emu, and the simulation speed in cycles per second.
+rtl without --model: the weight-stream efficiency of one large MATMUL and of the DMA."""
+EPILOG = ("examples: accllm bench emu --model smollm2-135m --json\n"
+          "          accllm bench rtl --hw sim-small --model tiny --json")
 
 BACKENDS: dict[str, str] = {"emu": "host.cmd_bench:_bench_emu",   # backend -> "module:function(args)->dict"
-                            "rtl": "hw.build_rtl:bench_rtl"}       # reads --hw (RTL kernel on Verilator)
+                            "rtl": "host.cmd_bench:_bench_rtl"}    # reads --hw (RTL kernel on Verilator)
 
 
 def add_arguments(p) -> None:
     p.add_argument("backend", help="backend to benchmark: " + " | ".join(BACKENDS))
-    p.add_argument("--model", default="smollm2-135m", help="model (default smollm2-135m)")
+    p.add_argument("--model", default=None, help="model (emu: default smollm2-135m; rtl: runs the whole model "
+                   "when given)")
     p.add_argument("--recipe", default="accllm", help="recipe for the cached package (default accllm)")
     p.add_argument("--hw", default="sim-small", help="hardware configuration (default sim-small)")
     p.add_argument("--package", default=None, metavar="DIR", help="use this compiled package instead")
-    p.add_argument("--tokens", type=int, default=32, help="decode steps to time (default 32)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length before decoding (default 16)")
+    p.add_argument("--tokens", type=int, default=None, help="decode steps to time (default 32 on emu, 16 on rtl)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length before decoding (default 16 on emu, "
+                   "8 on rtl)")
     p.add_argument("--json", action="store_true")
 
 
@@ -51,11 +60,72 @@ def _cached_package(model: str, recipe: str, hw: str):
     return d
 
 
+def _defaults(args, model, tokens, prompt_tokens):
+    args.model = args.model or model
+    args.tokens = tokens if args.tokens is None else args.tokens
+    args.prompt_tokens = prompt_tokens if args.prompt_tokens is None else args.prompt_tokens
+    if args.tokens < 1 or args.prompt_tokens < 1:
+        raise AccllmError("--tokens and --prompt-tokens must be at least 1")
+
+
+def _decode_run(pkg, backend: str, prompt: list[int], tokens: int) -> dict:
+    """Prefill *prompt*, then *tokens* greedy decode steps on *backend*; cycles and wall time."""
+    from host.runtime import open_runtime
+    rt = open_runtime(pkg, backend, owner="accllm bench")
+    try:
+        t0 = time.perf_counter()
+        tok = rt.feed(prompt, want="argmax")
+        ttft = time.perf_counter() - t0
+        prefill_cycles = rt.stats.cycles
+        out = [tok]
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            tok = rt.feed([tok], want="argmax")
+            out.append(tok)
+        dt = time.perf_counter() - t0
+        cyc = rt.stats.cycles
+        hw = rt.device.hw
+    finally:
+        rt.close()
+    return {"tokens": out, "ttft_s": ttft, "decode_s": dt, "prefill_cycles": prefill_cycles,
+            "decode_cycles": None if cyc is None or prefill_cycles is None else cyc - prefill_cycles, "hw": hw}
+
+
+def _bench_rtl(args) -> dict:
+    if args.model is None and args.package is None:
+        from hw.build_rtl import bench_rtl
+        return bench_rtl(args)
+    import numpy as np
+    _defaults(args, args.model or "tiny", 16, 8)
+    pkg = args.package or _cached_package(args.model, args.recipe, args.hw)
+    from pathlib import Path
+    mmj = json.loads((Path(pkg) / "memmap.json").read_text())
+    V = int(mmj.get("vocab_size", mmj["io"]["logits_out"]["count"]))
+    rng = np.random.default_rng(0)
+    prompt = [int(x) for x in rng.integers(100, min(V, 20000), args.prompt_tokens)]
+    emu = _decode_run(pkg, "emu", prompt, args.tokens)
+    rtl = _decode_run(pkg, "rtl", prompt, args.tokens)
+    hw = rtl["hw"]
+    meas = rtl["decode_cycles"] / args.tokens
+    pred = emu["decode_cycles"] / args.tokens
+    return {"backend": "rtl", "simulator": "verilator", "model": args.model, "package": str(pkg), "hw": hw.name,
+            "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens,
+            "cycles_per_token_measured": round(meas, 1), "cycles_per_token_predicted": round(pred, 1),
+            "cycles_ratio": round(meas / pred, 3),
+            "prefill_cycles_measured": rtl["prefill_cycles"], "prefill_cycles_predicted": emu["prefill_cycles"],
+            "sim_cycles_per_s": round(rtl["decode_cycles"] / rtl["decode_s"], 1),
+            "decode_ms_at_clock": round(meas / (hw.clock_mhz * 1e3), 3),
+            "tokens_match_emu": rtl["tokens"] == emu["tokens"], "tokens": rtl["tokens"],
+            "note": ("cycles_per_token_measured: the RTL kernel's cycle register (ap_start to ap_done) per decode "
+                     "step under Verilator with the configured HBM read latency; _predicted: sim/cycle.py for the "
+                     "same programs (the functional model's cycle count); sim_cycles_per_s: simulated cycles per "
+                     "wall-clock second of the decode steps (host calls included)")}
+
+
 def _bench_emu(args) -> dict:
     import numpy as np
     from host.runtime import open_runtime
-    if args.tokens < 1 or args.prompt_tokens < 1:
-        raise AccllmError("--tokens and --prompt-tokens must be at least 1")
+    _defaults(args, "smollm2-135m", 32, 16)
     pkg = args.package or _cached_package(args.model, args.recipe, args.hw)
     rt = open_runtime(pkg, "emu", owner="accllm bench")
     try:
