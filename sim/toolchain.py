@@ -84,15 +84,38 @@ def build_args(simulator: str) -> list[str]:
     return []
 
 
+def _top_only_verilator():
+    """cocotb's Verilator runner without ``--public-flat-rw``: only the top module's signals are made
+    visible to VPI (a control file), so Verilator may optimise the design's internals. For designs
+    whose testbench touches nothing but top-level ports (the rtl backend's simulation top): several
+    times faster simulation."""
+    from cocotb_tools.runner import Verilator
+
+    class TopOnlyVerilator(Verilator):
+        def _build_command(self):
+            cmds = super()._build_command()
+            cmds[0] = [c for c in cmds[0] if c != "--public-flat-rw"]
+            return cmds
+    return TopOnlyVerilator()
+
+
 def build_design(simulator: str, toplevel: str, sources: list[Path], name: str, parameters: dict | None = None,
-                 waves: bool = False):
-    """Build *sources* for *simulator* into the cached, locked build folder; return (runner, build_dir)."""
+                 waves: bool = False, public: str = "all"):
+    """Build *sources* for *simulator* into the cached, locked build folder; return (runner, build_dir).
+    public="top" (Verilator): only the top module's signals are visible to the testbench."""
     from cocotb_tools.runner import get_runner
 
     setup_env(simulator)
     sources = [Path(s) for s in sources]
-    bdir = build_dir(simulator, name, sources, parameters)
-    runner = get_runner(simulator)
+    if public == "top" and simulator == "verilator":
+        from algo.common import atomic_write_text
+        vlt = cache_dir("rtl", "vlt") / f"public-top-{toplevel}.vlt"
+        text = f'`verilator_config\npublic_flat_rw -module "{toplevel}" -var "*"\n'
+        if not vlt.is_file() or vlt.read_text() != text:
+            atomic_write_text(vlt, text)
+        sources = [vlt] + sources
+    bdir = build_dir(simulator, name + ("-toponly" if public == "top" else ""), sources, parameters)
+    runner = _top_only_verilator() if public == "top" and simulator == "verilator" else get_runner(simulator)
     with build_lock(bdir):
         runner.build(sources=sources, hdl_toplevel=toplevel, build_dir=bdir, build_args=build_args(simulator),
                      parameters=parameters or {}, always=False, waves=waves, timescale=("1ns", "1ps"),

@@ -97,7 +97,7 @@ class RtlDevice(Device):
 
     def __init__(self, hw, *, rtl_dir: str | None = None, simulator: str = "verilator",
                  start_timeout_s: float = 900.0, latency: int | None = None, progress: bool = True,
-                 check_ports: bool = True):
+                 check_ports: bool = True, mem: str | None = None):
         super().__init__(hw)
         self.proc = None
         self.sock = None
@@ -114,8 +114,14 @@ class RtlDevice(Device):
         self.log_path = Path(self._tmp.name) / "sim.log"
         period_ns = 1000.0 / hw.clock_mhz
         lat = latency if latency is not None else hw.hbm_latency_cycles
+        # memories: Verilog models in the simulation top (fast, default) or cocotbext-axi AxiRam
+        # (ACCLLM_RTL_MEM=cocotb: every AXI handshake through the Python models)
+        self.mem = mem or os.environ.get("ACCLLM_RTL_MEM", "hdl")
+        if self.mem not in ("hdl", "cocotb"):
+            raise AccllmError(f"rtl memory model {self.mem!r}: use hdl or cocotb (ACCLLM_RTL_MEM)")
         cmd = [sys.executable, "-m", "host.backends.rtl_sim", "--sock", path, "--rtl", str(rtl),
-               "--simulator", simulator, "--period-ns", f"{period_ns:g}", "--latency", str(lat)]
+               "--simulator", simulator, "--period-ns", f"{period_ns:g}", "--latency", str(lat),
+               "--mem", self.mem, "--weight-ports", str(hw.weight_ports), "--width", str(hw.port_width_bits)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
         self._log = open(self.log_path, "wb")
@@ -152,6 +158,16 @@ class RtlDevice(Device):
 
     def lock_name(self) -> str:
         return f"rtl-{id(self)}"
+
+    def _alloc_address(self, size: int, port: str, bank: int) -> int:
+        addr = super()._alloc_address(size, port, bank)
+        if getattr(self, "mem", "hdl") == "hdl":
+            from sim.simtop import MEM_ADDR_BITS
+            from host.device import BANK_BYTES
+            if addr % BANK_BYTES + size > (1 << MEM_ADDR_BITS):
+                raise AccllmError(f"buffer of {size} bytes in bank {bank} ends past the {1 << (MEM_ADDR_BITS - 20)} MiB "
+                                  f"that the simulated memory of each port holds (sim/simtop.py MEM_ADDR_BITS)")
+        return addr
 
     def _log_tail(self, n: int = 20) -> str:
         try:

@@ -9,9 +9,12 @@ if the header has ``n``. Requests: write_reg {off, val}; read_reg {off}; mem_wri
 + bytes; mem_read {port, addr, n}; wait {timeout_s, poll} → {done, sim_cycles}; reset {}; quit {}.
 Replies carry ``ok`` (and ``error`` when not ok).
 
-Registers go through cocotbext-axi ``AxiLiteMaster`` on ``s_axi_control``; every AXI4 master port
-``m_axi_*`` is served by an ``AxiRam`` model (with the RTL benches' added read latency when
-available), so the host code cannot tell it from the card except by speed.
+Registers go through cocotbext-axi ``AxiLiteMaster`` on ``s_axi_control``. Memories: with the
+simulation top of sim/simtop.py (the default) every AXI4 master is served by the behavioural Verilog
+memory sim/hdl/axi_mem_model.v (read latency, full speed in the simulator) and the host's buffer
+contents go through its $readmemh / $writememh backdoor; with the bare kernel as the top every
+``m_axi_*`` port is served by a cocotbext-axi ``AxiRam`` model (with the RTL benches' added read
+latency; about 30x slower). Either way the host code cannot tell it from the card except by speed.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ import struct
 import time
 
 import cocotb
+import numpy as np
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, RisingEdge
+from cocotb.triggers import ClockCycles, RisingEdge, Timer
 
 BANK_BYTES = 0x1000_0000
 
@@ -71,6 +75,70 @@ def _ram(dut, prefix, latency):
                       size=BANK_BYTES)
 
 
+class HdlMem:
+    """Backdoor of one sim/hdl/axi_mem_model.v instance: beats move through a hex file."""
+
+    def __init__(self, dut, port: str, beat_bytes: int):
+        from sim.simtop import mem_file
+        self.dut, self.B = dut, beat_bytes
+        self.load, self.dump = getattr(dut, f"bd_{port}_load"), getattr(dut, f"bd_{port}_dump")
+        self.lo, self.hi = getattr(dut, f"bd_{port}_lo"), getattr(dut, f"bd_{port}_hi")
+        self.path = os.path.abspath(mem_file(port))       # the simulator's working directory
+        self.load.value = 0
+        self.dump.value = 0
+
+    async def _pulse(self, sig, lo: int, hi: int):
+        self.lo.value, self.hi.value = lo, hi
+        sig.value = 1
+        await RisingEdge(self.dut.ap_clk)
+        sig.value = 0
+        await RisingEdge(self.dut.ap_clk)
+
+    async def _read_beats(self, lo: int, hi: int) -> bytes:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        await self._pulse(self.dump, lo, hi)
+        with open(self.path) as f:
+            words = [ln.split("//")[0].strip() for ln in f]
+        words = [w for w in words if w and not w.startswith("@")]
+        n = hi - lo + 1
+        if len(words) != n:
+            raise RuntimeError(f"memory dump of beats {lo}..{hi} returned {len(words)} words")
+        raw = np.frombuffer(bytes.fromhex("".join(w.rjust(2 * self.B, "0") for w in words)), np.uint8)
+        return raw.reshape(n, self.B)[:, ::-1].tobytes()
+
+    async def write(self, addr: int, data: bytes):
+        if not data:
+            return
+        B = self.B
+        lo, end = addr // B, addr + len(data)
+        hi = (end - 1) // B
+        buf = bytearray((hi - lo + 1) * B)
+        head, tail = addr - lo * B, (hi + 1) * B - end
+        if head:
+            buf[:B] = await self._read_beats(lo, lo)
+        if tail and (hi != lo or not head):
+            buf[-B:] = await self._read_beats(hi, hi)
+        buf[head:head + len(data)] = data
+        n = hi - lo + 1
+        hexd = np.frombuffer(np.frombuffer(bytes(buf), np.uint8).reshape(n, B)[:, ::-1].tobytes().hex().encode(),
+                             np.uint8).reshape(n, 2 * B)
+        text = np.concatenate([hexd, np.full((n, 1), ord("\n"), np.uint8)], axis=1).tobytes()
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(text)
+        os.replace(tmp, self.path)
+        await self._pulse(self.load, lo, hi)
+
+    async def read(self, addr: int, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        lo, hi = addr // self.B, (addr + n - 1) // self.B
+        raw = await self._read_beats(lo, hi)
+        off = addr - lo * self.B
+        return raw[off:off + n]
+
+
 async def _reset(dut, cycles=8):
     dut.ap_rst_n.value = 0
     await ClockCycles(dut.ap_clk, cycles)
@@ -88,7 +156,12 @@ async def serve(dut):
     dut.ap_rst_n.value = 0
     axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control"), dut.ap_clk, dut.ap_rst_n,
                          reset_active_level=False)
-    rams = {p: _ram(dut, p, latency) for p in _ports(dut)}
+    hdl = hasattr(dut, "bd_ctrl_load")
+    if hdl:
+        beat = int(os.environ.get("ACCLLM_RTL_BEAT_BYTES", "32"))
+        rams = {f"m_axi_{p}": HdlMem(dut, p, beat) for p in os.environ["ACCLLM_RTL_PORTS"].split(",")}
+    else:
+        rams = {p: _ram(dut, p, latency) for p in _ports(dut)}
     await _reset(dut)
     cycles = 0
 
@@ -109,10 +182,14 @@ async def serve(dut):
                 v = await axil.read_dword(int(hdr["off"]))
                 send_msg(sock, {"ok": True, "val": int(v)})
             elif op == "mem_write":
-                rams[hdr["port"]].write(int(hdr["addr"]) % BANK_BYTES, data)
+                if hdl:
+                    await rams[hdr["port"]].write(int(hdr["addr"]) % BANK_BYTES, data)
+                else:
+                    rams[hdr["port"]].write(int(hdr["addr"]) % BANK_BYTES, data)
                 send_msg(sock, {"ok": True})
             elif op == "mem_read":
-                out = bytes(rams[hdr["port"]].read(int(hdr["addr"]) % BANK_BYTES, int(hdr["len"])))
+                a_, n_ = int(hdr["addr"]) % BANK_BYTES, int(hdr["len"])
+                out = bytes(await rams[hdr["port"]].read(a_, n_)) if hdl else bytes(rams[hdr["port"]].read(a_, n_))
                 send_msg(sock, {"ok": True}, out)
             elif op == "wait":
                 deadline = time.monotonic() + float(hdr["timeout_s"])
@@ -126,8 +203,11 @@ async def serve(dut):
                         break
                     if time.monotonic() >= deadline:
                         break
-                    await ClockCycles(dut.ap_clk, poll)
-                    cycles += poll
+                    # one simulator event per poll (a Timer), the interval growing to 4096 cycles
+                    await Timer(poll * period_ns, unit="ns")
+                    await RisingEdge(dut.ap_clk)
+                    cycles += poll + 1
+                    poll = min(2 * poll, 4096)
                 send_msg(sock, {"ok": True, "done": done, "sim_cycles": cycles - start})
             elif op == "reset":
                 await _reset(dut)

@@ -20,20 +20,35 @@ def main(argv=None) -> int:
     p.add_argument("--toplevel", default="accllm_kernel")
     p.add_argument("--period-ns", default="10")
     p.add_argument("--latency", default="100")
+    p.add_argument("--mem", choices=("hdl", "cocotb"), default="hdl",
+                   help="hdl: sim/simtop.py top with Verilog memories (fast); cocotb: cocotbext-axi AxiRam models")
+    p.add_argument("--weight-ports", type=int, default=2)
+    p.add_argument("--width", type=int, default=256)
     a = p.parse_args(argv)
 
     from sim.toolchain import build_design
 
     rtl = Path(a.rtl)
-    sources = sorted(p for p in rtl.iterdir() if p.suffix in (".v", ".sv"))
-    print(f"[rtl] building {a.toplevel} with {a.simulator} (cached after the first time)", flush=True)
-    runner, bdir = build_design(a.simulator, a.toplevel, sources, f"rtl-backend-{a.toplevel}")
+    env = {}
+    if a.mem == "hdl":
+        from types import SimpleNamespace
+        from sim.simtop import TOP, ports, sim_top_sources
+        cfg = SimpleNamespace(weight_ports=a.weight_ports, port_width_bits=a.width)
+        sources = sim_top_sources(rtl, cfg, int(a.latency))
+        top = TOP
+        env = {"ACCLLM_RTL_PORTS": ",".join(ports(cfg)), "ACCLLM_RTL_BEAT_BYTES": str(a.width // 8)}
+    else:
+        sources = sorted(p for p in rtl.iterdir() if p.suffix in (".v", ".sv"))
+        top = a.toplevel
+    print(f"[rtl] building {top} with {a.simulator} (cached after the first time)", flush=True)
+    runner, bdir = build_design(a.simulator, top, sources, f"rtl-backend-{top}",
+                                public="top" if a.mem == "hdl" else "all")
     repo = str(Path(__file__).resolve().parents[2])
-    env = {"ACCLLM_RTL_SOCK": a.sock, "ACCLLM_RTL_PERIOD_NS": a.period_ns, "ACCLLM_RTL_LATENCY": a.latency,
-           "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
-           "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING")}
+    env.update({"ACCLLM_RTL_SOCK": a.sock, "ACCLLM_RTL_PERIOD_NS": a.period_ns, "ACCLLM_RTL_LATENCY": a.latency,
+                "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+                "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING")})
     print("[rtl] simulator started", flush=True)
-    runner.test(hdl_toplevel=a.toplevel, test_module="host.backends.rtl_server", build_dir=bdir,
+    runner.test(hdl_toplevel=top, test_module="host.backends.rtl_server", build_dir=bdir,
                 test_dir=Path(a.sock).parent, extra_env=env,
                 results_xml=Path(a.sock).parent / "results.xml")
     return 0
