@@ -77,6 +77,7 @@ def _decode_run(pkg, backend: str, prompt: list[int], tokens: int) -> dict:
         tok = rt.feed(prompt, want="argmax")
         ttft = time.perf_counter() - t0
         prefill_cycles = rt.stats.cycles
+        rtl0 = getattr(rt.device, "cycles_rtl_total", None)
         out = [tok]
         t0 = time.perf_counter()
         for _ in range(tokens):
@@ -84,10 +85,12 @@ def _decode_run(pkg, backend: str, prompt: list[int], tokens: int) -> dict:
             out.append(tok)
         dt = time.perf_counter() - t0
         cyc = rt.stats.cycles
+        rtl_model = None if rtl0 is None else rt.device.cycles_rtl_total - rtl0
         hw = rt.device.hw
     finally:
         rt.close()
     return {"tokens": out, "ttft_s": ttft, "decode_s": dt, "prefill_cycles": prefill_cycles,
+            "prefill_cycles_rtl_model": rtl0, "decode_cycles_rtl_model": rtl_model,
             "decode_cycles": None if cyc is None or prefill_cycles is None else cyc - prefill_cycles, "hw": hw}
 
 
@@ -107,19 +110,24 @@ def _bench_rtl(args) -> dict:
     rtl = _decode_run(pkg, "rtl", prompt, args.tokens)
     hw = rtl["hw"]
     meas = rtl["decode_cycles"] / args.tokens
-    pred = emu["decode_cycles"] / args.tokens
+    pred = emu["decode_cycles_rtl_model"] / args.tokens
+    arch = emu["decode_cycles"] / args.tokens
     return {"backend": "rtl", "simulator": "verilator", "model": args.model, "package": str(pkg), "hw": hw.name,
             "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens,
             "cycles_per_token_measured": round(meas, 1), "cycles_per_token_predicted": round(pred, 1),
             "cycles_ratio": round(meas / pred, 3),
-            "prefill_cycles_measured": rtl["prefill_cycles"], "prefill_cycles_predicted": emu["prefill_cycles"],
+            "cycles_per_token_architecture_model": round(arch, 1),
+            "prefill_cycles_measured": rtl["prefill_cycles"],
+            "prefill_cycles_predicted": emu["prefill_cycles_rtl_model"],
             "sim_cycles_per_s": round(rtl["decode_cycles"] / rtl["decode_s"], 1),
             "decode_ms_at_clock": round(meas / (hw.clock_mhz * 1e3), 3),
             "tokens_match_emu": rtl["tokens"] == emu["tokens"], "tokens": rtl["tokens"],
             "note": ("cycles_per_token_measured: the RTL kernel's cycle register (ap_start to ap_done) per decode "
-                     "step under Verilator with the configured HBM read latency; _predicted: sim/cycle.py for the "
-                     "same programs (the functional model's cycle count); sim_cycles_per_s: simulated cycles per "
-                     "wall-clock second of the decode steps (host calls included)")}
+                     "step under Verilator with the configured HBM read latency; _predicted: sim/cycle.RtlCycleModel "
+                     "(the RTL as built: no overlap, one element per cycle in SFU/attention) for the same programs; "
+                     "_architecture_model: sim/cycle.CycleModel (the target design with prefetch and SFU lanes, "
+                     "what accllm perf projects; not what this RTL does yet); sim_cycles_per_s: simulated cycles "
+                     "per wall-clock second of the decode steps (host calls included)")}
 
 
 def _bench_emu(args) -> dict:

@@ -40,6 +40,8 @@ class EmuDevice(MemoryDevice):
         self._wgen = 0
         self.trace: list[tuple[int, str, int]] | None = None     # (index, op, cycles) of the last run if enabled
         self.last_error: str = ""
+        self.last_cycles_rtl = 0        # cycles of the last run on the RTL as built (sim/cycle.RtlCycleModel)
+        self.cycles_rtl_total = 0
 
     # ---- memory -------------------------------------------------------------------------------
     def _dev_write(self, buf, offset, data):
@@ -155,10 +157,12 @@ class EmuDevice(MemoryDevice):
         index = 0
         cycles = 0
         parts = []
+        rtl_parts: list[float] = []
         self.last_error = ""
         try:
-            from sim.cycle import CycleModel
+            from sim.cycle import CycleModel, RtlCycleModel
             cm = CycleModel(self.hw)
+            rcm = RtlCycleModel(self.hw)
         except ImportError:       # pragma: no cover
             cm = None
         try:
@@ -192,10 +196,15 @@ class EmuDevice(MemoryDevice):
                 if cm is not None:
                     part = cm.instr_parts(ins, info, T)
                     parts.append(part)
+                    rtl_parts.append(rcm.instr_cycles(ins, info, T))
                     if self.trace is not None:
                         self.trace.append((pc, ins.name, part))
                 pc += 1
             cycles = int(cm.overlapped(parts)) if cm is not None else 0
+            if cm is not None:
+                # the same run on the RTL as built (sim/cycle.RtlCycleModel), accumulated for `bench rtl`
+                self.last_cycles_rtl = int(rcm.program_cycles(rtl_parts))
+                self.cycles_rtl_total += self.last_cycles_rtl
             return regmap.STATUS_OK, index, cycles
         except Fault as f:
             self.last_error = str(f)
@@ -411,7 +420,7 @@ class EmuDevice(MemoryDevice):
         codes, words = nx.act_quant(out.reshape(T, Hq * hd))
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,
-                    slots=slots, vgroup=vg)
+                    slots=slots, vgroup=vg, pos0=pos0)
 
 
 _INT_MM = []
