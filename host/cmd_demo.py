@@ -168,18 +168,33 @@ def run(args) -> int:
     if args.rtl_tokens > 0:
         _step(4, N, f"accllm run --backend rtl (Verilator): {args.rtl_tokens} tokens, compared with emu")
         t0 = time.time()
+        # the RTL run is cached by package, kernel sources, prompt and token count (it takes minutes)
+        import hashlib
+        from host.backends.rtl import _rtl_sources_digest
+        key = hashlib.sha256(json.dumps([manifest.get("files", {}), _rtl_sources_digest(), ids, args.rtl_tokens],
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        rtl_cache = cache_dir("demo") / f"rtl-{key}.json"
         try:
-            with open_runtime(pkg, "rtl", owner="accllm demo") as rt:
-                rtl_tokens = list(rt.generate(ids, args.rtl_tokens))
-                st = rt.stats
-                hw = rt.device.hw
+            if rtl_cache.is_file() and not args.rebuild:
+                rec = json.loads(rtl_cache.read_text())
+                rtl_tokens, cycles, clock, wall = rec["tokens"], rec["cycles"], rec["clock_mhz"], rec["wall_s"]
+                print(f"    (cached result of the RTL run: {rtl_cache})", flush=True)
+            else:
+                with open_runtime(pkg, "rtl", owner="accllm demo") as rt:
+                    rtl_tokens = []
+                    for tok in rt.generate(ids, args.rtl_tokens):
+                        rtl_tokens.append(tok)
+                        print(f"    rtl token {len(rtl_tokens)}/{args.rtl_tokens}: {tok} "
+                              f"({time.time() - t0:.0f} s)", flush=True)
+                    cycles, clock = rt.stats.cycles, rt.device.hw.clock_mhz
+                wall = time.time() - t0
+                atomic_write_text(rtl_cache, json.dumps({"tokens": rtl_tokens, "cycles": cycles, "clock_mhz": clock,
+                                                         "wall_s": wall}))
             want = emu_tokens[:len(rtl_tokens)]
             ok = rtl_tokens == want
-            cyc = ""
-            if st.cycles:
-                cyc = f"; {st.cycles} cycles = {st.cycles / (hw.clock_mhz * 1e3):.2f} ms at {hw.clock_mhz:g} MHz"
+            cyc = f"; {cycles} cycles = {cycles / (clock * 1e3):.2f} ms at {clock:g} MHz" if cycles else ""
             rtl_row = (f"{'MATCH' if ok else 'MISMATCH'}: rtl {rtl_tokens} vs emu {want}{cyc}; "
-                       f"{time.time() - t0:.0f} s wall")
+                       f"{wall:.0f} s wall")
             if not ok:
                 failures.append("rtl tokens differ from emu")
         except RtlUnsupported as e:

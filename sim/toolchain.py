@@ -57,6 +57,14 @@ def build_dir(simulator: str, name: str, sources: list[Path], params: dict | Non
     """A cache directory keyed by the simulator, the design's sources and parameters."""
     h = hashlib.sha256()
     h.update(simulator.encode())
+    # the generated Makefiles hold absolute paths of the venv that built them (cocotb's verilator.cpp,
+    # libraries): a build from another checkout or venv must not be reused
+    try:
+        import cocotb_tools.config
+        h.update(str(cocotb_tools.config.share_dir).encode())
+    except ImportError:       # pragma: no cover
+        pass
+    h.update(os.environ.get("VERILATOR_ROOT", "").encode())
     for s in sources:
         h.update(Path(s).read_bytes())
     h.update(repr(sorted((params or {}).items())).encode())

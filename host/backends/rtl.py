@@ -116,7 +116,7 @@ class RtlDevice(Device):
         lat = latency if latency is not None else hw.hbm_latency_cycles
         # memories: Verilog models in the simulation top (fast, default) or cocotbext-axi AxiRam
         # (ACCLLM_RTL_MEM=cocotb: every AXI handshake through the Python models)
-        self.mem = mem or os.environ.get("ACCLLM_RTL_MEM", "hdl")
+        self.mem = mem or os.environ.get("ACCLLM_RTL_MEM") or self._default_mem(rtl, hw)
         if self.mem not in ("hdl", "cocotb"):
             raise AccllmError(f"rtl memory model {self.mem!r}: use hdl or cocotb (ACCLLM_RTL_MEM)")
         cmd = [sys.executable, "-m", "host.backends.rtl_sim", "--sock", path, "--rtl", str(rtl),
@@ -158,6 +158,14 @@ class RtlDevice(Device):
 
     def lock_name(self) -> str:
         return f"rtl-{id(self)}"
+
+    @staticmethod
+    def _default_mem(rtl: Path, hw) -> str:
+        """hdl (the simulation top with Verilog memories) for a full kernel; cocotb for a stand-in design
+        without the kernel's AXI masters (the simulation top could not be wired to it)."""
+        text = "".join(p.read_text(errors="replace") for p in Path(rtl).glob("*.v"))
+        need = ["m_axi_ctrl_arvalid"] + [f"m_axi_w{p}_awvalid" for p in range(hw.weight_ports)]
+        return "hdl" if all(n in text for n in need) else "cocotb"
 
     def _alloc_address(self, size: int, port: str, bank: int) -> int:
         addr = super()._alloc_address(size, port, bank)
