@@ -33,7 +33,8 @@ I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 # --------------------------------------------------------------------------------------------------
 def sat(x, bits: int) -> np.ndarray:
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return np.clip(np.asarray(x, dtype=np.int64), lo, hi)
+    # np.minimum/np.maximum directly: np.clip's Python wrapper costs more than the work on small rows
+    return np.minimum(np.maximum(np.asarray(x, dtype=np.int64), lo), hi)
 
 
 def rshift_round(x, s) -> np.ndarray:
@@ -55,15 +56,21 @@ def shift_sat32(y, r) -> np.ndarray:
     """y * 2**-r with round half up for r > 0, left shift for r <= 0; saturated to int32."""
     y = np.asarray(y, dtype=np.int64)
     r = np.broadcast_to(np.asarray(r, dtype=np.int64), y.shape)
-    right = rshift_round(y, np.clip(r, 0, 62))
-    ls = np.clip(-r, 0, 31)
-    left = np.left_shift(np.clip(y, I32_MIN, I32_MAX), ls)
+    rs = np.minimum(np.maximum(r, 0), 62)
+    right = np.right_shift(y + np.where(rs > 0, np.left_shift(np.int64(1), np.maximum(rs - 1, 0)), 0), rs)
+    if not (r <= 0).any():
+        return np.minimum(np.maximum(right, I32_MIN), I32_MAX)
+    ls = np.minimum(np.maximum(-r, 0), 31)
+    left = np.left_shift(np.minimum(np.maximum(y, I32_MIN), I32_MAX), ls)
     return sat(np.where(r > 0, right, left), 32)
 
 
 def bitlen(x) -> np.ndarray:
     """Number of bits of non-negative integers (0 -> 0), exact for int64."""
     x = np.asarray(x, dtype=np.int64)
+    if x.size and x.max() < (1 << 53):
+        # exact through float64 below 2**53: frexp's exponent of v > 0 is its bit length
+        return np.where(x > 0, np.frexp(x.astype(np.float64))[1], 0).astype(np.int64)
     out = np.zeros(x.shape, dtype=np.int64)
     v = x.copy()
     for s in (32, 16, 8, 4, 2, 1):
