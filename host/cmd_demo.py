@@ -239,9 +239,11 @@ def run(args) -> int:
         p = proj.get(model, {})
         if "error" in p:
             return f"not available: {p['error']}"
-        return (f"{p.get('decode_tokens_per_s', float('nan')):.0f} tokens/s decode, "
+        ab = p.get("as_built") or {}
+        return (f"target design {p.get('decode_tokens_per_s', float('nan')):.0f} tokens/s decode (unvalidated), "
                 f"{p.get('bytes_per_token', 0) / 1e6:.1f} MB/token, roofline "
-                f"{p.get('roofline_tokens_per_s', float('nan')):.0f} tokens/s")
+                f"{p.get('roofline_tokens_per_s', float('nan')):.0f} tokens/s; RTL as built "
+                f"{ab.get('decode_tokens_per_s', float('nan')):.2f} tokens/s (validated model)")
 
     n_dec = max(emu_stats.new_tokens - 1, 0)
     rows += [
