@@ -272,12 +272,17 @@ async def stream_efficiency(dut):
         await host.setup()
         first, last, beats = [None], [0], [0]
         cycle = [0]
+        ar_at, r_at = [None], [None]       # first AR handshake and first R beat on w0: the memory's latency
 
         async def monitor():
             while True:
                 await RisingEdge(dut.ap_clk)
                 cycle[0] += 1
+                if ar_at[0] is None and int(dut.m_axi_w0_arvalid.value) and int(dut.m_axi_w0_arready.value):
+                    ar_at[0] = cycle[0]
                 if int(dut.m_axi_w0_rvalid.value) and int(dut.m_axi_w0_rready.value):
+                    if r_at[0] is None:
+                        r_at[0] = cycle[0]
                     beats[0] += 1
                     if beats[0] == 64 // Wb + 1:        # first beat of the stream (after the descriptor)
                         first[0] = cycle[0]
@@ -294,3 +299,4 @@ async def stream_efficiency(dut):
         record(key + "_run_cycles", cyc)
         if p_stall == 0.0:
             record("matmul_case", dict(N=N, K=K, bits=2, group=64, sparse=False, T=1))
+            record("read_latency_cycles", r_at[0] - ar_at[0])
