@@ -45,6 +45,11 @@ def _sparsity(v):
     return None
 
 
+def _alpha(v):
+    return None if isinstance(v, (int, float)) and 0.0 <= float(v) < 1.0 else \
+        f"must be a number in [0, 1) (0 = off), got {v!r}"
+
+
 def _positive(v):
     return None if isinstance(v, int) and v > 0 else f"must be a positive integer, got {v!r}"
 
@@ -70,6 +75,10 @@ class Recipe:
     act_bits: int = _key(0, "input activation bits of linear layers (0 = float)", choices=(0, 8))
     act_scheme: str = _key("per_token", "activation scales: per_token (dynamic) | per_tensor (static, "
                            "calibrated)", choices=("per_token", "per_tensor"))
+    smooth_alpha: float = _key(0.0, "outlier smoothing of linear inputs (SmoothQuant-style, migration strength "
+                               "alpha; 0 = off): per-channel factors folded into the RMSNorm weights (q/k/v, "
+                               "gate/up inputs), v_proj rows (o_proj input) and up_proj rows (down_proj input)",
+                               check=_alpha)
     # --- KV cache ---------------------------------------------------------------------------
     kv_bits: int = _key(0, "KV-cache bits (0 = float); keys per channel, values per token", choices=(0, 4, 8))
     kv_group_size: int = _key(64, "KV quantization group (tokens for keys, channels for values)",
@@ -153,7 +162,7 @@ KEYS = {f.name: f for f in fields(Recipe)}
 
 PRESETS: dict[str, dict] = {
     "fp": dict(),
-    "a8": dict(act_bits=8),
+    "a8": dict(act_bits=8, smooth_alpha=0.5),
     "kv4": dict(kv_bits=4),
     "w8": dict(weight_bits=8),
     "w4": dict(weight_bits=4),

@@ -1,6 +1,7 @@
 """The recipe pipeline: turns a loaded float model into the compressed model a recipe describes.
 
 Order (data flows one way):
+  0. outlier smoothing (optional)    quant.smooth.smooth_model     (folded into norms / v / up rows)
   1. N:M pruning                     algo.prune.prune_model        (calibrated on WikiText-2 valid)
   2. KV-cache quantization hook      quant.kv.make_kv_hook         (applied as the cache is written)
   3. attention: full or Λ-shaped     algo.attention.make_cache_factory (takes the KV hook)
@@ -32,7 +33,8 @@ class Prepared:
 
 def needs_calibration(recipe: Recipe) -> bool:
     return bool(recipe.nm and recipe.prune_method != "magnitude") or bool(recipe.weight_bits and recipe.weight_method != "rtn") \
-        or bool(recipe.kv_bits) or (bool(recipe.act_bits) and recipe.act_scheme == "per_tensor") or recipe.qat_steps > 0
+        or bool(recipe.kv_bits) or (bool(recipe.act_bits) and recipe.act_scheme == "per_tensor") or recipe.qat_steps > 0 \
+        or recipe.smooth_alpha > 0
 
 
 def prepare(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> Prepared:
@@ -52,6 +54,9 @@ def prepare(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> Prepa
             steps[name].update(out)
         return out
 
+    if recipe.smooth_alpha > 0:
+        from quant.smooth import smooth_model
+        timed("smooth", lambda: smooth_model(loaded.model, recipe, calib, progress=progress))
     if recipe.nm:
         from algo.prune import prune_model
         timed("prune", lambda: prune_model(loaded.model, recipe, calib, progress=progress))

@@ -160,3 +160,27 @@ def test_qat_distillation_updates_and_refreezes(fresh_tiny):
     # frozen back into the exact integer format
     assert torch.equal(q.weight, dequant_weight(q.codes, q.zeros, q.scales, 64))
     assert q.forward.__func__ is QLinear.forward
+
+
+def test_smoothing_keeps_the_float_function_and_checks_alpha():
+    """quant/smooth.py folds per-channel factors into norms / v / up rows: same logits in float, the
+    factors actually move (not identity), and a bad alpha is refused with the accepted range."""
+    import copy
+    import torch
+    from algo.common import AccllmError
+    from algo.data import calibration_batches
+    from algo.models import load_model
+    from algo.recipe import load_recipe
+    from quant.smooth import smooth_model
+    lm = load_model("tiny")
+    ref = copy.deepcopy(lm.model)
+    calib = calibration_batches(lm.tokenizer, 2, 64, 0)
+    rep = smooth_model(lm.model, load_recipe("a8"), calib, progress=False)
+    lo, hi = rep["layers"][0]["qkv"]
+    assert hi > 1.5 or lo < 0.67, rep["layers"][0]
+    with torch.no_grad():
+        a, b = ref(calib[:1]).logits, lm.model(calib[:1]).logits
+    assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+    assert not torch.equal(ref.model.layers[0].input_layernorm.weight, lm.model.model.layers[0].input_layernorm.weight)
+    with pytest.raises(AccllmError, match=r"smooth_alpha.*\[0, 1\)"):
+        load_recipe("a8", sets=["smooth_alpha=1.5"])
