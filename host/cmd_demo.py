@@ -109,9 +109,15 @@ def run(args) -> int:
         try:
             from host.runtime import load_package_verified
             m = load_package_verified(pkg).manifest
-            r = m.get("recipe", {})
-            cached = (m.get("hw", {}).get("name") == args.hw and r.get("calib_samples") == args.calib_samples
-                      and r.get("calib_seqlen") == args.calib_seqlen)
+            from algo.recipe import load_recipe, recipe_from_dict
+            want = load_recipe(args.recipe, sets=[f"calib_samples={args.calib_samples}",
+                                                  f"calib_seqlen={args.calib_seqlen}"]).to_dict()
+            # the whole recipe must match (a preset that changed since the package was built recompiles)
+            # (keys added to the recipe after the package was built take their defaults)
+            cached = m.get("hw", {}).get("name") == args.hw and recipe_from_dict(m.get("recipe", {})).to_dict() == want
+            if not cached:
+                print("    cached package was built for another hardware configuration or recipe; recompiling",
+                      flush=True)
         except AccllmError as e:
             print(f"    cached package unusable ({e}); recompiling", flush=True)
     _step(1, N, f"compile-model --model {args.model} --recipe {args.recipe} --hw {args.hw} --out {pkg}"
