@@ -43,6 +43,12 @@ def test_rtl_device_registers_runs_timeout_and_close(control_rtl):
     dev = RtlDevice(hw, rtl_dir=str(control_rtl), check_ports=False, progress=False)
     pgid = dev.proc.pid
     try:
+        # one simulated memory per AXI port: buffers of a port in different banks must not alias
+        from host.device import BANK_BYTES
+        b0 = dev.alloc(100, port="m_axi_ctrl", bank=0, name="a")
+        b1 = dev.alloc(100, port="m_axi_ctrl", bank=1, name="b")
+        assert b0.address // BANK_BYTES == 0 and b1.address // BANK_BYTES == 1
+        assert b0.address % BANK_BYTES != b1.address % BANK_BYTES
         with dev.session("first"):
             with pytest.raises(DeviceBusy, match="first"):
                 with dev.session("second"):

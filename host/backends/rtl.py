@@ -168,14 +168,21 @@ class RtlDevice(Device):
         return "hdl" if all(n in text for n in need) else "cocotb"
 
     def _alloc_address(self, size: int, port: str, bank: int) -> int:
-        addr = super()._alloc_address(size, port, bank)
+        """bank * BANK_BYTES + an offset that is unique per AXI port: the simulation has one memory per
+        port and ignores the bank bits, so buffers of one port in different banks (program in bank 0,
+        kv in bank 1 on m_axi_ctrl) must not share offsets."""
+        from host.device import ALIGN, BANK_BYTES
+        nxt = self.__dict__.setdefault("_port_next", {})
+        off = nxt.get(port, ALIGN)            # offset 0 is never a buffer (an unset pointer)
+        limit = BANK_BYTES
         if getattr(self, "mem", "hdl") == "hdl":
             from sim.simtop import MEM_ADDR_BITS
-            from host.device import BANK_BYTES
-            if addr % BANK_BYTES + size > (1 << MEM_ADDR_BITS):
-                raise AccllmError(f"buffer of {size} bytes in bank {bank} ends past the {1 << (MEM_ADDR_BITS - 20)} MiB "
-                                  f"that the simulated memory of each port holds (sim/simtop.py MEM_ADDR_BITS)")
-        return addr
+            limit = 1 << MEM_ADDR_BITS
+        if off + size > limit:
+            raise AccllmError(f"buffer of {size} bytes on {port} ends past the {limit >> 20} MiB that the simulated "
+                              f"memory of each port holds (sim/simtop.py MEM_ADDR_BITS)")
+        nxt[port] = off + (size + ALIGN - 1) // ALIGN * ALIGN
+        return bank * BANK_BYTES + off
 
     def _log_tail(self, n: int = 20) -> str:
         try:
