@@ -147,25 +147,33 @@ def _layer_format(recipe, name: str) -> tuple[int, int, bool]:
     return bits, recipe.group_size if recipe.weight_bits else 64, sparse
 
 
+def _dims(shape: dict, recipe):
+    """(H, I, L, Hq, Hkv, hd, V, vgroup) of a model config under *recipe*."""
+    H, Hq = shape["hidden_size"], shape["num_attention_heads"]
+    hd = shape.get("head_dim") or H // Hq
+    return (H, shape["intermediate_size"], shape["num_hidden_layers"], Hq, shape["num_key_value_heads"], hd,
+            shape["vocab_size"], min(recipe.kv_group_size, hd))
+
+
+def _block_linears(H, I, Hq, Hkv, hd):
+    """(tag, module name for the recipe's layer patterns, N, K, F_ACC) of one decoder layer's MATMULs."""
+    return [("qkv", "model.layers.0.self_attn.q_proj", (Hq + 2 * Hkv) * hd, H, False),
+            ("o", "model.layers.0.self_attn.o_proj", H, Hq * hd, True),
+            ("gate_up", "model.layers.0.mlp.gate_proj", 2 * I, H, False),
+            ("down", "model.layers.0.mlp.down_proj", H, I, True)]
+
+
 def project(shape: dict, recipe, hw: HWConfig, context: int | None = None, prompt: int = 512) -> dict:
     """Bytes and cycles per decode token (at *context* kept KV tokens), prefill and TTFT of *prompt*."""
     cm = CycleModel(hw)
-    H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    Hq, Hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    hd = shape.get("head_dim") or H // Hq
-    V = shape["vocab_size"]
-    vg = min(recipe.kv_group_size, hd)
+    H, I, L, Hq, Hkv, hd, V, vg = _dims(shape, recipe)
     if context is None:
         context = recipe.sink_tokens + recipe.window if recipe.attention == "lambda" else \
             min(hw.max_context, shape.get("max_position_embeddings", hw.max_context))
     kept = min(context, recipe.sink_tokens + recipe.window) if recipe.attention == "lambda" else context
-    lin = [("qkv", "model.layers.0.self_attn.q_proj", (Hq + 2 * Hkv) * hd, H),
-           ("o", "model.layers.0.self_attn.o_proj", H, Hq * hd),
-           ("gate_up", "model.layers.0.mlp.gate_proj", 2 * I, H),
-           ("down", "model.layers.0.mlp.down_proj", H, I)]
     per_layer = {}
     wbytes = 0.0
-    for tag, name, N, K in lin:
+    for tag, name, N, K, _acc in _block_linears(H, I, Hq, Hkv, hd):
         b, g, sp = _layer_format(recipe, name)
         by = cm.linear_bytes(N, K, b, g, sp)
         parts = cm.linear_parts(N, K, b, g, sp)
@@ -229,16 +237,9 @@ def as_built(shape: dict, recipe, hw: HWConfig, kept: int) -> dict:
     """Decode token cycles of the RTL as built (RtlCycleModel: the model `accllm bench rtl --model tiny`
     checks against the kernel's cycle register), at *kept* KV tokens."""
     rm = RtlCycleModel(hw)
-    H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    Hq, Hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    hd = shape.get("head_dim") or H // Hq
-    V = shape["vocab_size"]
-    vg = min(recipe.kv_group_size, hd)
+    H, I, L, Hq, Hkv, hd, V, vg = _dims(shape, recipe)
     parts = {}
-    for tag, name, N, K, acc in (("qkv", "model.layers.0.self_attn.q_proj", (Hq + 2 * Hkv) * hd, H, False),
-                                 ("o", "model.layers.0.self_attn.o_proj", H, Hq * hd, True),
-                                 ("gate_up", "model.layers.0.mlp.gate_proj", 2 * I, H, False),
-                                 ("down", "model.layers.0.mlp.down_proj", H, I, True)):
+    for tag, name, N, K, acc in _block_linears(H, I, Hq, Hkv, hd):
         b, g, sp = _layer_format(recipe, name)
         parts[tag] = rm.matmul(N, K, b, g, sp, 1, acc)
     slots = max(kept, 1)

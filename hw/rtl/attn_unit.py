@@ -39,11 +39,11 @@ from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw import memmap, regmap
-from hw.config import HWConfig
 
 from .attention import AttentionCore
 from .kvcache import KeyQuant, ValueQuant
 from .sfu import ActQuant, Divider, RoPE
+from .units import _Base, _end64
 
 MAX_HD = 128          # largest head dimension of this build (Llama-2-7B: 128)
 MAX_VREC = MAX_HD // 2 + 4 * (MAX_HD // 8)     # V record bytes at hd = 128, vgroup = 8
@@ -84,30 +84,17 @@ class Unpacker(wiring.Component):
         return m
 
 
-def _sig(cfg):
-    from .kernel import unit_signature
-    return unit_signature(cfg)
-
-
 def _align64(x):
     return (x + 63) & ~63
 
 
-class AttnUnit(wiring.Component):
-    def __init__(self, cfg: HWConfig):
-        self.cfg = cfg
-        super().__init__(_sig(cfg))
-
+class AttnUnit(_Base):
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        P, W = cfg.weight_ports, cfg.port_width_bits
-        Wb = W // 8
-        lgWb = Wb.bit_length() - 1
-        WPB = W // 32
-        lgWPB = WPB.bit_length() - 1
+        f, a, b, _c, d, status = self._common(m)
+        P, W, Wb, lgWb, WPB, lgWPB = cfg.weight_ports, self.W, self.Wb, self.lgWb, self.WPB, self.lgWPB
         H = cfg.max_hidden
-        word = self.word
         T = self.n_tokens
 
         # ---- cores
@@ -137,10 +124,7 @@ class AttnUnit(wiring.Component):
         out_depth = -(-(64 + H) // Wb) + 1
         out_w, (out_r,) = mem("obuf", W, out_depth, 1, 8)
 
-        # ---- instruction and descriptor
-        a, b, d = Signal(32), Signal(32), Signal(32)
-        status = Signal(8)
-        m.d.comb += self.status.eq(status)
+        # ---- descriptor
         hdr = Signal(512)
         hw_ = {name: hdr[32 * i: 32 * i + 32] for i, name in enumerate(memmap.ATN_FIELDS)}
         Hq, Hkv, hd, S_, W_, slots = hw_["heads"], hw_["kv_heads"], hw_["head_dim"], hw_["sink"], hw_["window"], hw_["slots"]
@@ -171,9 +155,6 @@ class AttnUnit(wiring.Component):
         off_ksh = Signal(32)
         m.d.comb += [off_ks.eq(_align64(nkc << 2)), off_kz.eq(off_ks + _align64(nkc)),
                      off_km.eq(off_kz + _align64(nkc)), off_ksh.eq(off_km + _align64(nkc << 1))]
-
-        def end64(base, extent):
-            return (Cat(base, Const(0, 32)) + extent) > (1 << 32)
 
         # ---- per-token / per-head state
         t = Signal(32)
@@ -268,6 +249,11 @@ class AttnUnit(wiring.Component):
         with m.If(rope.f.valid & rope.f.ready):
             m.d.sync += fi.eq(fi + 1)
 
+        def rope_from_io():
+            """io words -> RoPE, frequencies from f_mem (KAPP and QLOAD)."""
+            m.d.comb += [rope.i.valid.eq(wu.o.valid), rope.i.payload.eq(wu.o.payload), wu.o.ready.eq(rope.i.ready),
+                         rope.f.valid.eq(1)]
+
         # constant loads: byte assembler
         esz = Signal(3)
         bsel = Signal(2)
@@ -293,7 +279,7 @@ class AttnUnit(wiring.Component):
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [a.eq(word[32:64]), b.eq(word[64:96]), d.eq(word[96:128]), status.eq(0), cnt.eq(0)]
+                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), status.eq(0), cnt.eq(0)]
                     m.next = "BEGIN"
             with m.State("BEGIN"):
                 with m.If((T == 0) | (T > cfg.max_prefill)):
@@ -353,7 +339,7 @@ class AttnUnit(wiring.Component):
                     with m.Else():
                         m.next = "ADDR_CHECK"
             with m.State("ADDR_CHECK"):
-                with m.If(end64(b, T * src_stride) | end64(a, T * dst_stride) | (b[:2] != 0)):
+                with m.If(_end64(b, T * src_stride) | _end64(a, T * dst_stride) | (b[:2] != 0)):
                     m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
                     m.next = "DONE"
                 with m.Else():
@@ -437,9 +423,8 @@ class AttnUnit(wiring.Component):
                     m.d.sync += [fi.eq(0), cc.eq(0), ci.eq(0)]
                     m.next = "KAPP"
             with m.State("KAPP"):
-                m.d.comb += [rope.i.valid.eq(wu.o.valid), rope.i.payload.eq(wu.o.payload), wu.o.ready.eq(rope.i.ready),
-                             rope.f.valid.eq(1),
-                             kq.i.valid.eq(rope.o.valid), kq.i.payload.eq(rope.o.payload), rope.o.ready.eq(kq.i.ready),
+                rope_from_io()
+                m.d.comb += [kq.i.valid.eq(rope.o.valid), kq.i.payload.eq(rope.o.payload), rope.o.ready.eq(kq.i.ready),
                              kq.c.valid.eq(1), kq.o.ready.eq(1)]
                 with m.If(kq.i.valid & kq.i.ready):
                     m.d.sync += cc.eq(cc + 1)
@@ -513,9 +498,8 @@ class AttnUnit(wiring.Component):
                     m.d.sync += [fi.eq(0), cc.eq(0), ci.eq(0)]
                     m.next = "QLOAD"
             with m.State("QLOAD"):
-                m.d.comb += [rope.i.valid.eq(wu.o.valid), rope.i.payload.eq(wu.o.payload), wu.o.ready.eq(rope.i.ready),
-                             rope.f.valid.eq(1),
-                             core.q.valid.eq(rope.o.valid), core.q.payload.eq(rope.o.payload), rope.o.ready.eq(core.q.ready),
+                rope_from_io()
+                m.d.comb += [core.q.valid.eq(rope.o.valid), core.q.payload.eq(rope.o.payload), rope.o.ready.eq(core.q.ready),
                              core.c.valid.eq(rope.o.valid)]
                 with m.If(core.q.valid & core.q.ready):
                     m.d.sync += [cc.eq(cc + 1), ci.eq(ci + 1)]
