@@ -280,6 +280,6 @@ def model_shape(spec: str) -> dict:
                     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                     vocab_size=cfg["vocab_size"], max_position_embeddings=cfg.get("max_position_embeddings", 4096),
                     tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                    rope_theta=cfg.get("rope_theta", 10000.0))
+                    rope_theta=(cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
     raise AccllmError(f"no shape known for model {spec!r}: give one of {', '.join(KNOWN_CONFIGS)} or a "
                       f"Hugging Face directory with config.json")

@@ -102,6 +102,22 @@ def linear_images(w: LinearW, hw: HWConfig) -> list[bytes]:
     return mm.pack_linear(codes, w.zeros, M, SH, w.bits, w.group, scale_bits=hw.scale_bits, ports=hw.weight_ports)
 
 
+def rope_theta(cfg: dict) -> float:
+    """RoPE base of a model_config: ``rope_parameters.rope_theta`` (transformers >= 5, which no longer
+    writes a top-level ``rope_theta``) or ``rope_theta`` (older configs), 10000 if neither. Only plain
+    RoPE is accepted (rope_type default, no rope_scaling)."""
+    rp = cfg.get("rope_parameters") or {}
+    rs = cfg.get("rope_scaling") or {}
+    if not isinstance(rp, dict) or not isinstance(rs, dict) or (rp and "rope_theta" not in rp and "rope_type" not in rp):
+        raise AccllmError(f"RoPE {rp or rs!r} is not supported by the compiler (plain RoPE only)")
+    if {d.get("rope_type", d.get("type")) for d in (rp, rs) if d} - {None, "default"}:
+        raise AccllmError(f"RoPE {rp or rs!r} is not supported by the compiler (plain RoPE only)")
+    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if theta is None or not float(theta) > 0:
+        raise AccllmError(f"rope_theta {theta!r} is not a positive number")
+    return float(theta)
+
+
 class _Area:
     """Bump allocator of one address space (64-byte aligned)."""
 
@@ -137,9 +153,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     hd = int(cfg.get("head_dim") or H // Hq)
     V = int(cfg["vocab_size"])
     eps = float(cfg.get("rms_norm_eps", 1e-6))
-    theta = float(cfg.get("rope_theta", 10000.0))
-    if cfg.get("rope_scaling"):
-        raise AccllmError(f"rope_scaling {cfg['rope_scaling']!r} is not supported by the compiler (plain RoPE only)")
+    theta = rope_theta(cfg)
     # ---- checks against the configuration ---------------------------------------------------------
     for what, v in (("hidden_size", H), ("intermediate_size", I), ("q width", Hq * hd)):
         if v > hw.max_hidden:

@@ -290,6 +290,29 @@ def test_compiler_refuses_what_hardware_cannot_run(tmp_path):
         compile_fake(tmp_path, sets=("window=5000",))
 
 
+def test_compiler_rope_theta_from_transformers5_config(tmp_path):
+    """transformers >= 5 keeps the RoPE base in model_config["rope_parameters"] (no top-level
+    rope_theta): the compiler must take it from there (SmolLM2: 100000, not the 10000 default)."""
+    from algo.common import AccllmError
+    from hw.compiler import compile_to_dir
+    r = load_recipe("accllm", None, ["window=8", "sink_tokens=2", "kv_group_size=16"])
+    hw = load_hw("sim-small", [])
+    hd = CFG["head_dim"]
+    pkg = FakePackage(r)
+    cfg = pkg.manifest["model_config"]
+    cfg.pop("rope_theta")
+    cfg["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    compile_to_dir(pkg, hw, tmp_path, progress=False)
+    import json
+    off = json.loads((tmp_path / "memmap.json").read_text())["descriptors"]["rope"]
+    F = np.fromfile(tmp_path / "hbm_w0.bin", np.uint8)[off:off + 4 * (hd // 2)].view("<u4")
+    inv = 1.0 / (100000.0 ** (np.arange(0, hd, 2) / hd))
+    assert np.array_equal(F.astype(np.int64), nx.rope_freq_words(inv))
+    cfg["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "llama3", "factor": 8.0}
+    with pytest.raises(AccllmError, match="plain RoPE"):
+        compile_to_dir(pkg, hw, tmp_path / "x", progress=False)
+
+
 @pytest.mark.parametrize("bits,sparse", [(2, True), (4, False), (8, False), (8, True)])
 def test_int8_gemm_decode_path_is_exact(bits, sparse):
     from sim.emu import EmuDevice, _int_mm
