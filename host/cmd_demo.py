@@ -129,6 +129,13 @@ def run(args) -> int:
                                      "--set", f"calib_seqlen={args.calib_seqlen}", "--out", str(pkg)] + prog)
         if rc:
             raise AccllmError(f"compile-model failed (exit {rc})")
+    if cached:
+        from hw.compiler import compiler_digest, recompile
+        from hw.config import load_hw
+        if json.loads((pkg / "manifest.json").read_text()).get("program", {}).get("compiler_digest") != compiler_digest():
+            print("    the cached package's program was compiled by another version of the compiler; compiling it "
+                  "again (stage 2 only, same weights)", flush=True)
+            recompile(pkg, load_hw(args.hw))
     t_compile = time.time() - t0
     manifest = json.loads((pkg / "manifest.json").read_text())
     fp = manifest.get("footprint", {})

@@ -374,7 +374,20 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     atomic_write_text(out / "memmap.json", json.dumps(memmap, indent=1))
     return {"hw": hw.to_dict(),
             "program": {"words": len(words), "entries": entries, "weight_bytes_per_port": [f["size"] for f in files.values()],
-                        "kv_bytes_per_port": kv["total"], "io_bytes": io.top, "isa_version": 1}}
+                        "kv_bytes_per_port": kv["total"], "io_bytes": io.top, "isa_version": 1,
+                        "compiler_digest": compiler_digest()}}
+
+
+def compiler_digest() -> str:
+    """Hash of the sources that decide a compiled program and its weight images (this compiler, the
+    memory map, the ISA, the numerics, the configurations): a cached package whose digest differs
+    was compiled by another version and is compiled again (``recompile``) before it is used."""
+    import hashlib
+    h = hashlib.sha256()
+    for n in ("compiler.py", "memmap.py", "isa.py", "numerics.py", "config.py"):
+        h.update(n.encode())
+        h.update((Path(__file__).resolve().parent / n).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def program_files() -> list[str]:

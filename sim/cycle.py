@@ -282,7 +282,10 @@ class RtlCycleModel:
         per_row = (1.25 + math.ceil(G * (1 if hw.scale_bits == 8 else 2) / Wb) + math.ceil(G * bits / 8 / Wb)
                    + (math.ceil(3 * (K // 4) / 8 / Wb) if sparse else 0)
                    + math.ceil(kept * bits / 8 / (Wb / 2 if sparse else Wb)))
-        return L + 10 + rows * (L + 28 + R * per_row + (L + 2 if acc else 0))
+        # per token: the X8 row (64-byte header + K codes, 64-byte aligned) loads completely before the
+        # engine starts (the weight streams' latency hides behind it), then R records per port
+        x_beats = (64 + -(-K // 64) * 64) // Wb
+        return L + 10 + rows * (L + 15 + x_beats + R * per_row + (L + 2 if acc else 0))
 
     def row_op(self, op, D, T) -> float:
         L = self.hw.hbm_latency_cycles

@@ -3,6 +3,8 @@ hw/numerics.py (int64 einsum, Python lists for the KV cache, no HBM byte layouts
 small synthetic packages built from random integer tensors; and bad programs -> status codes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -330,3 +332,21 @@ def test_int8_gemm_decode_path_is_exact(bits, sparse):
     d = nx.weight_diff(codes, zeros, g, mask)
     ref = np.einsum("ngk,gk->ng", d.reshape(N, K // g, g), x8[0].astype(np.int64).reshape(K // g, g))
     assert np.array_equal(G.astype(np.int64), ref)
+
+
+def test_compiled_program_records_compiler_digest(tmp_path, monkeypatch):
+    """The manifest's program block names the compiler that made it (the demo recompiles a cached
+    package whose digest differs), and the digest follows the compiler's sources."""
+    import hw.compiler as hc
+    from hw.compiler import compile_to_dir
+    r = load_recipe("accllm", None, ["window=8", "sink_tokens=2", "kv_group_size=16"])
+    upd = compile_to_dir(FakePackage(r), load_hw("sim-small", []), tmp_path, progress=False)
+    d = hc.compiler_digest()
+    assert upd["program"]["compiler_digest"] == d and len(d) == 16
+    fake = tmp_path / "src"
+    fake.mkdir()
+    for n in ("compiler.py", "memmap.py", "isa.py", "numerics.py", "config.py"):
+        (fake / n).write_bytes((Path(hc.__file__).parent / n).read_bytes())
+    (fake / "numerics.py").write_text((fake / "numerics.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(hc, "__file__", str(fake / "compiler.py"))
+    assert hc.compiler_digest() != d
