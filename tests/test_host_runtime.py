@@ -89,14 +89,14 @@ def test_run_emu_json(tiny_pkg):
         assert chunked[0] == first
 
 
-def _emu_vs_rtl(pkg, prompt, new_tokens):
+def _emu_vs_rtl(pkg, prompt, new_tokens, **rtl_kw):
     """The same host code on both backends: generated tokens, the logits of one more step, and the
     cycles of the decode steps (rtl: the kernel's register; emu: sim/cycle.RtlCycleModel)."""
     import numpy as np
     from host.runtime import open_runtime
     res = {}
     for backend in ("emu", "rtl"):
-        with open_runtime(pkg, backend) as rt:
+        with open_runtime(pkg, backend, **(rtl_kw if backend == "rtl" else {})) as rt:
             toks = list(rt.generate(prompt, new_tokens, stop_at_eos=False))
             st = rt.stats
             rtl0 = getattr(rt.device, "cycles_rtl_total", 0)
@@ -122,6 +122,17 @@ def test_emu_and_rtl_give_identical_tokens(tiny_pkg):
     assert (r["rtl"]["logits"] == r["emu"]["logits"]).all(), "final logits differ between rtl and emu"
     measured, predicted = r["rtl"]["step_cycles"], r["emu"]["model_step_cycles"]
     assert measured > 0 and abs(measured / predicted - 1) < 0.10, (measured, predicted)
+
+
+@pytest.mark.slow
+def test_emu_and_rtl_identical_tokens_on_icarus(tiny_pkg):
+    """The whole tiny model on Icarus (the second simulator; ~100x slower than Verilator, so a short
+    prompt and 2 decode steps): tokens and the final logits equal emu's."""
+    if not _has_command("build-rtl"):
+        pytest.skip("`accllm build-rtl` is not in this checkout yet")
+    r = _emu_vs_rtl(tiny_pkg, "Hi", 3, simulator="icarus")
+    assert r["rtl"]["tokens"] == r["emu"]["tokens"]
+    assert (r["rtl"]["logits"] == r["emu"]["logits"]).all(), "final logits differ between rtl (icarus) and emu"
 
 
 def test_emu_and_rtl_identical_past_the_window(tmp_path):

@@ -9,7 +9,7 @@ BACKENDS = ("emu", "rtl", "xrt")
 
 
 def open_device(backend: str, hw, *, xclbin: str | None = None, device_index: int = 0,
-                rtl_dir: str | None = None, simulator: str = "verilator", **kw):
+                rtl_dir: str | None = None, simulator: str | None = None, **kw):
     """A fresh device of *backend* for hardware configuration *hw* (an HWConfig)."""
     if backend == "emu":
         try:

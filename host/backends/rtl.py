@@ -95,10 +95,16 @@ def _close_all():
 class RtlDevice(Device):
     backend = "rtl"
 
-    def __init__(self, hw, *, rtl_dir: str | None = None, simulator: str = "verilator",
+    def __init__(self, hw, *, rtl_dir: str | None = None, simulator: str | None = None,
                  start_timeout_s: float = 900.0, latency: int | None = None, progress: bool = True,
                  check_ports: bool = True, mem: str | None = None):
         super().__init__(hw)
+        # the simulator: verilator (default) or icarus (ACCLLM_RTL_SIMULATOR; ~100x slower)
+        simulator = simulator or os.environ.get("ACCLLM_RTL_SIMULATOR") or "verilator"
+        from sim.toolchain import SIMULATORS
+        if simulator not in SIMULATORS:
+            raise AccllmError(f"rtl simulator {simulator!r}: use {' or '.join(SIMULATORS)} (ACCLLM_RTL_SIMULATOR)")
+        self.simulator = simulator
         self.proc = None
         self.sock = None
         self.sim_cycles = 0

@@ -65,6 +65,16 @@ def shift_sat32(m: Module, y, r, name: str):
     return sat_const(m, v, 32, name)
 
 
+def lane_product(code, x):
+    """code (unsigned, 2/4/8 bits) x x (int8). Lanes whose codes are at most 4 bits wide (3/4 of them:
+    those that only ever see W2 or W4 data) multiply by shift-and-add in LUTs: yosys turns every
+    multiplication with a result of 9 bits or more into a DSP48E2, which put 256 DSPs on every 512-bit
+    weight port — 32 ports need more than the U280's 9,024. The 8-bit lanes keep their DSP."""
+    if len(code) >= 8:
+        return code * x
+    return sum(Mux(code[k], x << k, 0) for k in range(len(code)))
+
+
 class MatrixEngine(wiring.Component):
     def __init__(self, ports: int, data_w: int, max_k: int, out_words: int = OUT_WORDS):
         self.P, self.W = ports, data_w
@@ -296,7 +306,7 @@ class MatrixEngine(wiring.Component):
                 keeps.append(kp)
             for j in range(NCH):
                 lanes = range(CHUNK * j, CHUNK * (j + 1))
-                prods = [Mux(keeps[i], codes[i] * xlane[i], 0) for i in lanes]
+                prods = [Mux(keeps[i], lane_product(codes[i], xlane[i]), 0) for i in lanes]
                 xs = [Mux(keeps[i], xlane[i], 0) for i in lanes]
                 m.d.sync += [Psum[p][j].eq(sum(prods)), Ssum[p][j].eq(sum(xs))]
                 m.d.sync += M2[p][j].eq(Mux(scale8, rd[p]["sc"].data.word_select(sc_ent[j][:self.lgW - 3], 8),
