@@ -3,8 +3,8 @@
 Input: the weight ports' byte streams in the layout of hw/memmap.py (``pack_linear``): port p holds
 rows [p*R, (p+1)*R) as back-to-back records ``[SH int8][M: G x u16][zeros: G b-bit][2:4 idx:
 K/4 3-bit][codes]`` (all packed LSB-first). Every port has the same record structure, so one
-controller consumes all ports in lockstep; a byte gearbox per port (2W-bit window) realigns each
-section to its first byte:
+controller consumes all ports in lockstep; a byte gearbox per port (a ring of two beats, read through
+one byte rotation) realigns each section to its first byte:
 
 * SH: 1 byte -> the row's shift; scales / zeros / idx: up to W/8 bytes per cycle into per-port
   section memories (row i of a memory = bytes [i*W/8, (i+1)*W/8) of the section);
@@ -73,6 +73,13 @@ def lane_product(code, x):
     if len(code) >= 8:
         return code * x
     return sum(Mux(code[k], x << k, 0) for k in range(len(code)))
+
+
+def _window(row, blk, bits: int, width: int):
+    """Window number blk[:bits] of *width* bits of *row* (the whole row when it holds one window)."""
+    if bits <= 0:
+        return row[:width]
+    return row.word_select(blk[:bits], width)
 
 
 class MatrixEngine(wiring.Component):
@@ -155,8 +162,18 @@ class MatrixEngine(wiring.Component):
         m.submodules.resq = q
         inflight_last = Signal(range(8))
 
-        # ---- per-port byte gearboxes
-        bufs = [Signal(2 * W, name=f"gb{p}") for p in range(P)]
+        # ---- per-port byte gearboxes: a ring of two beats per port; beats are written whole into the
+        # half after the valid bytes, the window (W bits from the read pointer) is one byte rotation.
+        # Invariant: read pointer + valid bytes = the next half to write (mod 2 beats).
+        rings = [[Signal(W, name=f"gb{p}_{h}") for h in range(2)] for p in range(P)]
+        rps = [Signal(range(2 * Wb), name=f"gbr{p}") for p in range(P)]
+        whs = [Signal(name=f"gbw{p}") for p in range(P)]
+        bufs = []
+        for p in range(P):
+            win = Signal(W, name=f"gb{p}")
+            ring3 = Cat(rings[p][0], rings[p][1], rings[p][0][:W - 8])
+            m.d.comb += win.eq(ring3 >> Cat(Const(0, 3), rps[p]))
+            bufs.append(win)
         cnts = [Signal(range(2 * Wb + 1), name=f"gbn{p}") for p in range(P)]
         ready_all = Cat(*[c >= n for c in cnts]).all()
         step = Signal()
@@ -167,17 +184,17 @@ class MatrixEngine(wiring.Component):
             used = Mux(step, n, 0)
             # take a beat whenever it fits after this cycle's consumption (full rate at W/8 B per step)
             m.d.comb += [acc_beat.eq(running & ws.valid & (cnts[p] - used <= Wb)), ws.ready.eq(acc_beat)]
-            shifted = Signal(2 * W, name=f"gbs{p}")
-            m.d.comb += shifted.eq(bufs[p] >> (used << 3))
-            left = Signal(range(Wb + 1), name=f"gbl{p}")
-            m.d.comb += left.eq(cnts[p] - used)
+            m.d.sync += rps[p].eq(rps[p] + used)             # wraps at 2 beats (a power of two)
             with m.If(acc_beat):
-                m.d.sync += [bufs[p].eq(shifted | (ws.payload << (left << 3))),
-                             cnts[p].eq(cnts[p] - used + Wb)]
+                m.d.sync += [whs[p].eq(~whs[p]), cnts[p].eq(cnts[p] - used + Wb)]
+                with m.If(whs[p]):
+                    m.d.sync += rings[p][1].eq(ws.payload)
+                with m.Else():
+                    m.d.sync += rings[p][0].eq(ws.payload)
             with m.Else():
-                m.d.sync += [bufs[p].eq(shifted), cnts[p].eq(cnts[p] - used)]
+                m.d.sync += cnts[p].eq(cnts[p] - used)
             with m.If(self.start):
-                m.d.sync += cnts[p].eq(0)
+                m.d.sync += [cnts[p].eq(0), rps[p].eq(0), whs[p].eq(0)]
         with m.If(self.w0.valid & self.w0.ready):
             m.d.sync += self.consumed.eq(self.consumed + 1)
 
@@ -261,13 +278,19 @@ class MatrixEngine(wiring.Component):
         in_k = [Signal(name=f"ink{i}") for i in range(L)]
         for i in range(L):
             m.d.comb += in_k[i].eq(kleft > i)
-        # chunk -> entries of the scale / zero rows
-        sc_ent, ze_ent = [], []
+        # chunk -> entries of the scale / zero rows. The groups of one code step are one aligned block
+        # of at most 16 (C / group, a power of two; a single group when group > C), so all of them lie
+        # in the aligned 16-entry window of the first one, g0: each memory row is cut to that window once
+        # per port (a narrow mux) and a chunk picks entry (g0 + j >> (lg_g - 4)) mod 16 from it (a 16:1
+        # mux), instead of every chunk selecting from the whole W-bit row. Chunks past the step's C
+        # columns (W4, W8) keep no lanes, so their entry does not matter.
+        g0 = Signal(32)
+        m.d.comb += g0.eq(col1 >> lg_g)
+        ent = []
         for j in range(NCH):
-            gj = Signal(32, name=f"g{j}")
-            m.d.comb += gj.eq((col1 + CHUNK * j) >> lg_g)
-            sc_ent.append(gj)
-            ze_ent.append(gj)
+            ej = Signal(4, name=f"e{j}")
+            m.d.comb += ej.eq(g0[:4] + (Const(j, 4) >> (lg_g - 4)[:3]))
+            ent.append(ej)
 
         v2, last2, rec2 = Signal(), Signal(), Signal(32)
         sh2 = [Signal(signed(8), name=f"sh2_{p}") for p in range(P)]
@@ -279,7 +302,10 @@ class MatrixEngine(wiring.Component):
         for p in range(P):
             head = heads1[p]
             ixbits = Signal(W, name=f"ixb{p}")
-            m.d.comb += ixbits.eq(Cat(rd[p]["ix"].data, rd[p]["ix1"].data) >> ixo1)
+            # the idx bits of a code step start at a multiple of 3C/4, C >= W/8 columns: the low lgW - 5
+            # bits of the offset are always 0, so the shifter moves by 2**(lgW-5) bits, not by any bit
+            z = self.lgW - 5
+            m.d.comb += ixbits.eq(Cat(rd[p]["ix"].data, rd[p]["ix1"].data) >> Cat(Const(0, z), ixo1[z:]))
             codes, keeps = [], []
             for i in range(L):
                 width = 8 if i < L // 4 else (4 if i < L // 2 else 2)
@@ -304,17 +330,24 @@ class MatrixEngine(wiring.Component):
                                 m.d.comb += [c.eq(head[b * i: b * i + b]), kp.eq(in_k[i])]
                 codes.append(c)
                 keeps.append(kp)
+            # this port's 16-entry windows of the scale and zero rows, widened to 16 / 8 bits per entry
+            blk = g0[4:]
+            sc_win = Signal(16 * 16, name=f"scw{p}")
+            sc8 = _window(rd[p]["sc"].data, blk, self.lgW - 7, 16 * 8)
+            sc16 = _window(rd[p]["sc"].data, blk, self.lgW - 8, 16 * 16)
+            m.d.comb += sc_win.eq(Mux(scale8, Cat(*[Cat(sc8[8 * e: 8 * e + 8], Const(0, 8)) for e in range(16)]), sc16))
+            ze_win = Signal(16 * 8, name=f"zew{p}")
+            zw = {sel: _window(rd[p]["ze"].data, blk, self.lgW - (sel + 1) - 4, 16 * b)
+                  for sel, b in ((0, 2), (1, 4), (2, 8))}
+            m.d.comb += ze_win.eq(Mux(bits_sel == 0, Cat(*[Cat(zw[0][2 * e: 2 * e + 2], Const(0, 6)) for e in range(16)]),
+                                      Mux(bits_sel == 1, Cat(*[Cat(zw[1][4 * e: 4 * e + 4], Const(0, 4)) for e in range(16)]),
+                                          zw[2])))
             for j in range(NCH):
                 lanes = range(CHUNK * j, CHUNK * (j + 1))
                 prods = [Mux(keeps[i], lane_product(codes[i], xlane[i]), 0) for i in lanes]
                 xs = [Mux(keeps[i], xlane[i], 0) for i in lanes]
                 m.d.sync += [Psum[p][j].eq(sum(prods)), Ssum[p][j].eq(sum(xs))]
-                m.d.sync += M2[p][j].eq(Mux(scale8, rd[p]["sc"].data.word_select(sc_ent[j][:self.lgW - 3], 8),
-                                            rd[p]["sc"].data.word_select(sc_ent[j][:self.lgW - 4], 16)))
-                zsel = {}
-                for sel, b in ((0, 2), (1, 4), (2, 8)):
-                    zsel[sel] = rd[p]["ze"].data.word_select(ze_ent[j][:self.lgW - (sel + 1)], b)
-                m.d.sync += Z2[p][j].eq(Mux(bits_sel == 0, zsel[0], Mux(bits_sel == 1, zsel[1], zsel[2])))
+                m.d.sync += [M2[p][j].eq(sc_win.word_select(ent[j], 16)), Z2[p][j].eq(ze_win.word_select(ent[j], 8))]
 
         # ---- stage 2 -> 3: t_j = P_j - zero*S_j
         v3, last3, rec3 = Signal(), Signal(), Signal(32)

@@ -91,6 +91,22 @@ def row_buffer(m: Module, name: str, depth: int, shape=signed(32), reads: int = 
     return mem.write_port(), [mem.read_port(domain="comb") for _ in range(reads)]
 
 
+def row_buffer_sync(m: Module, name: str, depth: int, index, shape=signed(32)):
+    """A row buffer read synchronously (block RAM; an asynchronous read puts the whole buffer in LUTs)
+    at the element *index* will have in the next cycle: *index* is a register whose next value the
+    caller drives as a comb signal (returned, default: unchanged), so ``rp.data`` is always
+    ``buf[index]`` in the cycle ``index`` has that value, as with an asynchronous read.
+    The write port writes at ``index`` (the caller drives its data and enable)."""
+    mem = memory.Memory(shape=shape, depth=depth, init=[])
+    m.submodules[name] = mem
+    nxt = Signal.like(index, name=f"{name}_next")
+    m.d.comb += nxt.eq(index)
+    m.d.sync += index.eq(nxt)
+    wp, rp = mem.write_port(), mem.read_port()
+    m.d.comb += [wp.addr.eq(index), rp.addr.eq(nxt)]
+    return wp, rp, nxt
+
+
 def i32_stream():
     return stream.Signature(signed(32))
 
@@ -166,9 +182,9 @@ class ActQuant(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.div = div = Divider(39, 33)
-        wp, (rp,) = row_buffer(m, "buf", self.max_d)
         n = Signal(range(self.max_d + 1))
         idx = Signal(range(self.max_d + 1))
+        wp, rp, idx_n = row_buffer_sync(m, "buf", self.max_d, idx)
         amax = Signal(33)
         ea = Signal(range(18))
         ma = Signal(17)
@@ -181,19 +197,20 @@ class ActQuant(wiring.Component):
         m.d.comb += ea_c.eq(Mux(bl > nx.MA_BITS, bl - nx.MA_BITS, 0))
         ma_c = Signal(17)
         m.d.comb += ma_c.eq(((amax - 1) >> ea_c) + 1)
-        m.d.comb += [rp.addr.eq(idx), wp.addr.eq(idx), wp.data.eq(v)]
+        m.d.comb += wp.data.eq(v)
         prod = Signal(signed(72))
         m.d.comb += prod.eq((rp.data * R + (1 << 31)) >> 32)
         code = clamp(m, prod, -nx.ACT_QMAX, nx.ACT_QMAX, signed(32), "aq_code")
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [n.eq(self.n), idx.eq(0), amax.eq(1)]
+                    m.d.sync += [n.eq(self.n), amax.eq(1)]
+                    m.d.comb += idx_n.eq(0)
                     m.next = "LOAD"
             with m.State("LOAD"):
                 m.d.comb += [self.busy.eq(1), self.i.ready.eq(1), wp.en.eq(self.i.valid)]
                 with m.If(self.i.valid):
-                    m.d.sync += idx.eq(idx + 1)
+                    m.d.comb += idx_n.eq(idx + 1)
                     with m.If(absv > amax):
                         m.d.sync += amax.eq(absv)
                     with m.If(idx + 1 == n):
@@ -201,7 +218,8 @@ class ActQuant(wiring.Component):
             with m.State("DIV0"):
                 m.d.comb += [self.busy.eq(1), div.start.eq(1), div.num.eq(nx.ACT_QMAX << 32),
                              div.den.eq(ma_c << ea_c)]
-                m.d.sync += [ea.eq(ea_c), ma.eq(ma_c), idx.eq(0)]
+                m.d.sync += [ea.eq(ea_c), ma.eq(ma_c)]
+                m.d.comb += idx_n.eq(0)
                 m.next = "DIV"
             with m.State("DIV"):
                 m.d.comb += self.busy.eq(1)
@@ -211,7 +229,7 @@ class ActQuant(wiring.Component):
             with m.State("OUT"):
                 m.d.comb += [self.busy.eq(1), self.o.valid.eq(1), self.o.payload.eq(code)]
                 with m.If(self.o.ready):
-                    m.d.sync += idx.eq(idx + 1)
+                    m.d.comb += idx_n.eq(idx + 1)
                     with m.If(idx + 1 == n):
                         m.next = "WORD"
             with m.State("WORD"):
@@ -234,10 +252,10 @@ class RMSNorm(wiring.Component):
         m = Module()
         m.submodules.div = div = Divider(64, 32)
         m.submodules.sqrt = sq = ISqrt(31)
-        wp, (rp,) = row_buffer(m, "buf", self.max_d)
         n = Signal(range(self.max_d + 1))
         e40 = Signal(64)
         idx = Signal(range(self.max_d + 1))
+        wp, rp, idx_n = row_buffer_sync(m, "buf", self.max_d, idx)
         amax = Signal(33)
         ns = Signal(range(14))
         ss = Signal(64)
@@ -247,7 +265,7 @@ class RMSNorm(wiring.Component):
         v = self.i.payload
         absv = Signal(33)
         m.d.comb += absv.eq(Mux(v < 0, -v, v))
-        m.d.comb += [rp.addr.eq(idx), wp.addr.eq(idx), wp.data.eq(v)]
+        m.d.comb += wp.data.eq(v)
         bl = bitlen(m, amax, 33, "rn_bl")
         ns_c = Signal(range(14))
         m.d.comb += ns_c.eq(Mux(bl > 20, bl - 20, 0))
@@ -271,23 +289,26 @@ class RMSNorm(wiring.Component):
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [n.eq(self.n), e40.eq(self.e40), idx.eq(0), amax.eq(0), ss.eq(0)]
+                    m.d.sync += [n.eq(self.n), e40.eq(self.e40), amax.eq(0), ss.eq(0)]
+                    m.d.comb += idx_n.eq(0)
                     m.next = "LOAD"
             with m.State("LOAD"):
                 m.d.comb += [self.busy.eq(1), self.i.ready.eq(1), wp.en.eq(self.i.valid)]
                 with m.If(self.i.valid):
-                    m.d.sync += idx.eq(idx + 1)
+                    m.d.comb += idx_n.eq(idx + 1)
                     with m.If(absv > amax):
                         m.d.sync += amax.eq(absv)
                     with m.If(idx + 1 == n):
                         m.next = "NS"
             with m.State("NS"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [ns.eq(ns_c), idx.eq(0)]
+                m.d.sync += ns.eq(ns_c)
+                m.d.comb += idx_n.eq(0)
                 m.next = "SUMSQ"
             with m.State("SUMSQ"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [ss.eq(ss + xs * xs), idx.eq(idx + 1)]
+                m.d.sync += ss.eq(ss + xs * xs)
+                m.d.comb += idx_n.eq(idx + 1)
                 with m.If(idx + 1 == n):
                     m.next = "DIVW0"
             with m.State("DIVW0"):
@@ -312,13 +333,14 @@ class RMSNorm(wiring.Component):
             with m.State("DIVR"):
                 m.d.comb += self.busy.eq(1)
                 with m.If(~div.busy):
-                    m.d.sync += [rinv.eq(div.quo), idx.eq(0)]
+                    m.d.sync += rinv.eq(div.quo)
+                    m.d.comb += idx_n.eq(0)
                     m.next = "OUT"
             with m.State("OUT"):
                 m.d.comb += [self.busy.eq(1), self.o.valid.eq(self.g.valid), self.g.ready.eq(self.o.ready),
                              self.o.payload.eq(y)]
                 with m.If(self.o.ready & self.g.valid):
-                    m.d.sync += idx.eq(idx + 1)
+                    m.d.comb += idx_n.eq(idx + 1)
                     with m.If(idx + 1 == n):
                         m.next = "IDLE"
         return m

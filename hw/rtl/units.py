@@ -97,16 +97,18 @@ class _RowUnit(_Base):
         depth_o = max(2, -(-(H * 4 + 64) // Wb))
         m.submodules.buf_a = buf_a = memory.Memory(shape=W, depth=depth_a, init=[])
         m.submodules.buf_o = buf_o = memory.Memory(shape=W, depth=depth_o, init=[])
+        # the buffers are read synchronously (block RAM: an asynchronous read puts them in LUTs), at
+        # the address the element counters will have in the next cycle (ia_n, ib_n, cnt_n below)
         wa = buf_a.write_port()
-        ra1 = buf_a.read_port(domain="comb")
-        ra2 = buf_a.read_port(domain="comb")
+        ra1 = buf_a.read_port()
+        ra2 = buf_a.read_port()
         wo = buf_o.write_port(granularity=8)
-        ro = buf_o.read_port(domain="comb")
+        ro = buf_o.read_port()
         has_b = kind in ("rmsnorm", "add")
         if has_b:
             m.submodules.buf_b = buf_b = memory.Memory(shape=W, depth=depth_b, init=[])
             wbp = buf_b.write_port()
-            rb = buf_b.read_port(domain="comb")
+            rb = buf_b.read_port()
 
         x8_out = kind != "add"
         D = Signal(16)
@@ -139,23 +141,26 @@ class _RowUnit(_Base):
         src_off, dst_off = Signal(33), Signal(33)
         cnt = Signal(32)                 # beats received / sent
         ia, ib = Signal(32), Signal(32)  # elements fed on the two input streams
+        ia_n, ib_n = Signal(32), Signal(32)   # their values in the next cycle (the buffers' read addresses)
+        m.d.comb += [ia_n.eq(ia), ib_n.eq(ib)]
+        m.d.sync += [ia.eq(ia_n), ib.eq(ib_n)]
         no = Signal(32)                  # results collected
         issued = Signal()
         e40 = Signal(64)
         started = Signal()
 
-        def elem(rp, idx, base_words=0):
+        def elem(rp, idx, idx_n, base_words=0):
             i = idx + base_words
-            m.d.comb += rp.addr.eq(i >> lgWPB)
+            m.d.comb += rp.addr.eq((idx_n + base_words) >> lgWPB)
             return rp.data.word_select(i[:lgWPB], 32).as_signed() if lgWPB else rp.data.as_signed()
 
         # input streams of the first core
         first_i = core.i if core is not None and kind == "rmsnorm" else (core.a if core is not None else aq.i)
-        xa = elem(ra1, ia)
+        xa = elem(ra1, ia, ia_n)
         if kind == "silumul":
-            xb = elem(ra2, ib, D)
+            xb = elem(ra2, ib, ib_n, D)
         elif has_b:
-            xb = elem(rb, ib, 16 if kind == "rmsnorm" else 0)
+            xb = elem(rb, ib, ib_n, 16 if kind == "rmsnorm" else 0)
         second = None
         if kind == "rmsnorm":
             second = core.g
@@ -247,16 +252,17 @@ class _RowUnit(_Base):
                     m.d.comb += [core.start.eq(1), aq.start.eq(1)]
                 elif x8_out:
                     m.d.comb += aq.start.eq(1)
-                m.d.sync += [ia.eq(0), ib.eq(0), no.eq(0)]
+                m.d.sync += no.eq(0)
+                m.d.comb += [ia_n.eq(0), ib_n.eq(0)]
                 m.next = "RUN"
             with m.State("RUN"):
                 m.d.comb += [first_i.valid.eq(ia < D), first_i.payload.eq(xa)]
                 with m.If(first_i.valid & first_i.ready):
-                    m.d.sync += ia.eq(ia + 1)
+                    m.d.comb += ia_n.eq(ia + 1)
                 if second is not None:
                     m.d.comb += [second.valid.eq(ib < D), second.payload.eq(xb)]
                     with m.If(second.valid & second.ready):
-                        m.d.sync += ib.eq(ib + 1)
+                        m.d.comb += ib_n.eq(ib + 1)
                 # results -> output buffer (byte enables)
                 m.d.comb += res.ready.eq(1)
                 if x8_out:
@@ -296,7 +302,10 @@ class _RowUnit(_Base):
                     else:
                         bits.append(pos < (D << 2))
                 m.d.comb += strb.eq(Cat(*bits))
-                m.d.comb += [ro.addr.eq(cnt), self.wr_data.valid.eq(issued & (cnt < out_beats)),
+                # ro.data is beat cnt: read at the next cnt (no data goes out in the first WRITE cycle,
+                # issued is 0 there, so the read of beat 0 issued in that cycle is in time)
+                m.d.comb += [ro.addr.eq(Mux(self.wr_data.valid & self.wr_data.ready, cnt + 1, cnt)),
+                             self.wr_data.valid.eq(issued & (cnt < out_beats)),
                              self.wr_data.payload.data.eq(ro.data), self.wr_data.payload.strb.eq(strb)]
                 with m.If(self.wr_data.valid & self.wr_data.ready):
                     m.d.sync += cnt.eq(cnt + 1)
