@@ -59,4 +59,6 @@ def run(args) -> int:
         for k in ("LUT", "FF", "DSP", "BRAM", "URAM"):
             print(f"{k:<8} {r[k]:>10} {U280[k]:>10} {100 * r['utilization'][k]:>6.1f}% {100 * r['limits'][k]:>5.0f}%")
         print(f"\n{r['method']}; synthesis {r['synth_seconds']} s; fits the U280: {'yes' if r['fits'] else 'NO'}")
+        if "max_ports_fitting" in r:
+            print(f"largest power-of-two weight-port count within the limits: {r['max_ports_fitting']}")
     return 0

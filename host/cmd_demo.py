@@ -240,7 +240,9 @@ def run(args) -> int:
         cap = r.get("capacity", {})
         return ", ".join(f"{k} {r[k]:,}" + (f" ({100 * r[k] / cap[k]:.1f}%)" if cap.get(k) else "")
                          for k in ("LUT", "FF", "DSP", "BRAM", "URAM") if k in r) + \
-            f"; fits: {'yes' if r.get('fits') else 'NO'}"
+            f"; fits: {'yes' if r.get('fits') else 'NO'}" + \
+            (f" (at most {r['max_ports_fitting']} of {r.get('weight_ports', '?')} weight ports would)"
+             if not r.get("fits") and "max_ports_fitting" in r else "")
     res_row = ("not measured: `accllm demo --synth` or `accllm build-rtl --hw u280 --out DIR --synth` "
                "(yosys synthesis, tens of minutes)")
     if args.synth or (rdir / "resources.json").is_file():

