@@ -14,7 +14,7 @@ from hw.config import load_hw
 from sim.tb.rtlcommon.axi_mem import axi_ram, control_master
 from sim.tb.rtlcommon.bench import record, start_clock_and_reset
 
-CFG = load_hw(os.environ.get("ACCLLM_HW", "sim-small"))
+CFG = load_hw(os.environ.get("ACCLLM_HW", "sim-small"), [x for x in os.environ.get("ACCLLM_HW_SET", "").split(",") if x])
 P, Wb = CFG.weight_ports, CFG.port_width_bits // 8
 LAT = CFG.hbm_latency_cycles
 P_STALL = float(os.environ.get("P_STALL", "0.1"))
