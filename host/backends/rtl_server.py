@@ -75,6 +75,9 @@ def _ram(dut, prefix, latency):
                       size=BANK_BYTES)
 
 
+_UNKNOWN_DIGITS = str.maketrans("xXzZ", "0000")
+
+
 class HdlMem:
     """Backdoor of one sim/hdl/axi_mem_model.v instance: beats move through a hex file."""
 
@@ -100,7 +103,8 @@ class HdlMem:
         await self._pulse(self.dump, lo, hi)
         with open(self.path) as f:
             words = [ln.split("//")[0].strip() for ln in f]
-        words = [w for w in words if w and not w.startswith("@")]
+        # never-written words: Icarus dumps them as x (Verilator as 0); a fresh bank reads as zeros
+        words = [w.translate(_UNKNOWN_DIGITS) for w in words if w and not w.startswith("@")]
         n = hi - lo + 1
         if len(words) != n:
             raise RuntimeError(f"memory dump of beats {lo}..{hi} returned {len(words)} words")
