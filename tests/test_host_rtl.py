@@ -110,6 +110,34 @@ def test_rtl_ctrl_c_leaves_no_subprocess(control_rtl, tmp_path):
     assert _gone(pgid), "the simulator survived Ctrl-C"
 
 
+def test_rtl_killed_host_leaves_no_simulator(control_rtl, tmp_path):
+    """A host killed without any chance to clean up (SIGKILL, or a CI timeout's SIGTERM) while it waits
+    for a run: the simulator notices the closed socket and ends, instead of simulating on."""
+    script = tmp_path / "hold.py"
+    script.write_text(textwrap.dedent(f"""
+        from hw.config import load_hw
+        from host.backends.rtl import RtlDevice
+        dev = RtlDevice(load_hw("sim-small"), rtl_dir={str(control_rtl)!r}, check_ports=False, progress=False)
+        print(dev.proc.pid, flush=True)
+        with dev.session("kill test"):
+            dev.set_arg("n_tokens", 2**31)
+            dev.start()
+            dev.wait(600)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=REPO)
+    pgid = int(p.stdout.readline())
+    time.sleep(1.0)                      # inside wait(): the simulation is running
+    p.kill()
+    p.communicate(timeout=30)
+    for _ in range(300):
+        if _gone(pgid):
+            break
+        time.sleep(0.1)
+    assert _gone(pgid), "the simulator kept running after its host was killed"
+
+
 def test_rtl_missing_verilog_is_clear(tmp_path):
     from host.backends.rtl import RtlDevice
     with pytest.raises(AccllmError, match="no Verilog"):

@@ -150,6 +150,18 @@ async def _reset(dut, cycles=8):
     await ClockCycles(dut.ap_clk, 2)
 
 
+
+def _host_gone(sock) -> bool:
+    """True when the host closed its end (it exited or was killed, even with SIGKILL): a peek that
+    returns no bytes. A host that is alive and silent makes the peek raise BlockingIOError."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 @cocotb.test()
 async def serve(dut):
     from cocotbext.axi import AxiLiteBus, AxiLiteMaster
@@ -207,6 +219,8 @@ async def serve(dut):
                         break
                     if time.monotonic() >= deadline:
                         break
+                    if _host_gone(sock):         # nobody to report to: end the simulation now
+                        return
                     # one simulator event per poll (a Timer), the interval growing to 4096 cycles
                     await Timer(poll * period_ns, unit="ns")
                     await RisingEdge(dut.ap_clk)
