@@ -76,7 +76,16 @@ def test_rtl_device_registers_runs_timeout_and_close(control_rtl):
     assert _gone(pgid), "simulator process group still alive after close()"
 
 
-def test_rtl_ctrl_c_leaves_no_subprocess(control_rtl, tmp_path):
+def _holding_host(control_rtl, tmp_path, on_interrupt: str = ""):
+    """A host process that starts a run that never ends on the control kernel and waits in wait();
+    returns (process, the simulator's process group) once the simulation is running."""
+    body = f"""
+        with dev.session("holding host"):
+            dev.set_arg("n_tokens", 2**31)
+            dev.start()
+            dev.wait(600)"""
+    if on_interrupt:
+        body = "\ntry:" + textwrap.indent(body, "    ") + "\nexcept KeyboardInterrupt:\n" + textwrap.indent(on_interrupt, "    ")
     script = tmp_path / "hold.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -84,58 +93,40 @@ def test_rtl_ctrl_c_leaves_no_subprocess(control_rtl, tmp_path):
         from host.backends.rtl import RtlDevice
         dev = RtlDevice(load_hw("sim-small"), rtl_dir={str(control_rtl)!r}, check_ports=False, progress=False)
         print(dev.proc.pid, flush=True)
-        try:
-            with dev.session("ctrl-c test"):
-                dev.set_arg("n_tokens", 2**31)
-                dev.start()
-                dev.wait(600)
-        except KeyboardInterrupt:
-            dev.reset()
-            print("interrupted", flush=True)
-            sys.exit(130)
-    """))
+    """) + textwrap.dedent(body) + "\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env, cwd=REPO)
     pgid = int(p.stdout.readline())
     time.sleep(1.0)                      # inside wait(): the simulation is running
+    return p, pgid
+
+
+def _wait_gone(pgid: int, seconds: float) -> bool:
+    for _ in range(int(seconds * 10)):
+        if _gone(pgid):
+            return True
+        time.sleep(0.1)
+    return _gone(pgid)
+
+
+def test_rtl_ctrl_c_leaves_no_subprocess(control_rtl, tmp_path):
+    p, pgid = _holding_host(control_rtl, tmp_path,
+                            on_interrupt='dev.reset()\nprint("interrupted", flush=True)\nsys.exit(130)\n')
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "interrupted" in out
-    for _ in range(50):
-        if _gone(pgid):
-            break
-        time.sleep(0.1)
-    assert _gone(pgid), "the simulator survived Ctrl-C"
+    assert _wait_gone(pgid, 5), "the simulator survived Ctrl-C"
 
 
 def test_rtl_killed_host_leaves_no_simulator(control_rtl, tmp_path):
     """A host killed without any chance to clean up (SIGKILL, or a CI timeout's SIGTERM) while it waits
     for a run: the simulator notices the closed socket and ends, instead of simulating on."""
-    script = tmp_path / "hold.py"
-    script.write_text(textwrap.dedent(f"""
-        from hw.config import load_hw
-        from host.backends.rtl import RtlDevice
-        dev = RtlDevice(load_hw("sim-small"), rtl_dir={str(control_rtl)!r}, check_ports=False, progress=False)
-        print(dev.proc.pid, flush=True)
-        with dev.session("kill test"):
-            dev.set_arg("n_tokens", 2**31)
-            dev.start()
-            dev.wait(600)
-    """))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, cwd=REPO)
-    pgid = int(p.stdout.readline())
-    time.sleep(1.0)                      # inside wait(): the simulation is running
+    p, pgid = _holding_host(control_rtl, tmp_path)
     p.kill()
     p.communicate(timeout=30)
-    for _ in range(300):
-        if _gone(pgid):
-            break
-        time.sleep(0.1)
-    assert _gone(pgid), "the simulator kept running after its host was killed"
+    assert _wait_gone(pgid, 30), "the simulator kept running after its host was killed"
 
 
 def test_rtl_missing_verilog_is_clear(tmp_path):
