@@ -69,8 +69,8 @@ def lane_product(code, x):
     """code (unsigned, 2/4/8 bits) x x (int8). The W2-only lanes (half of them) multiply by shift-and-
     add in LUTs; the lanes that see W4 or W8 codes keep a multiplier (a DSP48E2: yosys maps every
     product of 9 bits or more to one). All lanes on DSPs would put 256 DSPs on every 512-bit weight
-    port, more than the U280 has for 32 ports. Moving the W4 lanes from LUTs to DSPs took the 512-bit
-    lane array from 18.4K to 15.7K LUTs (~42 LUTs per W4 lane; yosys synth_xilinx of the array alone)."""
+    port, more than the U280 has for 32 ports; W2 lanes on DSPs too would cost 128 per port for
+    ~15 LUTs each, W4 lanes in LUTs ~42 LUTs each (measured with yosys synth_xilinx)."""
     if len(code) >= 4:
         return code * x
     return sum(Mux(code[k], x << k, 0) for k in range(len(code)))
