@@ -33,8 +33,9 @@ import numpy as np
 from algo.common import AccllmError
 
 ALIGN = 64
+SEC_ALIGN = 16           # every section of a row record starts at a multiple of 16 bytes
 FORMAT = "accllm-memmap"
-VERSION = 1
+VERSION = 2              # 2: row-record sections padded to SEC_ALIGN bytes
 
 MAGIC_LIN = 0x314E494C   # 'LIN1'
 MAGIC_EMB = 0x31424D45   # 'EMB1'
@@ -84,6 +85,10 @@ class RowRecord:
     [shift int8][scales: ngroups x scale_bits/8 bytes, little-endian][zeros: ngroups b-bit codes,
     LSB-first, ceil(ngroups*b/8) bytes][2:4 pattern indices: K/4 3-bit, LSB-first (sparse only)]
     [codes: K (dense) or K/2 (2:4, kept codes in ascending column order) b-bit, LSB-first].
+    Every section is zero-padded to a multiple of SEC_ALIGN bytes (so records are too): the matrix
+    engine's byte gearbox then realigns sections in 16-byte steps instead of byte steps (an 8:1
+    instead of a 128:1 multiplexer per bit of a 512-bit port). The ``*_bytes`` properties are the
+    unpadded section contents; ``sections()`` gives the padded sizes.
     Metadata comes first so that the matrix engine has scales and zeros before the codes stream in.
     """
     K: int
@@ -113,15 +118,21 @@ class RowRecord:
         n = self.K // 2 if self.sparse else self.K
         return (n * self.bits + 7) // 8
 
+    def sections(self) -> dict[str, int]:
+        """Padded byte size of every section, in record order (idx is 0 for dense layers)."""
+        raw = {"shift": 1, "scales": self.scale_bytes, "zeros": self.zero_bytes, "idx": self.idx_bytes,
+               "codes": self.code_bytes}
+        return {k: align(v, SEC_ALIGN) for k, v in raw.items()}
+
     @property
     def size(self) -> int:
-        return 1 + self.scale_bytes + self.zero_bytes + self.idx_bytes + self.code_bytes
+        return sum(self.sections().values())
 
     def offsets(self) -> dict[str, int]:
-        o = {"shift": 0, "scales": 1}
-        o["zeros"] = o["scales"] + self.scale_bytes
-        o["idx"] = o["zeros"] + self.zero_bytes
-        o["codes"] = o["idx"] + self.idx_bytes
+        o, at = {}, 0
+        for k, v in self.sections().items():
+            o[k] = at
+            at += v
         return o
 
 
@@ -192,6 +203,7 @@ def pack_linear(codes, zeros, M, SH, bits: int, group: int, idx=None, scale_bits
     if sparse:
         parts.append(pack_bits_np(padrows(idx), 3))
     parts.append(pack_bits_np(padrows(codes), bits))
+    parts = [np.pad(a, ((0, 0), (0, align(a.shape[1], SEC_ALIGN) - a.shape[1]))) for a in parts]
     recs = np.concatenate(parts, axis=1)
     assert recs.shape[1] == rec.size, (recs.shape, rec.size)
     out = []
@@ -224,15 +236,16 @@ def unpack_linear(port_images: list[bytes | np.ndarray]) -> dict:
     o = rec.offsets()
     ng = rec.ngroups
     SH = recs[:, 0].view(np.int8).astype(np.int64)
-    sc = recs[:, o["scales"]:o["zeros"]]
-    M = (sc.copy().view("<u2") if h["scale_bits"] > 8 else sc).astype(np.int64)
-    zeros = unpack_bits_np(recs[:, o["zeros"]:o["idx"]], bits, ng).astype(np.int64)
+    sec = {k: recs[:, o[k]:o[k] + n] for k, n in (("scales", rec.scale_bytes), ("zeros", rec.zero_bytes),
+                                                   ("idx", rec.idx_bytes), ("codes", rec.code_bytes))}
+    M = (sec["scales"].copy().view("<u2") if h["scale_bits"] > 8 else sec["scales"]).astype(np.int64)
+    zeros = unpack_bits_np(sec["zeros"], bits, ng).astype(np.int64)
     if sparse:
         from quant.pack import PATTERNS_24
-        pidx = unpack_bits_np(recs[:, o["idx"]:o["codes"]], 3, K // 4).astype(np.int64)
+        pidx = unpack_bits_np(sec["idx"], 3, K // 4).astype(np.int64)
         if pidx.max(initial=0) > 5:
             raise AccllmError("2:4 pattern index > 5 in a weight record")
-        kept = unpack_bits_np(recs[:, o["codes"]:], bits, K // 2).astype(np.int64)
+        kept = unpack_bits_np(sec["codes"], bits, K // 2).astype(np.int64)
         pat = np.asarray(PATTERNS_24, dtype=np.int64)                  # [6, 2]
         cols = pat[pidx] + (np.arange(K // 4) * 4)[None, :, None]      # [N, K/4, 2]
         codes = np.zeros((N, K), np.int64)
@@ -241,7 +254,7 @@ def unpack_linear(port_images: list[bytes | np.ndarray]) -> dict:
         codes[r, cols] = kept.reshape(N, K // 4, 2)
         mask[r, cols] = True
     else:
-        codes = unpack_bits_np(recs[:, o["codes"]:], bits, K).astype(np.int64)
+        codes = unpack_bits_np(sec["codes"], bits, K).astype(np.int64)
         mask = None
     return dict(N=N, K=K, bits=bits, group=group, sparse=sparse, codes=codes, mask=mask, zeros=zeros, M=M, SH=SH)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from hw import isa
 from hw.config import HWConfig
+from hw.memmap import RowRecord
 
 HBM_PEAK_BYTES_PER_S = 460.8e9      # U280: 32 pseudo-channels x 256 bit x 450 MHz
 FILL = 8
@@ -55,9 +56,7 @@ class CycleModel:
         return nbytes / (self.bytes_per_cycle * lat_bound) + hw.hbm_latency_cycles
 
     def linear_bytes(self, N: int, K: int, bits: int, group: int, sparse: bool) -> float:
-        ng = K // group
-        rec = 1 + ng * (2 if self.hw.scale_bits > 8 else 1) + math.ceil(ng * bits / 8) \
-            + (math.ceil(K // 4 * 3 / 8) if sparse else 0) + math.ceil((K // 2 if sparse else K) * bits / 8)
+        rec = RowRecord(K, bits, group, sparse, self.hw.scale_bits).size     # sections padded as packed
         rows = math.ceil(N / self.hw.weight_ports) * self.hw.weight_ports
         return rows * rec + 64 * self.hw.weight_ports
 

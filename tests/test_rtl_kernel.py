@@ -39,6 +39,13 @@ def test_kernel_verilator_512_bit_ports(tmp_path):
                sets=["port_width_bits=512"])
 
 
+def test_kernel_verilator_16_bit_scales(tmp_path):
+    """Both presets use 8-bit scale mantissas and a build's engine has the scale path of its
+    configuration only: the 16-bit path, and the rejection of 8-bit descriptors, on a 16-bit build."""
+    run_kernel(tmp_path, "verilator", testcase="matmul_dense_w2_w4_w8,matmul_sparse_24,bad_programs",
+               sets=["scale_bits=16"])
+
+
 @pytest.mark.slow
 def test_kernel_icarus(tmp_path):
     run_kernel(tmp_path, "icarus", testcase="matmul_dense_w2_w4_w8,bad_programs")

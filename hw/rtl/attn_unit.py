@@ -89,6 +89,8 @@ def _align64(x):
 
 
 class AttnUnit(_Base):
+    WRITES_WEIGHTS = True       # KV appends go to the weight ports (the kernel wires ww_data* straight)
+
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
@@ -194,9 +196,10 @@ class AttnUnit(_Base):
         wcmd_valid, wcmd_addr, wcmd_beats = Signal(), Signal(64), Signal(32)
         for q in range(P):
             wc, wd = getattr(self, f"w_cmd{q}"), getattr(self, f"w_data{q}")
+            m.d.comb += [wc.payload.addr.eq(wcmd_addr), wc.payload.beats.eq(wcmd_beats)]
             with m.If(wsel == q):
-                m.d.comb += [wc.valid.eq(wcmd_valid), wc.payload.addr.eq(wcmd_addr), wc.payload.beats.eq(wcmd_beats),
-                             bu.i.valid.eq(wd.valid), bu.i.payload.eq(wd.payload), wd.ready.eq(bu.i.ready)]
+                m.d.comb += [wc.valid.eq(wcmd_valid), bu.i.valid.eq(wd.valid), bu.i.payload.eq(wd.payload),
+                             wd.ready.eq(bu.i.ready)]
         wcmd_ready = Signal()
         for q in range(P):
             with m.If(wsel == q):
@@ -207,11 +210,12 @@ class AttnUnit(_Base):
         ww_ready, wwd_ready, ww_busy = Signal(), Signal(), Signal()
         for q in range(P):
             wc, wd = getattr(self, f"ww_cmd{q}"), getattr(self, f"ww_data{q}")
+            # payloads go to every port (only the selected one sees valid): no 512-bit gate per port
+            m.d.comb += [wc.payload.addr.eq(ww_addr), wc.payload.beats.eq(ww_beats),
+                         wd.payload.data.eq(wwd_data), wd.payload.strb.eq(wwd_strb)]
             with m.If(hp == q):
-                m.d.comb += [wc.valid.eq(ww_valid), wc.payload.addr.eq(ww_addr), wc.payload.beats.eq(ww_beats),
-                             ww_ready.eq(wc.ready), wd.valid.eq(wwd_valid), wd.payload.data.eq(wwd_data),
-                             wd.payload.strb.eq(wwd_strb), wwd_ready.eq(wd.ready),
-                             ww_busy.eq(getattr(self, f"ww_busy{q}"))]
+                m.d.comb += [wc.valid.eq(ww_valid), ww_ready.eq(wc.ready), wd.valid.eq(wwd_valid),
+                             wwd_ready.eq(wd.ready), ww_busy.eq(getattr(self, f"ww_busy{q}"))]
         # io reads into the word unpacker
         m.d.comb += [wu.i.valid.eq(self.rd_data.valid), wu.i.payload.eq(self.rd_data.payload),
                      self.rd_data.ready.eq(wu.i.ready)]

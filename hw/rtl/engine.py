@@ -2,11 +2,11 @@
 
 Input: the weight ports' byte streams in the layout of hw/memmap.py (``pack_linear``): port p holds
 rows [p*R, (p+1)*R) as back-to-back records ``[SH int8][M: G x u16][zeros: G b-bit][2:4 idx:
-K/4 3-bit][codes]`` (all packed LSB-first). Every port has the same record structure, so one
-controller consumes all ports in lockstep; a byte gearbox per port (a ring of two beats, read through
-one byte rotation) realigns each section to its first byte:
+K/4 3-bit][codes]`` (all packed LSB-first, every section padded to SEC_ALIGN = 16 bytes). Every port
+has the same record structure, so one controller consumes all ports in lockstep; a gearbox per port
+(a ring of two beats, read through one rotation in 16-byte steps) realigns each section to its start:
 
-* SH: 1 byte -> the row's shift; scales / zeros / idx: up to W/8 bytes per cycle into per-port
+* SH: 16 bytes (the first is the row's shift); scales / zeros / idx: up to W/8 bytes per cycle into per-port
   section memories (row i of a memory = bytes [i*W/8, (i+1)*W/8) of the section);
 * codes: W/8 bytes per cycle (dense: C = W/b columns) or W/16 bytes (2:4: W/(2b) kept codes =
   C columns), i.e. one *code step* of C columns per cycle on every port.
@@ -14,9 +14,10 @@ one byte rotation) realigns each section to its first byte:
 Per code step and port (16-column chunks; every chunk lies in one group since group >= 16):
   P_j = sum code*x, S_j = sum x over the kept columns < K;  t_j = P_j - zero*S_j
   acc += sum_j t_j * M_j   (exact: the sum of t over a group is numerics.group_sums' G[n, g])
-and at the end of a record: out = shift_sat32(sat48(acc) * ma, SH - ea) (numerics.matmul_finish).
-The P results of a record step go through a small FIFO into the output memory (int32 word n = row
-n, rows of W/32 words), from which the kernel writes back (with F_ACC's saturating add).
+and at the end of a record the P sums go through a small FIFO to one shared finisher, a port per
+cycle: out = shift_sat32(sat48(acc) * ma, SH - ea) (numerics.matmul_finish), into the output memory
+(int32 word n = row n, rows of W/32 words), from which the kernel writes back (with F_ACC's
+saturating add).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from algo.common import AccllmError
+from hw.memmap import SEC_ALIGN
 
 CHUNK = 16
 MIN_GROUP = 16
@@ -84,11 +86,18 @@ def _window(row, blk, bits: int, width: int):
 
 
 class MatrixEngine(wiring.Component):
-    def __init__(self, ports: int, data_w: int, max_k: int, out_words: int = OUT_WORDS):
+    def __init__(self, ports: int, data_w: int, max_k: int, out_words: int = OUT_WORDS, scale_bits: int | None = None):
+        """scale_bits: 8 or 16 builds the scale path for that mantissa width only (the kernel rejects
+        other descriptors; a u280 build saves ~0.8K LUTs per port), None for both (``scale8`` input)."""
+        if scale_bits not in (None, 8, 16):
+            raise AccllmError(f"scale_bits must be 8, 16 or None (both), got {scale_bits}")
+        self.scale_bits = scale_bits
         self.P, self.W = ports, data_w
         _lg(ports)
         self.lgW = _lg(data_w)
         self.Wb = data_w // 8
+        if self.Wb % SEC_ALIGN:
+            raise AccllmError(f"port width {data_w} bits is not a multiple of the {SEC_ALIGN}-byte record sections")
         self.L = data_w // 2                   # lanes (columns per code step at W2)
         self.NCH = self.L // CHUNK             # chunks per code step at W2
         self.E = data_w // 32                  # int32 words per output row
@@ -138,16 +147,20 @@ class MatrixEngine(wiring.Component):
         running = Signal()
         lgb_now = Signal(2)
         m.d.comb += lgb_now.eq(self.bits_sel + 1)
+
+        def padded(nbytes):                    # section sizes are padded to SEC_ALIGN (hw/memmap.RowRecord)
+            return ((nbytes + SEC_ALIGN - 1) >> _lg(SEC_ALIGN)) << _lg(SEC_ALIGN)
+
         with m.If(self.start):
             g = self.k >> self.lg_group
             m.d.sync += [bits_sel.eq(self.bits_sel), sparse.eq(self.sparse), lg_g.eq(self.lg_group),
                          lg_b.eq(lgb_now), lg_c.eq(self.lgW - lgb_now), K.eq(self.k), rows.eq(self.rows),
                          ma.eq(self.ma), ea.eq(self.ea), running.eq(self.rows != 0), self.consumed.eq(0),
                          scale8.eq(self.scale8),
-                         sec_bytes[SEC_SH].eq(1), sec_bytes[SEC_SC].eq(Mux(self.scale8, g, g << 1)),
-                         sec_bytes[SEC_ZE].eq(((g << lgb_now) + 7) >> 3),
-                         sec_bytes[SEC_IX].eq((3 * (self.k >> 2) + 7) >> 3),
-                         sec_bytes[SEC_CO].eq((((self.k >> self.sparse) << lgb_now) + 7) >> 3)]
+                         sec_bytes[SEC_SH].eq(SEC_ALIGN), sec_bytes[SEC_SC].eq(padded(Mux(self.scale8, g, g << 1))),
+                         sec_bytes[SEC_ZE].eq(padded(((g << lgb_now) + 7) >> 3)),
+                         sec_bytes[SEC_IX].eq(padded((3 * (self.k >> 2) + 7) >> 3)),
+                         sec_bytes[SEC_CO].eq(padded((((self.k >> self.sparse) << lgb_now) + 7) >> 3))]
 
         # ---- record controller (shared by all ports)
         sec = Signal(3)
@@ -157,23 +170,25 @@ class MatrixEngine(wiring.Component):
         sh = [Signal(signed(8), name=f"sh{p}") for p in range(P)]
         n = Signal(range(Wb + 1))              # bytes consumed by this step
         cap = Signal(range(Wb + 1))
-        m.d.comb += cap.eq(Mux(sec == SEC_SH, 1, Mux((sec == SEC_CO) & sparse, Wb // 2, Wb)))
+        m.d.comb += cap.eq(Mux(sec == SEC_SH, SEC_ALIGN, Mux((sec == SEC_CO) & sparse, Wb // 2, Wb)))
         m.d.comb += n.eq(Mux(rem < cap, rem, cap))
-        q = fifo.SyncFIFOBuffered(width=32 * P + 32, depth=8)
+        q = fifo.SyncFIFOBuffered(width=66 * P + 32, depth=8)
         m.submodules.resq = q
         inflight_last = Signal(range(8))
 
         # ---- per-port byte gearboxes: a ring of two beats per port; beats are written whole into the
-        # half after the valid bytes, the window (W bits from the read pointer) is one byte rotation.
-        # Invariant: read pointer + valid bytes = the next half to write (mod 2 beats).
+        # half after the valid bytes, the window (W bits from the read pointer) is one rotation in
+        # SEC_ALIGN-byte steps (sections are padded to SEC_ALIGN bytes, so every step consumes a
+        # multiple of it). Invariant: read pointer + valid bytes = the next half to write (mod 2 beats).
+        lga = _lg(SEC_ALIGN)
         rings = [[Signal(W, name=f"gb{p}_{h}") for h in range(2)] for p in range(P)]
-        rps = [Signal(range(2 * Wb), name=f"gbr{p}") for p in range(P)]
+        rps = [Signal(range(2 * Wb // SEC_ALIGN), name=f"gbr{p}") for p in range(P)]   # in SEC_ALIGN units
         whs = [Signal(name=f"gbw{p}") for p in range(P)]
         bufs = []
         for p in range(P):
             win = Signal(W, name=f"gb{p}")
-            ring3 = Cat(rings[p][0], rings[p][1], rings[p][0][:W - 8])
-            m.d.comb += win.eq(ring3 >> Cat(Const(0, 3), rps[p]))
+            ring3 = Cat(rings[p][0], rings[p][1], rings[p][0][:W - 8 * SEC_ALIGN])
+            m.d.comb += win.eq(ring3 >> Cat(Const(0, 3 + lga), rps[p]))
             bufs.append(win)
         cnts = [Signal(range(2 * Wb + 1), name=f"gbn{p}") for p in range(P)]
         ready_all = Cat(*[c >= n for c in cnts]).all()
@@ -185,7 +200,7 @@ class MatrixEngine(wiring.Component):
             used = Mux(step, n, 0)
             # take a beat whenever it fits after this cycle's consumption (full rate at W/8 B per step)
             m.d.comb += [acc_beat.eq(running & ws.valid & (cnts[p] - used <= Wb)), ws.ready.eq(acc_beat)]
-            m.d.sync += rps[p].eq(rps[p] + used)             # wraps at 2 beats (a power of two)
+            m.d.sync += rps[p].eq(rps[p] + (used >> lga))    # wraps at 2 beats (a power of two)
             with m.If(acc_beat):
                 m.d.sync += [whs[p].eq(~whs[p]), cnts[p].eq(cnts[p] - used + Wb)]
                 with m.If(whs[p]):
@@ -205,7 +220,7 @@ class MatrixEngine(wiring.Component):
         m.d.comb += nxt.eq(Mux(sec == SEC_ZE, Mux(sparse, SEC_IX, SEC_CO), sec + 1))
         rec_end = (sec == SEC_CO) & last_in_sec
         with m.If(self.start):
-            m.d.sync += [sec.eq(SEC_SH), rem.eq(1), srow.eq(0), rec.eq(0)]
+            m.d.sync += [sec.eq(SEC_SH), rem.eq(SEC_ALIGN), srow.eq(0), rec.eq(0)]
         with m.Elif(step):
             with m.If(last_in_sec):
                 m.d.sync += srow.eq(0)
@@ -231,7 +246,10 @@ class MatrixEngine(wiring.Component):
             ports = {}
             for name, depth, code in (("sc", self.sc_rows, SEC_SC), ("ze", self.ze_rows, SEC_ZE),
                                       ("ix", self.ix_rows, SEC_IX)):
-                mem = memory.Memory(shape=unsigned(W), depth=depth, init=[])
+                # scales and zeros in block RAM (a 512-bit row of LUT RAM costs ~290 LUTs per read port;
+                # the U280 has BRAM to spare), the 2:4 indices (two read ports) in LUT RAM
+                mem = memory.Memory(shape=unsigned(W), depth=depth, init=[],
+                                    attrs={"ram_style": "block"} if name != "ix" else None)
                 m.submodules[f"{name}{p}"] = mem
                 wp = mem.write_port()
                 m.d.comb += [wp.addr.eq(srow), wp.data.eq(bufs[p][:W]), wp.en.eq(step & (sec == code))]
@@ -279,6 +297,23 @@ class MatrixEngine(wiring.Component):
         in_k = [Signal(name=f"ink{i}") for i in range(L)]
         for i in range(L):
             m.d.comb += in_k[i].eq(kleft > i)
+        # S_j (sum of the kept x of a chunk) without a per-port tree: dense layers keep the same columns
+        # on every port (those < K with a code at this width), so their S_j is computed once; a 2:4 port
+        # keeps two columns of every 4-group, so it picks one of the group's six pair sums (computed
+        # once) by its pattern index and adds four of them per chunk.
+        act = [Signal(name=f"act{i}") for i in range(L)]       # lane i has a code at this width
+        for i in range(L):
+            m.d.comb += act[i].eq(Mux(bits_sel == 0, 1, Mux(bits_sel == 1, i < L // 2, i < L // 4)) & in_k[i])
+        s_dense = []
+        for j in range(NCH):
+            sd = Signal(signed(13), name=f"Sd{j}")
+            m.d.comb += sd.eq(sum(Mux(act[i], xlane[i], 0) for i in range(CHUNK * j, CHUNK * (j + 1))))
+            s_dense.append(sd)
+        pair_sums = []
+        for u in range(L // 4):
+            vals = [Signal(signed(9), name=f"ps{u}_{nn}") for nn in range(8)]     # patterns 6, 7: none kept
+            m.d.comb += [vals[nn].eq(xlane[4 * u + a] + xlane[4 * u + b]) for nn, (a, b) in enumerate(PATTERNS)]
+            pair_sums.append(Array(vals))
         # chunk -> entries of the scale / zero rows. The groups of one code step are one aligned block
         # of at most 16 (C / group, a power of two; a single group when group > C), so all of them lie
         # in the aligned 16-entry window of the first one, g0: each memory row is cut to that window once
@@ -336,7 +371,8 @@ class MatrixEngine(wiring.Component):
             sc_win = Signal(16 * 16, name=f"scw{p}")
             sc8 = _window(rd[p]["sc"].data, blk, self.lgW - 7, 16 * 8)
             sc16 = _window(rd[p]["sc"].data, blk, self.lgW - 8, 16 * 16)
-            m.d.comb += sc_win.eq(Mux(scale8, Cat(*[Cat(sc8[8 * e: 8 * e + 8], Const(0, 8)) for e in range(16)]), sc16))
+            sc8w = Cat(*[Cat(sc8[8 * e: 8 * e + 8], Const(0, 8)) for e in range(16)])
+            m.d.comb += sc_win.eq({8: sc8w, 16: sc16}[self.scale_bits] if self.scale_bits else Mux(scale8, sc8w, sc16))
             ze_win = Signal(16 * 8, name=f"zew{p}")
             zw = {sel: _window(rd[p]["ze"].data, blk, self.lgW - (sel + 1) - 4, 16 * b)
                   for sel, b in ((0, 2), (1, 4), (2, 8))}
@@ -345,9 +381,15 @@ class MatrixEngine(wiring.Component):
                                           zw[2])))
             for j in range(NCH):
                 lanes = range(CHUNK * j, CHUNK * (j + 1))
-                prods = [Mux(keeps[i], lane_product(codes[i], xlane[i]), 0) for i in lanes]
-                xs = [Mux(keeps[i], xlane[i], 0) for i in lanes]
-                m.d.sync += [Psum[p][j].eq(sum(prods)), Ssum[p][j].eq(sum(xs))]
+                # a DSP lane's keep gates its code (the multiplier then yields 0), a LUT lane's its product
+                prods = [lane_product(Mux(keeps[i], codes[i], 0), xlane[i]) if len(codes[i]) >= 4 else
+                         Mux(keeps[i], lane_product(codes[i], xlane[i]), 0) for i in lanes]
+                s24 = []
+                for u in range(CHUNK * j // 4, CHUNK * (j + 1) // 4):
+                    t = Signal(signed(9), name=f"s24_{p}_{u}")
+                    m.d.comb += t.eq(Mux(act[4 * u], pair_sums[u][ixbits[3 * u: 3 * u + 3]], 0))
+                    s24.append(t)
+                m.d.sync += [Psum[p][j].eq(sum(prods)), Ssum[p][j].eq(Mux(sparse, sum(s24), s_dense[j]))]
                 m.d.sync += [M2[p][j].eq(sc_win.word_select(ent[j], 16)), Z2[p][j].eq(ze_win.word_select(ent[j], 8))]
 
         # ---- stage 2 -> 3: t_j = P_j - zero*S_j
@@ -382,23 +424,24 @@ class MatrixEngine(wiring.Component):
         with m.If(self.start):
             m.d.sync += inflight_last.eq(0)
 
-        # ---- stage 4: finish (sat48, * ma, shift_sat32) into the result FIFO
-        outs = []
-        for p in range(P):
-            r = Signal(signed(10), name=f"r{p}")
-            m.d.comb += r.eq(sh4[p] - ea)
-            a48 = sat_const(m, fin[p], 48, f"a48_{p}")
-            y = Signal(signed(65), name=f"y{p}")
-            m.d.comb += y.eq(a48 * ma)
-            outs.append(shift_sat32(m, y, r, f"o{p}"))
-        m.d.comb += [q.w_en.eq(v4), q.w_data.eq(Cat(rec4, *outs))]
+        # ---- stage 4: every port's sum and shift into the result FIFO; the FIFO drains one port per
+        # cycle, so one shared finisher (sat48, * ma, shift_sat32) serves all ports
+        m.d.comb += [q.w_en.eq(v4), q.w_data.eq(Cat(rec4, *[Cat(fin[p], sh4[p]) for p in range(P)]))]
 
-        # ---- result FIFO -> output memory, one word per cycle: port p's row rec is row p*R + rec
+        # ---- result FIFO -> finisher -> output memory, one word per cycle: port p's row rec is row p*R + rec
         wsel = Signal(range(P))
         m.d.comb += q.r_en.eq(0)
+        ent_w = Signal(66)
+        m.d.comb += ent_w.eq(q.r_data[32:].word_select(wsel, 66))
+        r = Signal(signed(10))
+        m.d.comb += r.eq(ent_w[58:].as_signed() - ea)
+        a48 = sat_const(m, ent_w[:58].as_signed(), 48, "a48")
+        y = Signal(signed(65))
+        m.d.comb += y.eq(a48 * ma)
+        res = shift_sat32(m, y, r, "res")
         word = Signal(32)
         m.d.comb += word.eq(q.r_data[:32] + wsel * rows)
-        m.d.comb += [ow.addr.eq(word >> _lg(E)), ow.data.eq(Cat(*([q.r_data.word_select(wsel + 1, 32)] * E))),
+        m.d.comb += [ow.addr.eq(word >> _lg(E)), ow.data.eq(Cat(*([res] * E))),
                      ow.en.eq(Mux(q.r_rdy, 1 << word[:_lg(E)], 0))]
         with m.If(q.r_rdy):
             with m.If(wsel == P - 1):

@@ -65,7 +65,7 @@ class MatmulUnit(wiring.Component):
     Tokens are processed one after the other (the weights stream once per token).
 
     Status: STATUS_SHAPE for a descriptor this engine cannot run (bad magic, bits not 2/4/8, scale
-    mantissas not 8- or 16-bit, group not a power of two in [16, 128], K > max_hidden, N > OUT_WORDS,
+    mantissas not of the configuration's scale_bits (the compiler packs that width), group not a power of two in [16, 128], K > max_hidden, N > OUT_WORDS,
     port count or record size inconsistent, n_tokens > max_prefill); STATUS_ADDR_RANGE when an
     operand or the weight stream runs past the 4 GiB offset space of its buffer argument."""
 
@@ -79,7 +79,7 @@ class MatmulUnit(wiring.Component):
         P, W = cfg.weight_ports, cfg.port_width_bits
         Wb = W // 8
         lgWb = Wb.bit_length() - 1
-        m.submodules.eng = eng = MatrixEngine(P, W, cfg.max_hidden)
+        m.submodules.eng = eng = MatrixEngine(P, W, cfg.max_hidden, scale_bits=cfg.scale_bits)
         f = _fields(self.word)
         a, b, d, fl = Signal(32), Signal(32), Signal(32), Signal(8)
         desc = Signal(512)
@@ -101,8 +101,14 @@ class MatmulUnit(wiring.Component):
         lg_b = Signal(4)
         m.d.comb += lg_b.eq(Mux(bits == 2, 1, Mux(bits == 4, 2, 3)))
         rec_calc = Signal(32)
-        m.d.comb += rec_calc.eq(1 + Mux(scale_bits == 8, G, 2 * G) + (((G << lg_b) + 7) >> 3) + Mux(sparse[0], (3 * (K >> 2) + 7) >> 3, 0)
-                                + ((((K >> sparse[0]) << lg_b) + 7) >> 3))
+        lga = memmap.SEC_ALIGN.bit_length() - 1
+
+        def pad(nbytes):                    # record sections are padded to SEC_ALIGN bytes (hw/memmap.RowRecord)
+            return ((nbytes + memmap.SEC_ALIGN - 1) >> lga) << lga
+
+        m.d.comb += rec_calc.eq(memmap.SEC_ALIGN + pad(Mux(scale_bits == 8, G, 2 * G)) + pad(((G << lg_b) + 7) >> 3)
+                                + Mux(sparse[0], pad((3 * (K >> 2) + 7) >> 3), 0)
+                                + pad((((K >> sparse[0]) << lg_b) + 7) >> 3))
         stride8 = Signal(32)
         stride32 = Signal(32)
         m.d.comb += [stride8.eq(64 + ((K + 63) & ~63)), stride32.eq(((N << 2) + 63) & ~63)]
@@ -112,7 +118,7 @@ class MatmulUnit(wiring.Component):
         m.d.comb += w_beats.eq((stream_bytes + Wb - 1) >> lgWb)
         bad_shape = Signal()
         m.d.comb += bad_shape.eq((magic != memmap.MAGIC_LIN) | ~((bits == 2) | (bits == 4) | (bits == 8))
-                                 | (sparse > 1) | ~((scale_bits == 16) | (scale_bits == 8))
+                                 | (sparse > 1) | (scale_bits != cfg.scale_bits)
                                  | ~((group == 16) | (group == 32) | (group == 64) | (group == 128))
                                  | (K == 0) | (K > cfg.max_hidden) | ((K & (group - 1)) != 0)
                                  | (N == 0) | (N > OUT_WORDS) | (R * P < N) | (ports != P) | (port != 0)
@@ -357,12 +363,25 @@ class Kernel(wiring.Component):
         with m.If(active == 0):
             m.d.comb += [rd.cmd.valid.eq(fetch_cmd), rd.cmd.payload.addr.eq(beat_addr), rd.cmd.payload.beats.eq(1),
                          rd.data.ready.eq(fetch_take)]
+        # Read data payloads go to every unit unconditionally (only valid/ready are switched), and the
+        # weight-port write payloads come straight from the one unit that writes weight ports (units
+        # say so with WRITES_WEIGHTS): on a 32-port u280 build a 512-bit gate or multiplexer per unit
+        # and port costs tens of thousands of LUTs.
+        writers = [op for op in ops if getattr(units[op], "WRITES_WEIGHTS", False)]
+        for op in ops:
+            u = units[op]
+            m.d.comb += u.rd_data.payload.eq(rd.data.payload)
+            for p in range(P):
+                m.d.comb += getattr(u, f"w_data{p}").payload.eq(wrd[p].data.payload)
+        if len(writers) == 1:
+            for p in range(P):
+                m.d.comb += wwr[p].data.payload.eq(getattr(units[writers[0]], f"ww_data{p}").payload)
         for i, op in enumerate(ops):
             u = units[op]
             with m.If(active == i + 1):
                 m.d.comb += [rd.cmd.valid.eq(u.rd_cmd.valid), rd.cmd.payload.eq(u.rd_cmd.payload),
                              u.rd_cmd.ready.eq(rd.cmd.ready),
-                             u.rd_data.valid.eq(rd.data.valid), u.rd_data.payload.eq(rd.data.payload),
+                             u.rd_data.valid.eq(rd.data.valid),
                              rd.data.ready.eq(u.rd_data.ready),
                              wr.cmd.valid.eq(u.wr_cmd.valid), wr.cmd.payload.eq(u.wr_cmd.payload),
                              u.wr_cmd.ready.eq(wr.cmd.ready),
@@ -372,11 +391,13 @@ class Kernel(wiring.Component):
                     uc, ud = getattr(u, f"w_cmd{p}"), getattr(u, f"w_data{p}")
                     m.d.comb += [wrd[p].cmd.valid.eq(uc.valid), wrd[p].cmd.payload.eq(uc.payload),
                                  uc.ready.eq(wrd[p].cmd.ready), ud.valid.eq(wrd[p].data.valid),
-                                 ud.payload.eq(wrd[p].data.payload), wrd[p].data.ready.eq(ud.ready)]
+                                 wrd[p].data.ready.eq(ud.ready)]
                     wc, wd = getattr(u, f"ww_cmd{p}"), getattr(u, f"ww_data{p}")
                     m.d.comb += [wwr[p].cmd.valid.eq(wc.valid), wwr[p].cmd.payload.eq(wc.payload),
                                  wc.ready.eq(wwr[p].cmd.ready), wwr[p].data.valid.eq(wd.valid),
-                                 wwr[p].data.payload.eq(wd.payload), wd.ready.eq(wwr[p].data.ready)]
+                                 wd.ready.eq(wwr[p].data.ready)]
+                    if len(writers) > 1 and op in writers:
+                        m.d.comb += wwr[p].data.payload.eq(wd.payload)
 
         with m.FSM():
             with m.State("IDLE"):

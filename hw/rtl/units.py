@@ -469,10 +469,10 @@ class EmbedUnit(_Base):
                 # read the row on its port and write it to io + a + t * stride32(D), beat for beat
                 for p in range(P):
                     wc, wd = getattr(self, f"w_cmd{p}"), getattr(self, f"w_data{p}")
+                    m.d.comb += [wc.payload.addr.eq(getattr(self, f"weights{p}") + d + 64 + local * row_bytes),
+                                 wc.payload.beats.eq(row_beats)]
                     with m.If(port == p):
                         m.d.comb += [wc.valid.eq(~issued),
-                                     wc.payload.addr.eq(getattr(self, f"weights{p}") + d + 64 + local * row_bytes),
-                                     wc.payload.beats.eq(row_beats),
                                      self.wr_cmd.valid.eq(~issued & wc.ready),
                                      self.wr_data.valid.eq(issued & wd.valid), wd.ready.eq(issued & self.wr_data.ready),
                                      self.wr_data.payload.data.eq(wd.payload)]
