@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from algo.common import AccllmError
-from hw import regmap
+from hw import memmap, regmap
 from hw.config import load_hw
 from host.device import DeviceBusy, DeviceTimeout, MemoryDevice
 from host.runtime import DeviceScorer, Runtime, Sampler, Sampling
@@ -75,7 +75,7 @@ def pkg(tmp_path):
     W = (rng.standard_normal((V, V)) * 65536).astype("<i4")
     (tmp_path / "hbm_w0.bin").write_bytes(W.tobytes())
     (tmp_path / "program.bin").write_bytes(bytes(16 * 12))
-    mm = {"format": "accllm-memmap", "version": 1,
+    mm = {"format": memmap.FORMAT, "version": memmap.VERSION,
           "buffers": {"program": {"port": "m_axi_ctrl", "bank": 0, "size": 4096, "file": "program.bin"},
                       "io": {"port": "m_axi_ctrl", "bank": 0, "size": 4096},
                       "kv": {"port": "m_axi_ctrl", "bank": 1, "size": 4 * 4096},
