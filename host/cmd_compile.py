@@ -26,9 +26,36 @@ def add_arguments(p) -> None:
                         "memmap.json, hbm_w<p>.bin and 'hw' in the manifest)")
     p.add_argument("--hw-set", dest="hw_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one hardware configuration key (repeatable)")
+    p.add_argument("--package", default=None, metavar="DIR",
+                   help="stage 2 only: compile this existing package for --hw again (no recompression; "
+                        "e.g. after an accllm update changed the memory map) into --out (may be DIR itself)")
     add_progress_args(p)
 
 
 def run(args) -> int:
+    if args.package:
+        return recompile_package(args)
     from quant.build import compile_model
     return compile_model(args)
+
+
+def recompile_package(args) -> int:
+    import time
+    from pathlib import Path
+    from algo.common import AccllmError
+    from hw.compiler import recompile
+    from hw.config import load_hw
+    src, out = Path(args.package), Path(args.out)
+    if not (src / "manifest.json").is_file():
+        raise AccllmError(f"--package {src}: not a package directory (no manifest.json)")
+    if not args.hw:
+        raise AccllmError("--package needs --hw CONFIG (sim-small | u280): the configuration to compile for")
+    if args.sets or args.recipe_file or args.stop_after:
+        raise AccllmError("--package recompiles the accelerator program only: --set, --recipe-file and "
+                          "--stop-after change the compression and need a full compile (without --package)")
+    hw = load_hw(args.hw, args.hw_sets)
+    t = time.time()
+    same = out.resolve() == src.resolve()
+    recompile(src, hw, out_dir=None if same else out, progress=not args.no_progress)
+    print(f"compiled {src} for {hw.name} into {out}{' (in place)' if same else ''} ({time.time() - t:.1f} s)")
+    return 0

@@ -153,7 +153,14 @@ class Protocol:
             except ImportError:
                 validate_memmap = None
             if validate_memmap is not None:
-                validate_memmap(d)
+                try:
+                    validate_memmap(d)
+                except AccllmError as e:
+                    if "expected accllm-memmap" in str(e):
+                        raise AccllmError(f"{e}: the package's program was compiled by another accllm version; "
+                                          "compile it again (stage 2 only, seconds): accllm compile --package DIR "
+                                          "--hw CONFIG --out DIR") from None
+                    raise
             # hw/memmap.py: flags bit 0 writes the logits of every token of the run; partial buckets ok
             d = dict({"logits_rows": "all", "prefill_partial": True}, **d)
         try:

@@ -243,3 +243,32 @@ def test_smollm2_emu_and_rtl_identical_tokens(tmp_path):
     assert r["rtl"]["tokens"] == r["emu"]["tokens"]
     assert (r["rtl"]["logits"] == r["emu"]["logits"]).all()
     print("smollm2 rtl cycles per decode step", r["rtl"]["step_cycles"], "model", r["emu"]["model_step_cycles"])
+
+
+def test_package_of_an_older_memory_map_is_compiled_again(tiny_pkg, tmp_path):
+    """A package whose program an older accllm made (memmap v1) is refused with the command that fixes
+    it, and `accllm compile --package` (stage 2 only) makes it run again, in place or into --out."""
+    from algo.common import sha256_file
+    from hw import memmap
+    from host.runtime import open_runtime
+    old = tmp_path / "old"
+    shutil.copytree(tiny_pkg, old)
+    mm = json.loads((old / "memmap.json").read_text())
+    mm["version"] = memmap.VERSION - 1
+    (old / "memmap.json").write_text(json.dumps(mm))
+    man = json.loads((old / "manifest.json").read_text())
+    man["files"]["memmap.json"] = sha256_file(old / "memmap.json")
+    man["program"]["compiler_digest"] = "older"
+    (old / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(AccllmError, match="accllm compile --package DIR --hw CONFIG --out DIR"):
+        open_runtime(old, "emu")
+    rc, _ = _run_cli(["compile", "--package", str(old), "--hw", "sim-small", "--set", "window=8", "--out", str(old)])
+    assert rc == 2                                   # compression settings need a full compile
+    rc, out = _run_cli(["compile", "--package", str(old), "--hw", "sim-small", "--out", str(tmp_path / "new")])
+    assert rc == 0 and "compiled" in out
+    rc, out = _run_cli(["compile", "--package", str(old), "--hw", "sim-small", "--out", str(old)])
+    assert rc == 0 and "in place" in out
+    for d in (old, tmp_path / "new"):
+        assert (d / "memmap.json").read_bytes() == (tiny_pkg / "memmap.json").read_bytes()
+        rt = open_runtime(d, "emu")
+        rt.close()
