@@ -58,24 +58,10 @@ def _cached_package(model: str, recipe: str, hw: str):
         if r.returncode != 0:
             raise AccllmError(f"compiling {model} for the benchmark failed (exit {r.returncode})")
     else:
-        refresh_program(d, hw)
+        from hw.compiler import refresh_program
+        from hw.config import load_hw
+        refresh_program(d, load_hw(hw), log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return d
-
-
-def refresh_program(pkg, hw: str) -> bool:
-    """A cached package whose program an earlier compiler made (another memory map or ISA) is
-    compiled again in place, stage 2 only; True if it was."""
-    import json
-    import sys
-    from hw.compiler import compiler_digest, recompile
-    from hw.config import load_hw
-    man = json.loads((pkg / "manifest.json").read_text())
-    if man.get("program", {}).get("compiler_digest") == compiler_digest():
-        return False
-    print(f"the cached package {pkg} was compiled by another version of the compiler; compiling its program "
-          "again (stage 2 only, same weights)", file=sys.stderr, flush=True)
-    recompile(pkg, load_hw(hw))
-    return True
 
 
 def _defaults(args, model, tokens, prompt_tokens):

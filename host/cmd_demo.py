@@ -130,12 +130,9 @@ def run(args) -> int:
         if rc:
             raise AccllmError(f"compile-model failed (exit {rc})")
     if cached:
-        from hw.compiler import compiler_digest, recompile
+        from hw.compiler import refresh_program
         from hw.config import load_hw
-        if json.loads((pkg / "manifest.json").read_text()).get("program", {}).get("compiler_digest") != compiler_digest():
-            print("    the cached package's program was compiled by another version of the compiler; compiling it "
-                  "again (stage 2 only, same weights)", flush=True)
-            recompile(pkg, load_hw(args.hw))
+        refresh_program(pkg, load_hw(args.hw), log=lambda msg: print(f"    {msg}", flush=True))
     t_compile = time.time() - t0
     manifest = json.loads((pkg / "manifest.json").read_text())
     fp = manifest.get("footprint", {})

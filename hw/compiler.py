@@ -410,6 +410,18 @@ def build_step(ctx) -> dict:
             "weight_bytes": sum(upd["program"]["weight_bytes_per_port"])}
 
 
+def refresh_program(package_dir, hw: HWConfig, log=print) -> bool:
+    """Compile the program of a cached package again (in place, stage 2 only, same weights) when an
+    earlier version of the compiler made it (another memory map, ISA or numerics); True if it did."""
+    man = json.loads((Path(package_dir) / "manifest.json").read_text())
+    if man.get("program", {}).get("compiler_digest") == compiler_digest():
+        return False
+    log(f"the cached package {package_dir} was compiled by another version of the compiler; compiling its "
+        "program again (stage 2 only, same weights)")
+    recompile(package_dir, hw)
+    return True
+
+
 def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False) -> Path:
     """Compile an existing package again for *hw* (no recompression): into *out_dir* (a copy of the
     package, written atomically) or in place. Files of a previous compilation are replaced and the
