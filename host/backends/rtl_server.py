@@ -150,7 +150,6 @@ async def _reset(dut, cycles=8):
     await ClockCycles(dut.ap_clk, 2)
 
 
-
 def _host_gone(sock) -> bool:
     """True when the host closed its end (it exited or was killed, even with SIGKILL): a peek that
     returns no bytes. A host that is alive and silent makes the peek raise BlockingIOError."""
