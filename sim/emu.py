@@ -332,7 +332,7 @@ class EmuDevice(MemoryDevice):
         # hardware limits of the KV-cache unit / attention core (hw/rtl/attn_unit.py, docs/rtl.md):
         # head_dim <= 128 and a multiple of 8, value groups of >= 8 channels, 4-bit KV
         if (Hkv == 0 or vg == 0 or a["kv_bits"] != 4 or Hq % Hkv or hd % vg or Hq * hd > self.hw.max_hidden
-                or Hq == 0 or hd == 0 or hd > 128 or hd % 8 or vg < 8):
+                or Hq == 0 or hd == 0 or hd > 128 or hd % 8 or vg < 8 or vg % 8):
             raise Fault(regmap.STATUS_SHAPE, f"attention descriptor shape (heads {Hq}/{Hkv}, head_dim {hd}, vgroup {vg}, "
                                              f"kv_bits {a['kv_bits']})")
         lam = bool(a["ring"])

@@ -196,6 +196,7 @@ def test_attention_linear_and_bad_input(pair):
                                 regmap.STATUS_KV_REGION),
         "heads not a multiple of kv heads": (dict(Hq=3, Hkv=2, hd=32, vg=16, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
         "head_dim not a multiple of 8": (dict(Hq=2, Hkv=1, hd=36, vg=12, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
+        "vgroup not a multiple of 8": (dict(Hq=2, Hkv=1, hd=48, vg=12, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
         "kv_bits 8": (dict(Hq=2, Hkv=1, hd=32, vg=16, S=2, W=4, slots=6, ring=1, kv_bits=8), regmap.STATUS_SHAPE),
         "descriptor magic": (dict(Hq=2, Hkv=1, hd=32, vg=16, S=2, W=4, slots=6, ring=1, magic_ok=False),
                              regmap.STATUS_ADDR_RANGE),

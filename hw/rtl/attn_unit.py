@@ -30,7 +30,9 @@ Status codes (as sim/emu.py): n_tokens outside 1..max_prefill, Hq % Hkv != 0, od
 not dividing hd, Hq*hd > max_hidden -> STATUS_SHAPE; wrong descriptor magic -> STATUS_ADDR_RANGE;
 slots < 1, > max_context, or != S + W under Λ -> STATUS_KV_REGION; linear cache and position + T >
 slots -> STATUS_POSITION; src/dst past the 4 GiB offset space -> STATUS_ADDR_RANGE.
-RTL-only limits (STATUS_SHAPE, docs/rtl.md): hd <= 128 and a multiple of 8, vgroup >= 8, kv_bits 4.
+Limits of this build (STATUS_SHAPE, emu the same): hd <= 128 and a multiple of 8, vgroup a multiple of 8,
+kv_bits 4. Scores and P x V take LANES = 8 channels per cycle: K words of 8 codes straight from the port,
+each V record read as words into vrec, then emitted 8 channels per cycle.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from .units import _Base, _end64
 
 MAX_HD = 128          # largest head dimension of this build (Llama-2-7B: 128)
 MAX_VREC = MAX_HD // 2 + 4 * (MAX_HD // 8)     # V record bytes at hd = 128, vgroup = 8
+LANES = 8             # attention channels per cycle (scores and P x V); hd and vgroup are multiples of 8
 
 
 class Unpacker(wiring.Component):
@@ -103,11 +106,12 @@ class AttnUnit(_Base):
         m.submodules.rope = rope = RoPE(MAX_HD)
         m.submodules.kq = kq = KeyQuant()
         m.submodules.vq = vq = ValueQuant(MAX_HD)
-        m.submodules.core = core = AttentionCore(MAX_HD, cfg.max_context)
+        m.submodules.core = core = AttentionCore(MAX_HD, cfg.max_context, LANES)
         m.submodules.aq = aq = ActQuant(H)
         m.submodules.div = div = Divider(32, 32)
         m.submodules.wu = wu = Unpacker(W, 32)        # io (ctrl port) -> int32 words
-        m.submodules.bu = bu = Unpacker(W, 8)         # weight ports -> bytes
+        m.submodules.bu = bu = Unpacker(W, 8)         # weight ports -> bytes (constants)
+        m.submodules.bw = bw = Unpacker(W, 32)        # weight ports -> 32-bit words (K/V areas: 8 codes each)
 
         def mem(name, shape, depth, reads=1, gran=None):
             mm_ = memory.Memory(shape=shape, depth=depth, init=[])
@@ -122,7 +126,7 @@ class AttnUnit(_Base):
         km_w, (km_r,) = mem("km_mem", 16, MAX_HD)
         rec_depth = -(-(Wb - 1 + MAX_VREC) // Wb) + 1
         rec_w, (rec_r,) = mem("rec", W, rec_depth, 1, 8)
-        vr_w, vr_r = mem("vrec", 8, MAX_VREC, 5)
+        vr_w, vr_r = mem("vrec", 32, MAX_VREC // 4, 2)     # one V record as words: codes, then group words
         out_depth = -(-(64 + H) // Wb) + 1
         out_w, (out_r,) = mem("obuf", W, out_depth, 1, 8)
 
@@ -198,8 +202,10 @@ class AttnUnit(_Base):
             wc, wd = getattr(self, f"w_cmd{q}"), getattr(self, f"w_data{q}")
             m.d.comb += [wc.payload.addr.eq(wcmd_addr), wc.payload.beats.eq(wcmd_beats)]
             with m.If(wsel == q):
+                # both unpackers see the data; only the started one (count left) accepts it
                 m.d.comb += [wc.valid.eq(wcmd_valid), bu.i.valid.eq(wd.valid), bu.i.payload.eq(wd.payload),
-                             wd.ready.eq(bu.i.ready)]
+                             bw.i.valid.eq(wd.valid), bw.i.payload.eq(wd.payload),
+                             wd.ready.eq(bu.i.ready | bw.i.ready)]
         wcmd_ready = Signal()
         for q in range(P):
             with m.If(wsel == q):
@@ -234,12 +240,16 @@ class AttnUnit(_Base):
                          wu.start.eq(self.rd_cmd.ready)]
             return self.rd_cmd.ready
 
-        def w_read(addr, count):
-            """Issue a byte read of *count* bytes at *addr* on port wsel into the byte unpacker."""
+        def w_read(addr, count, words=False):
+            """Issue a read of *count* bytes at *addr* on port wsel into the byte unpacker (or, with
+            *words*, into the 32-bit word unpacker: addr and count multiples of 4)."""
             lo = addr[:lgWb]
             m.d.comb += [wcmd_valid.eq(1), wcmd_addr.eq(addr & ~(Wb - 1)),
-                         wcmd_beats.eq((lo + count + Wb - 1) >> lgWb),
-                         bu.skip.eq(lo), bu.count.eq(count), bu.start.eq(wcmd_ready)]
+                         wcmd_beats.eq((lo + count + Wb - 1) >> lgWb)]
+            if words:
+                m.d.comb += [bw.skip.eq(lo >> 2), bw.count.eq(count >> 2), bw.start.eq(wcmd_ready)]
+            else:
+                m.d.comb += [bu.skip.eq(lo), bu.count.eq(count), bu.start.eq(wcmd_ready)]
             return wcmd_ready
 
         # RoPE frequencies / constants
@@ -328,7 +338,7 @@ class AttnUnit(_Base):
                 with m.If(~div.busy):
                     m.d.sync += ngv.eq(div.quo)
                     bad_shape = ((div.rem != 0) | hd[0] | (DQ > H) | (Hq == 0)
-                                 | (hd == 0) | (hd > MAX_HD) | (hd[:3] != 0) | (vg < 8))
+                                 | (hd == 0) | (hd > MAX_HD) | (hd[:3] != 0) | (vg < 8) | (vg[:3] != 0))
                     bad_region = ((slots == 0) | (slots > cfg.max_context)
                                   | (ring & ((S_ + W_ != slots) | (W_ == 0))))
                     with m.If(bad_shape):
@@ -515,43 +525,38 @@ class AttnUnit(_Base):
                             m.d.sync += [second.eq(0), wsel.eq(hp)]
                             m.next = "KRD0"
             with m.State("KRD0"):
-                with m.If(w_read(k_base, n * k_slot)):
-                    m.d.sync += ci.eq(0)
+                with m.If(w_read(k_base, n * k_slot, words=True)):
                     m.next = "KRD"
             with m.State("KRD"):
-                # bytes -> two codes each (low nibble first) -> core.k
-                m.d.comb += [core.k.valid.eq(bu.o.valid), core.k.payload.eq(Mux(ci[0], bu.o.payload[4:8], bu.o.payload[:4])),
-                             bu.o.ready.eq(core.k.ready & ci[0])]
-                with m.If(core.k.valid & core.k.ready):
-                    m.d.sync += ci.eq(ci + 1)
-                with m.If(~bu.busy):
+                # 32-bit words = 8 codes each (channel order, low nibble first) -> core.k, LANES per cycle
+                m.d.comb += [core.k.valid.eq(bw.o.valid), core.k.payload.eq(bw.o.payload), bw.o.ready.eq(core.k.ready)]
+                with m.If(~bw.busy):
                     m.next = "VRD0"
             with m.State("VRD0"):
-                with m.If(w_read(v_base, n * v_slot)):
+                with m.If(w_read(v_base, n * v_slot, words=True)):
                     m.d.sync += [cnt.eq(0), ci.eq(0)]
                     m.next = "VFILL"
             with m.State("VFILL"):
-                m.d.comb += [bu.o.ready.eq(1), vr_w.addr.eq(cnt), vr_w.data.eq(bu.o.payload), vr_w.en.eq(bu.o.valid)]
-                with m.If(bu.o.valid):
+                # one slot's V record (v_slot / 4 words) into vrec
+                m.d.comb += [bw.o.ready.eq(1), vr_w.addr.eq(cnt), vr_w.data.eq(bw.o.payload), vr_w.en.eq(bw.o.valid)]
+                with m.If(bw.o.valid):
                     m.d.sync += cnt.eq(cnt + 1)
-                    with m.If(cnt + 1 == v_slot):
+                    with m.If(cnt + 1 == v_slot >> 2):
                         m.d.sync += [cnt.eq(0), cc.eq(0), ci.eq(0)]
                         m.next = "VEMIT"
             with m.State("VEMIT"):
-                # element ci: code nibble ci of the record | the word of its group (cc) << 4
-                wba = Signal(32)
-                m.d.comb += wba.eq((hd >> 1) + (cc << 2))
-                m.d.comb += [vr_r[0].addr.eq(ci >> 1)] + [vr_r[1 + j].addr.eq(wba + j) for j in range(4)]
-                code = Mux(ci[0], vr_r[0].data[4:8], vr_r[0].data[:4])
-                wv = Cat(*(vr_r[1 + j].data for j in range(4)))
-                m.d.comb += [core.v.valid.eq(1), core.v.payload.eq(Cat(code, wv))]
+                # channels ci..ci+7: the codes word ci / 8 | the word of their group (cc, at hd / 8 + cc) << 4
+                m.d.comb += [vr_r[0].addr.eq(ci >> 3), vr_r[1].addr.eq((hd >> 3) + cc)]
+                m.d.comb += [core.v.valid.eq(1),
+                             core.v.payload.eq(Cat(*(Cat(vr_r[0].data[4 * ln: 4 * ln + 4], vr_r[1].data)
+                                                     for ln in range(LANES))))]
                 with m.If(core.v.ready):
-                    m.d.sync += [ci.eq(ci + 1), cnt.eq(cnt + 1)]
-                    with m.If(cnt + 1 == vg):
+                    m.d.sync += [ci.eq(ci + LANES), cnt.eq(cnt + LANES)]
+                    with m.If(cnt + LANES == vg):
                         m.d.sync += [cnt.eq(0), cc.eq(cc + 1)]
-                    with m.If(ci + 1 == hd):
+                    with m.If(ci + LANES == hd):
                         m.d.sync += [cnt.eq(0), ci.eq(0), cc.eq(0)]
-                        with m.If(bu.busy):
+                        with m.If(bw.busy):
                             m.next = "VFILL"
                         with m.Else():
                             m.next = "QOUT"

@@ -22,6 +22,14 @@ def reference(q, q2, ns, KM, KZ, ksh, kcodes, vcodes, vwords, vg):
     return nx.sat(nx.rshift_round(p @ vhat, 24), 32)
 
 
+def pack(elems, bits: int, lanes: int) -> list[int]:
+    """[n, hd] elements -> n * hd / lanes items, channel c + i of an item in bits i*bits.."""
+    out = []
+    for row in np.asarray(elems, dtype=object).reshape(-1, lanes):
+        out.append(sum(int(v) << (bits * i) for i, v in enumerate(row)))
+    return out
+
+
 async def head(dut, rng, n, hd, vg, ns=0, remap=False, const_keys=False, seed=0):
     ks = (rng.random(hd) * 0.2 + 1e-3).astype(np.float16)
     kz = rng.integers(0, 16, hd).astype(np.float64)
@@ -40,9 +48,10 @@ async def head(dut, rng, n, hd, vg, ns=0, remap=False, const_keys=False, seed=0)
     r = random.Random(seed)
     cocotb.start_soon(Stream(dut, "q").send(qs, r, 0.8))
     cocotb.start_soon(Stream(dut, "c", 20).send(cs, random.Random(seed + 1), 0.8))
-    cocotb.start_soon(Stream(dut, "k", 4).send(kcodes.reshape(-1), random.Random(seed + 2), 0.8))
+    L = len(dut.k__payload.value) // 4                  # channels per item (the core's lanes)
+    cocotb.start_soon(Stream(dut, "k", 4 * L).send(pack(kcodes, 4, L), random.Random(seed + 2), 0.8))
     wrep = np.repeat(vwords & 0xFFFFFFFF, vg, axis=1)
-    cocotb.start_soon(Stream(dut, "v", 36).send((vcodes | (wrep << 4)).reshape(-1), random.Random(seed + 3), 0.8))
+    cocotb.start_soon(Stream(dut, "v", 36 * L).send(pack(vcodes | (wrep << 4), 36, L), random.Random(seed + 3), 0.8))
     got = np.array(await Stream(dut, "o").recv(hd, random.Random(seed + 4), 0.8, limit=20 * n * hd + 2000))
     bad = np.nonzero(got != want)[0]
     assert not len(bad), f"n={n} hd={hd}: {len(bad)} mismatches, first {bad[0]}: {got[bad[0]]} != {want[bad[0]]}"
