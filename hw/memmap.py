@@ -335,8 +335,9 @@ def kconst_layout(kv_heads: int, head_dim: int) -> dict[str, tuple[int, int, str
 
 def kv_layout(layers: int, kv_heads: int, head_dim: int, slots: int, vgroup: int, kv_bits: int = 4) -> dict:
     """The KV region: per layer a K area [kv_heads][slots][head_dim 4-bit codes, LSB-first] and a V
-    area [kv_heads][slots][record: head_dim 4-bit codes, then one 32-bit word per group of vgroup
-    channels: vm (bits 15:0) | vsh int8 (bits 23:16) | zero (bits 27:24)]."""
+    area [kv_heads][slots][record: one 32-bit word per group of vgroup channels (vm bits 15:0 | vsh
+    int8 bits 23:16 | zero bits 27:24), then head_dim 4-bit codes, LSB-first]. The words come first so
+    the attention unit can dequantize the codes as they stream in."""
     if kv_bits != 4:
         raise AccllmError(f"the KV-cache unit stores 4-bit codes; kv_bits={kv_bits} is not supported by the hardware")
     k_slot = head_dim * kv_bits // 8

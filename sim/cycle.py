@@ -299,16 +299,15 @@ class RtlCycleModel:
 
     def attn(self, heads, kv_heads, hd, vgroup, slots, pos0, T, ring=True) -> float:
         # the attention core takes 8 channels per cycle: per kept slot and query head hd / 8 cycles of
-        # scores, v_slot / 4 to load the V record as words, hd / 8 of P x V (fitted on sim-small, ATTN
-        # alone at hd 32/64/128, 1..48 kept slots, T 1 and 4: within 1.2 %)
+        # scores, then the V record: hd / vgroup group words and hd / 8 cycles of P x V (fitted on
+        # sim-small, ATTN alone at hd 32/64/128, vgroup 16..64, 1..48 kept slots, T 1 and 4: within 2 %)
         L = self.hw.hbm_latency_cycles
-        v_slot = hd // 2 + 4 * (hd // vgroup)
-        per_kv = 7 * L + 14.2 * hd + 23
+        per_kv = 7 * L + 14.2 * hd + 31
         per_q = 4 * L + 5.3 * hd + 145
-        total = 2 * L + 248
+        total = 2 * L + 251
         for t in range(T):
             n = min(pos0 + t + 1, slots)
-            total += kv_heads * per_kv + heads * (per_q + n * (hd + v_slot) / 4) - 105
+            total += kv_heads * per_kv + heads * (per_q + n * (hd / 4 + hd // vgroup)) - 125
         return total
 
     def instr_cycles(self, ins, info: dict, T: int) -> float:

@@ -354,7 +354,6 @@ class EmuDevice(MemoryDevice):
         width = (Hq + 2 * Hkv) * hd
         qkv = self._x32(io, ins.b, T, width, "ATTN src").astype(np.int64)
         grp = Hq // Hkv
-        nb = hd // 2
         pos = pos0 + np.arange(T, dtype=np.int64)
         q = qkv[:, :Hq * hd].reshape(T, Hq, hd)
         k = qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(T, Hkv, hd)
@@ -382,8 +381,9 @@ class EmuDevice(MemoryDevice):
         kb = np.stack([k_[oslots] for k_ in Kh])
         okc = np.stack([kb & 15, kb >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
         vb = np.stack([v_[oslots] for v_ in Vh])
-        ovc = np.stack([vb[..., :nb] & 15, vb[..., :nb] >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
-        ovw = vb[..., nb:].copy().view("<u4").reshape(Hkv, oslots.size, hd // vg).astype(np.int64)
+        nw = 4 * (hd // vg)            # V record: the group words first, then the codes (hw/memmap.kv_layout)
+        ovc = np.stack([vb[..., nw:] & 15, vb[..., nw:] >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
+        ovw = vb[..., :nw].copy().view("<u4").reshape(Hkv, oslots.size, hd // vg).astype(np.int64)
         # all candidate keys: old + the block's own
         kpos = np.concatenate([opos, pos])
         kcodes = np.concatenate([okc, kq.transpose(1, 0, 2)], axis=1)    # [Hkv, n, hd]
@@ -415,8 +415,8 @@ class EmuDevice(MemoryDevice):
         vwb = vw.astype("<u4").view(np.uint8).reshape(T, Hkv, -1)
         for h in range(Hkv):
             Kh[h][slot, :] = kpk[:, h]
-            Vh[h][slot, :nb] = vpk[:, h]
-            Vh[h][slot, nb:] = vwb[:, h]
+            Vh[h][slot, :nw] = vwb[:, h]
+            Vh[h][slot, nw:] = vpk[:, h]
         codes, words = nx.act_quant(out.reshape(T, Hq * hd))
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,

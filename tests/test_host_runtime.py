@@ -272,3 +272,16 @@ def test_package_of_an_older_memory_map_is_compiled_again(tiny_pkg, tmp_path):
         assert (d / "memmap.json").read_bytes() == (tiny_pkg / "memmap.json").read_bytes()
         rt = open_runtime(d, "emu")
         rt.close()
+
+
+def test_rtl_verilog_generation_keeps_stdout_clean(tmp_path, monkeypatch, capsys):
+    """`accllm run/bench --backend rtl --json` on a fresh cache: the Verilog generation it triggers logs to
+    stderr, so stdout stays one JSON document."""
+    from hw.config import load_hw
+    from host.backends.rtl import ensure_rtl
+    monkeypatch.setenv("ACCLLM_CACHE", str(tmp_path / "cache"))
+    out = ensure_rtl(load_hw("sim-small"), progress=True)
+    assert any(out.glob("*.v"))
+    cap = capsys.readouterr()
+    assert cap.out == "", cap.out[:200]
+    assert "generating" in cap.err

@@ -56,7 +56,9 @@ def ensure_rtl(hw, progress: bool = True) -> Path:
     if progress:
         print(f"[rtl] generating Verilog: accllm {' '.join(argv)}", file=sys.stderr, flush=True)
     a = cli.build_parser().parse_args(argv)
-    rc = a._module.run(a)
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):     # build-rtl's log must not mix into a --json stdout
+        rc = a._module.run(a)
     if rc or not any(out.glob("*.v")):
         raise AccllmError(f"`accllm {' '.join(argv)}` did not produce Verilog (exit {rc})")
     return out

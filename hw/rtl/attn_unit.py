@@ -31,8 +31,10 @@ not dividing hd, Hq*hd > max_hidden -> STATUS_SHAPE; wrong descriptor magic -> S
 slots < 1, > max_context, or != S + W under Λ -> STATUS_KV_REGION; linear cache and position + T >
 slots -> STATUS_POSITION; src/dst past the 4 GiB offset space -> STATUS_ADDR_RANGE.
 Limits of this build (STATUS_SHAPE, emu the same): hd <= 128 and a multiple of 8, vgroup a multiple of 8,
-kv_bits 4. Scores and P x V take LANES = 8 channels per cycle: K words of 8 codes straight from the port,
-each V record read as words into vrec, then emitted 8 channels per cycle.
+kv_bits 4. Scores and P x V take LANES = 8 channels per cycle: the K area streams as 32-bit words of 8
+codes; each V record (its group words first, hw/memmap.kv_layout) streams as words too: the group words
+into a small buffer, then the codes 8 per cycle. Per kept slot and query head: hd/8 + hd/vgroup + hd/8
+cycles.
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ class AttnUnit(_Base):
         km_w, (km_r,) = mem("km_mem", 16, MAX_HD)
         rec_depth = -(-(Wb - 1 + MAX_VREC) // Wb) + 1
         rec_w, (rec_r,) = mem("rec", W, rec_depth, 1, 8)
-        vr_w, vr_r = mem("vrec", 32, MAX_VREC // 4, 2)     # one V record as words: codes, then group words
+        gw_w, (gw_r,) = mem("gwords", 32, MAX_HD // 8)     # the group words of the V record being read
         out_depth = -(-(64 + H) // Wb) + 1
         out_w, (out_r,) = mem("obuf", W, out_depth, 1, 8)
 
@@ -181,6 +183,7 @@ class AttnUnit(_Base):
         cc = Signal(range(MAX_HD + 1))      # constant index (key quant / core)
         started = Signal()
         issued = Signal()
+        js = Signal(32)             # V record (slot) being read
         ksh = Signal(8)
 
         weights = [getattr(self, f"weights{q}") for q in range(P)]
@@ -485,7 +488,7 @@ class AttnUnit(_Base):
                 with m.If(vq.o.valid):
                     with m.If(cnt == vg):
                         rec_word_ba = Signal(32)
-                        m.d.comb += rec_word_ba.eq(rlo + (hd >> 1) + (cc << 2))
+                        m.d.comb += rec_word_ba.eq(rlo + (cc << 2))
                         m.d.comb += [rec_w.addr.eq(rec_word_ba >> lgWb), rec_w.data.eq(vq.o.payload.replicate(WPB)),
                                      rec_w.en.eq(Const(0xF, Wb) << rec_word_ba[:lgWb])]
                         m.d.sync += [cnt.eq(0), cc.eq(cc + 1)]
@@ -496,7 +499,7 @@ class AttnUnit(_Base):
                         m.d.sync += [cnt.eq(cnt + 1), ci.eq(ci + 1)]
                         with m.If(~ci[0]):
                             m.d.sync += nib.eq(vq.o.payload[:4])
-                        rec_byte(ci >> 1, Cat(nib, vq.o.payload[:4]), ci[0])
+                        rec_byte((ngv << 2) + (ci >> 1), Cat(nib, vq.o.payload[:4]), ci[0])
             with m.State("WSYNC"):
                 # the K/V records must be in memory before the areas are read back
                 m.d.sync += started.eq(1)
@@ -534,32 +537,31 @@ class AttnUnit(_Base):
                     m.next = "VRD0"
             with m.State("VRD0"):
                 with m.If(w_read(v_base, n * v_slot, words=True)):
-                    m.d.sync += [cnt.eq(0), ci.eq(0)]
-                    m.next = "VFILL"
-            with m.State("VFILL"):
-                # one slot's V record (v_slot / 4 words) into vrec
-                m.d.comb += [bw.o.ready.eq(1), vr_w.addr.eq(cnt), vr_w.data.eq(bw.o.payload), vr_w.en.eq(bw.o.valid)]
+                    m.d.sync += [cnt.eq(0), ci.eq(0), cc.eq(0), js.eq(0)]
+                    m.next = "VWORDS"
+            with m.State("VWORDS"):
+                # the slot's V record starts with its hd / vgroup group words: keep them in gwords
+                m.d.comb += [bw.o.ready.eq(1), gw_w.addr.eq(cc), gw_w.data.eq(bw.o.payload), gw_w.en.eq(bw.o.valid)]
                 with m.If(bw.o.valid):
-                    m.d.sync += cnt.eq(cnt + 1)
-                    with m.If(cnt + 1 == v_slot >> 2):
-                        m.d.sync += [cnt.eq(0), cc.eq(0), ci.eq(0)]
-                        m.next = "VEMIT"
-            with m.State("VEMIT"):
-                # channels ci..ci+7: the codes word ci / 8 | the word of their group (cc, at hd / 8 + cc) << 4
-                m.d.comb += [vr_r[0].addr.eq(ci >> 3), vr_r[1].addr.eq((hd >> 3) + cc)]
-                m.d.comb += [core.v.valid.eq(1),
-                             core.v.payload.eq(Cat(*(Cat(vr_r[0].data[4 * ln: 4 * ln + 4], vr_r[1].data)
+                    m.d.sync += cc.eq(cc + 1)
+                    with m.If(cc + 1 == ngv):
+                        m.d.sync += [cc.eq(0), cnt.eq(0), ci.eq(0)]
+                        m.next = "VCODES"
+            with m.State("VCODES"):
+                # then its codes, 8 per word, straight into the core with their group's word
+                m.d.comb += [gw_r.addr.eq(cc), core.v.valid.eq(bw.o.valid), bw.o.ready.eq(core.v.ready),
+                             core.v.payload.eq(Cat(*(Cat(bw.o.payload[4 * ln: 4 * ln + 4], gw_r.data)
                                                      for ln in range(LANES))))]
-                with m.If(core.v.ready):
+                with m.If(core.v.valid & core.v.ready):
                     m.d.sync += [ci.eq(ci + LANES), cnt.eq(cnt + LANES)]
                     with m.If(cnt + LANES == vg):
                         m.d.sync += [cnt.eq(0), cc.eq(cc + 1)]
                     with m.If(ci + LANES == hd):
-                        m.d.sync += [cnt.eq(0), ci.eq(0), cc.eq(0)]
-                        with m.If(bw.busy):
-                            m.next = "VFILL"
-                        with m.Else():
+                        m.d.sync += [cnt.eq(0), ci.eq(0), cc.eq(0), js.eq(js + 1)]
+                        with m.If(js + 1 == n):
                             m.next = "QOUT"
+                        with m.Else():
+                            m.next = "VWORDS"
             with m.State("QOUT"):
                 m.d.comb += [aq.i.valid.eq(core.o.valid), aq.i.payload.eq(core.o.payload), core.o.ready.eq(aq.i.ready)]
                 with m.If(core.o.valid & core.o.ready):
