@@ -67,6 +67,8 @@ class Recipe:
                            choices=(32, 64, 128))
     weight_method: str = _key("gptq", "weight quantizer calibration: rtn | gptq | clip (learned "
                               "clipping, OmniQuant-style) | gptq+clip", choices=("rtn", "gptq", "clip", "gptq+clip"))
+    act_order: bool = _key(False, "GPTQ column order: decreasing Hessian diagonal, with group parameters "
+                           "fixed before the updates (groups stay contiguous); gptq and gptq+clip only")
     high_precision_layers: list = _list_key(["lm_head"], "linear layers kept at higher precision "
                                             "(name patterns, fnmatch on module names, e.g. 'lm_head', "
                                             "'model.layers.0.*')")

@@ -12,6 +12,10 @@ objective is the layer *output* error ‖X (W − Ŵ)ᵀ‖².
   the min) that minimise the group's own output error Δ_g H_gg Δ_gᵀ; solved by a coarse-to-fine
   search per group rather than SGD (exact objective, no learning-rate tuning, deterministic).
 * gptq+clip: the learned ratios then bound the group ranges GPTQ uses.
+* act_order: columns are quantized in decreasing order of the Hessian diagonal (the inputs with the
+  most energy first, so their error can still be fed back into the rest). The group parameters are
+  then fixed from the weights before any update ("static groups"): groups stay contiguous runs of g
+  input columns, the layout the accelerator streams.
 """
 from __future__ import annotations
 
@@ -91,7 +95,7 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask: t
 @single_thread
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask: torch.Tensor | None = None,
                   clip_hi: torch.Tensor | None = None, clip_lo: torch.Tensor | None = None,
-                  blocksize: int = 128, percdamp: float = 0.01):
+                  blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False):
     """GPTQ of W [N, K] with Hessian H [K, K]. Returns (codes uint8 [N,K], zeros uint8 [N,K/g],
     scales fp16 [N,K/g])."""
     n, k = W.shape
@@ -100,6 +104,26 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask:
     W = W.clone().double()
     if mask is not None:
         W *= mask
+    G = k // group
+    if act_order:
+        # static groups from the unquantized weights, then GPTQ over the permuted columns
+        wg = W.float().reshape(n, G, group)
+        s0, z0 = group_params(wg, bits, clip_hi if clip_hi is not None else 1.0, clip_lo)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        inv = torch.argsort(perm)
+        codes_p, _, _ = _gptq_columns(W[:, perm], H[perm][:, perm], bits, group, None if mask is None else mask[:, perm],
+                                      blocksize, percdamp, static=(s0, z0, perm))
+        codes = codes_p[:, inv]
+        return codes.to(torch.uint8), z0.to(torch.uint8), s0.to(torch.float16)
+    codes, zeros, scales = _gptq_columns(W, H, bits, group, mask, blocksize, percdamp, clip_hi=clip_hi, clip_lo=clip_lo)
+    return codes.to(torch.uint8), zeros.to(torch.uint8), scales.to(torch.float16)
+
+
+def _gptq_columns(W, H, bits, group, mask, blocksize, percdamp, clip_hi=None, clip_lo=None, static=None):
+    """The GPTQ column loop over W's columns in their given order. *static* = (scales [N,G], zeros
+    [N,G], perm): fixed group parameters, column i belonging to group perm[i] // group."""
+    n, k = W.shape
+    qmax = (1 << bits) - 1
     H = _prep_hessian(H, W, percdamp)
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
@@ -109,6 +133,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask:
     codes = torch.zeros(n, k)
     scales = torch.zeros(n, G)
     zeros = torch.zeros(n, G)
+    if static is not None:
+        s_all, z_all, perm = static
+        col_group = perm // group
     maskd = mask.double() if mask is not None else None
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
@@ -117,7 +144,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask:
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group == 0:
+            if static is not None:
+                gcol = int(col_group[col])
+                scales[:, gcol], zeros[:, gcol] = s_all[:, gcol], z_all[:, gcol]
+            elif col % group == 0:
                 gi = col // group
                 wg = W1[:, i:i + group].float()
                 if mask is not None:
@@ -126,7 +156,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask:
                 lo = clip_lo[:, gi] if clip_lo is not None else None
                 s, z = group_params(wg, bits, hi, lo)
                 scales[:, gi], zeros[:, gi] = s, z
-            s, z = scales[:, col // group], zeros[:, col // group]
+            gc = int(col_group[col]) if static is not None else col // group
+            s, z = scales[:, gc], zeros[:, gc]
             w = W1[:, i]
             q = torch.clamp(torch.round(w.float() / s) + z, 0, qmax)
             if mask is not None:
@@ -142,4 +173,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, mask:
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if maskd is not None:
             W[:, i2:] *= maskd[:, i2:]
-    return codes.to(torch.uint8), zeros.to(torch.uint8), scales.to(torch.float16)
+    return codes, zeros, scales

@@ -83,10 +83,11 @@ def quantize_linear(lin: nn.Linear, name: str, recipe, H: torch.Tensor | None, m
         hi, lo = clip_search(W, H, bits, g, mask)
         codes, zeros, scales = _rtn_clipped(W, bits, g, hi, lo, mask)
     elif method == "gptq":
-        codes, zeros, scales = gptq_quantize(W, H, bits, g, mask)
+        codes, zeros, scales = gptq_quantize(W, H, bits, g, mask, act_order=bool(recipe.act_order))
     elif method == "gptq+clip":
         hi, lo = clip_search(W, H, bits, g, mask)
-        codes, zeros, scales = gptq_quantize(W, H, bits, g, mask, clip_hi=hi, clip_lo=lo)
+        codes, zeros, scales = gptq_quantize(W, H, bits, g, mask, clip_hi=hi, clip_lo=lo,
+                                             act_order=bool(recipe.act_order))
     else:
         raise AccllmError(f"unknown weight_method {method!r}; accepted: rtn, gptq, clip, gptq+clip")
     q = QLinear.from_linear(lin, bits=bits, group=g, codes=codes, zeros=zeros, scales=scales, **kw)
