@@ -206,3 +206,19 @@ def test_smoothing_keeps_the_float_function_and_checks_alpha():
     assert not torch.equal(ref.model.layers[0].input_layernorm.weight, lm.model.model.layers[0].input_layernorm.weight)
     with pytest.raises(AccllmError, match=r"smooth_alpha.*\[0, 1\)"):
         load_recipe("a8", sets=["smooth_alpha=1.5"])
+
+
+def test_kv_study_variants_on_tiny(capsys):
+    """python -m quant.kv_study: every variant runs through the one perplexity harness; quantizing
+    changes the result, the float reference does not; an unknown variant is refused before any work."""
+    import json
+    import math
+    from quant.kv_study import main
+    sets = ["--set", "calib_samples=2", "--set", "calib_seqlen=64"]
+    assert main(["--model", "tiny", "--chunks", "1", "--ctx", "64", "--variants", "none,bogus"] + sets) == 2
+    assert "unknown variant 'bogus'" in capsys.readouterr().err
+    v = "none,kv4,keys,values,vg16,ktok16,hadtok16,tokscale,normtok16,onlylayer0"
+    assert main(["--model", "tiny", "--chunks", "1", "--ctx", "64", "--variants", v] + sets) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert list(res) == v.split(",") and all(math.isfinite(x) for x in res.values())
+    assert res["kv4"] != res["none"] and res["keys"] != res["none"]
