@@ -128,7 +128,7 @@ def _bench_rtl(args) -> dict:
             "tokens_match_emu": rtl["tokens"] == emu["tokens"], "tokens": rtl["tokens"],
             "note": ("cycles_per_token_measured: the RTL kernel's cycle register (ap_start to ap_done) per decode "
                      "step under Verilator with the configured HBM read latency; _predicted: sim/cycle.RtlCycleModel "
-                     "(the RTL as built: no overlap, attention 8 channels per cycle, one element per cycle in the SFU) for the same programs; "
+                     "(the RTL as built: no overlap, attention 16 channels per cycle, one element per cycle in the SFU) for the same programs; "
                      "_architecture_model: sim/cycle.CycleModel (the target design with prefetch and SFU lanes, "
                      "what accllm perf projects; not what this RTL does yet); sim_cycles_per_s: simulated cycles "
                      "per wall-clock second of the decode steps (host calls included)")}

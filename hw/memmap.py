@@ -333,15 +333,21 @@ def kconst_layout(kv_heads: int, head_dim: int) -> dict[str, tuple[int, int, str
     return out
 
 
+def v_words_bytes(head_dim: int, vgroup: int) -> int:
+    """Bytes of a V record's group words: 4 per group, padded to a multiple of 8."""
+    return -(-(head_dim // vgroup) // 2) * 8
+
+
 def kv_layout(layers: int, kv_heads: int, head_dim: int, slots: int, vgroup: int, kv_bits: int = 4) -> dict:
     """The KV region: per layer a K area [kv_heads][slots][head_dim 4-bit codes, LSB-first] and a V
     area [kv_heads][slots][record: one 32-bit word per group of vgroup channels (vm bits 15:0 | vsh
-    int8 bits 23:16 | zero bits 27:24), then head_dim 4-bit codes, LSB-first]. The words come first so
-    the attention unit can dequantize the codes as they stream in."""
+    int8 bits 23:16 | zero bits 27:24), zero-padded to a multiple of 8 bytes, then head_dim 4-bit codes,
+    LSB-first]. The words come first so the attention unit can dequantize the codes as they stream in;
+    the padding keeps the codes on the 8-byte items it reads (16 codes per cycle)."""
     if kv_bits != 4:
         raise AccllmError(f"the KV-cache unit stores 4-bit codes; kv_bits={kv_bits} is not supported by the hardware")
     k_slot = head_dim * kv_bits // 8
-    v_slot = head_dim * kv_bits // 8 + 4 * (head_dim // vgroup)
+    v_slot = head_dim * kv_bits // 8 + v_words_bytes(head_dim, vgroup)
     k_bytes = align(kv_heads * slots * k_slot)
     v_bytes = align(kv_heads * slots * v_slot)
     per_layer = k_bytes + v_bytes

@@ -87,7 +87,9 @@ class CycleModel:
         return T * (passes * math.ceil(D / self.hw.mac_lanes) + RECIP_CYCLES + FILL)
 
     def kv_bytes_per_token(self, kv_heads: int, head_dim: int, kept: int, vgroup: int) -> float:
-        return kv_heads * kept * (head_dim // 2 + head_dim // 2 + 4 * (head_dim // vgroup))
+        from hw.memmap import kv_layout
+        lay = kv_layout(1, 1, head_dim, 1, vgroup)
+        return kv_heads * kept * (lay["k_slot"] + lay["v_slot"])
 
     def attn_parts(self, heads, kv_heads, head_dim, kept, vgroup=64, T=1) -> tuple[float, float]:
         """(stream, compute): KV bytes of the kept slots; scores and P x V on the MAC array (one slot per
@@ -255,7 +257,7 @@ def as_built(shape: dict, recipe, hw: HWConfig, kept: int) -> dict:
             "cycles_per_layer": int(layer), "cycles_per_layer_breakdown": {k: int(v) for k, v in parts.items()},
             "validated": "sim/cycle.RtlCycleModel vs the kernel's cycle register on sim-small: tiny decode and "
                          "prefill within 0.1 %, SmolLM2-135M within 0.5 % (accllm bench rtl --model ...)",
-            "note": "this RTL runs attention 8 channels per cycle, one query head at a time, and nothing overlaps: far "
+            "note": "this RTL runs attention 16 channels per cycle, one query head at a time, and nothing overlaps: far "
                     "below the target design"}
 
 
@@ -298,16 +300,16 @@ class RtlCycleModel:
         return 4 + T * (2 * L + 15 + 1.375 * D)                 # ADD
 
     def attn(self, heads, kv_heads, hd, vgroup, slots, pos0, T, ring=True) -> float:
-        # the attention core takes 8 channels per cycle: per kept slot and query head hd / 8 cycles of
-        # scores, then the V record: hd / vgroup group words and hd / 8 cycles of P x V (fitted on
-        # sim-small, ATTN alone at hd 32/64/128, vgroup 16..64, 1..48 kept slots, T 1 and 4: within 2 %)
+        # the attention core takes 16 channels per cycle: per kept slot and query head hd / 16 cycles of
+        # scores, then the V record: its group words (two per cycle) and hd / 16 cycles of P x V (fitted
+        # on sim-small, ATTN alone at hd 32/64/128, vgroup 16..64, 1..48 kept slots, T 1 and 4)
         L = self.hw.hbm_latency_cycles
         per_kv = 7 * L + 14.2 * hd + 31
         per_q = 4 * L + 5.3 * hd + 145
         total = 2 * L + 251
         for t in range(T):
             n = min(pos0 + t + 1, slots)
-            total += kv_heads * per_kv + heads * (per_q + n * (hd / 4 + hd // vgroup)) - 125
+            total += kv_heads * per_kv + heads * (per_q + n * (hd / 8 + -(-(hd // vgroup) // 2))) - 125
         return total
 
     def instr_cycles(self, ins, info: dict, T: int) -> float:

@@ -330,9 +330,9 @@ class EmuDevice(MemoryDevice):
         Hq, Hkv, hd, S, W, slots = a["heads"], a["kv_heads"], a["head_dim"], a["sink"], a["window"], a["slots"]
         vg = a["vgroup"]
         # hardware limits of the KV-cache unit / attention core (hw/rtl/attn_unit.py, docs/rtl.md):
-        # head_dim <= 128 and a multiple of 8, value groups of >= 8 channels, 4-bit KV
+        # head_dim <= 128 and a multiple of 16, value groups of a multiple of 16 channels, 4-bit KV
         if (Hkv == 0 or vg == 0 or a["kv_bits"] != 4 or Hq % Hkv or hd % vg or Hq * hd > self.hw.max_hidden
-                or Hq == 0 or hd == 0 or hd > 128 or hd % 8 or vg < 8 or vg % 8):
+                or Hq == 0 or hd == 0 or hd > 128 or hd % 16 or vg < 16 or vg % 16):
             raise Fault(regmap.STATUS_SHAPE, f"attention descriptor shape (heads {Hq}/{Hkv}, head_dim {hd}, vgroup {vg}, "
                                              f"kv_bits {a['kv_bits']})")
         lam = bool(a["ring"])
@@ -381,8 +381,9 @@ class EmuDevice(MemoryDevice):
         kb = np.stack([k_[oslots] for k_ in Kh])
         okc = np.stack([kb & 15, kb >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
         vb = np.stack([v_[oslots] for v_ in Vh])
-        nw = 4 * (hd // vg)            # V record: the group words first, then the codes (hw/memmap.kv_layout)
-        ovc = np.stack([vb[..., nw:] & 15, vb[..., nw:] >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
+        nw = 4 * (hd // vg)            # V record: the group words first, zero pad to 8 bytes, then the codes
+        wa = mm.v_words_bytes(hd, vg)  # (hw/memmap.kv_layout)
+        ovc = np.stack([vb[..., wa:] & 15, vb[..., wa:] >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
         ovw = vb[..., :nw].copy().view("<u4").reshape(Hkv, oslots.size, hd // vg).astype(np.int64)
         # all candidate keys: old + the block's own
         kpos = np.concatenate([opos, pos])
@@ -416,7 +417,8 @@ class EmuDevice(MemoryDevice):
         for h in range(Hkv):
             Kh[h][slot, :] = kpk[:, h]
             Vh[h][slot, :nw] = vwb[:, h]
-            Vh[h][slot, nw:] = vpk[:, h]
+            Vh[h][slot, nw:wa] = 0
+            Vh[h][slot, wa:] = vpk[:, h]
         codes, words = nx.act_quant(out.reshape(T, Hq * hd))
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,

@@ -175,10 +175,11 @@ def test_attention_ring_bit_exact(pair):
 
 
 def test_attention_linear_and_bad_input(pair):
-    """Linear cache (slot = position, RoPE at original positions), 3 KV heads (port 0 holds two),
-    then the error codes: position past the cache, KV region, shape, descriptor magic."""
+    """Linear cache (slot = position, RoPE at original positions), 3 KV heads (port 0 holds two), three
+    value groups per record (odd: the record's zero pad), then the error codes: position past the
+    cache, KV region, shape, descriptor magic."""
     rng = np.random.default_rng(22)
-    Hq, Hkv, hd, vg = 6, 3, 32, 8
+    Hq, Hkv, hd, vg = 6, 3, 48, 16
     _attn_desc(pair, rng, 0x2000, Hq=Hq, Hkv=Hkv, hd=hd, vg=vg, S=0, W=0, slots=8, ring=0,
                rope_mode=memmap.ROPE_ORIGINAL)
     width = (Hq + 2 * Hkv) * hd
@@ -195,8 +196,8 @@ def test_attention_linear_and_bad_input(pair):
         "slots > max_context": (dict(Hq=4, Hkv=2, hd=32, vg=16, S=0, W=0, slots=CFG.max_context + 1, ring=0),
                                 regmap.STATUS_KV_REGION),
         "heads not a multiple of kv heads": (dict(Hq=3, Hkv=2, hd=32, vg=16, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
-        "head_dim not a multiple of 8": (dict(Hq=2, Hkv=1, hd=36, vg=12, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
-        "vgroup not a multiple of 8": (dict(Hq=2, Hkv=1, hd=48, vg=12, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
+        "head_dim not a multiple of 16": (dict(Hq=2, Hkv=1, hd=40, vg=20, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
+        "vgroup not a multiple of 16": (dict(Hq=2, Hkv=1, hd=48, vg=24, S=2, W=4, slots=6, ring=1), regmap.STATUS_SHAPE),
         "kv_bits 8": (dict(Hq=2, Hkv=1, hd=32, vg=16, S=2, W=4, slots=6, ring=1, kv_bits=8), regmap.STATUS_SHAPE),
         "descriptor magic": (dict(Hq=2, Hkv=1, hd=32, vg=16, S=2, W=4, slots=6, ring=1, magic_ok=False),
                              regmap.STATUS_ADDR_RANGE),

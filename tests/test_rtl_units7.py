@@ -41,9 +41,9 @@ def test_kvcache(simulator, tmp_path):
     _run(tmp_path, simulator, KVCacheUnit(max_context=2048, max_group=128), "kvcache_top", "kvcache")
 
 
-@pytest.mark.parametrize("simulator,lanes", [("verilator", 8), ("verilator", 1)])
+@pytest.mark.parametrize("simulator,lanes", [("verilator", 16), ("verilator", 1)])
 def test_attention(simulator, lanes, tmp_path):
-    """The core with the kernel's 8 channels per cycle, and with one (the same bench packs the streams
+    """The core with the kernel's 16 channels per cycle, and with one (the same bench packs the streams
     for the core's width)."""
     from hw.rtl.attention import AttentionCore
     _run(tmp_path, simulator, AttentionCore(max_hd=64, max_n=64, lanes=lanes), "attention_top", "attention")

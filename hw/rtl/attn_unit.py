@@ -31,10 +31,10 @@ not dividing hd, Hq*hd > max_hidden -> STATUS_SHAPE; wrong descriptor magic -> S
 slots < 1, > max_context, or != S + W under Λ -> STATUS_KV_REGION; linear cache and position + T >
 slots -> STATUS_POSITION; src/dst past the 4 GiB offset space -> STATUS_ADDR_RANGE.
 Limits of this build (STATUS_SHAPE, emu the same): hd <= 128 and a multiple of 8, vgroup a multiple of 8,
-kv_bits 4. Scores and P x V take LANES = 8 channels per cycle: the K area streams as 32-bit words of 8
-codes; each V record (its group words first, hw/memmap.kv_layout) streams as words too: the group words
-into a small buffer, then the codes 8 per cycle. Per kept slot and query head: hd/8 + hd/vgroup + hd/8
-cycles.
+kv_bits 4. Scores and P x V take LANES = 16 channels per cycle: the K area streams as 64-bit items of 16
+codes; each V record (its group words first, padded to 8 bytes, hw/memmap.kv_layout) streams the same
+way: the group words (two per item) into a small buffer, then the codes 16 per cycle. Per kept slot and
+query head: hd/16 + ceil(hd/vgroup / 2) + hd/16 cycles.
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ from .sfu import ActQuant, Divider, RoPE
 from .units import _Base, _end64
 
 MAX_HD = 128          # largest head dimension of this build (Llama-2-7B: 128)
-MAX_VREC = MAX_HD // 2 + 4 * (MAX_HD // 8)     # V record bytes at hd = 128, vgroup = 8
-LANES = 8             # attention channels per cycle (scores and P x V); hd and vgroup are multiples of 8
+MAX_VREC = MAX_HD // 2 + 4 * (MAX_HD // 16)    # V record bytes at hd = 128, vgroup = 16
+LANES = 16            # attention channels per cycle (scores and P x V); hd and vgroup are multiples of 16
 
 
 class Unpacker(wiring.Component):
@@ -113,7 +113,7 @@ class AttnUnit(_Base):
         m.submodules.div = div = Divider(32, 32)
         m.submodules.wu = wu = Unpacker(W, 32)        # io (ctrl port) -> int32 words
         m.submodules.bu = bu = Unpacker(W, 8)         # weight ports -> bytes (constants)
-        m.submodules.bw = bw = Unpacker(W, 32)        # weight ports -> 32-bit words (K/V areas: 8 codes each)
+        m.submodules.bw = bw = Unpacker(W, 64)        # weight ports -> 64-bit items (K/V areas: 16 codes each)
 
         def mem(name, shape, depth, reads=1, gran=None):
             mm_ = memory.Memory(shape=shape, depth=depth, init=[])
@@ -128,7 +128,7 @@ class AttnUnit(_Base):
         km_w, (km_r,) = mem("km_mem", 16, MAX_HD)
         rec_depth = -(-(Wb - 1 + MAX_VREC) // Wb) + 1
         rec_w, (rec_r,) = mem("rec", W, rec_depth, 1, 8)
-        gw_w, (gw_r,) = mem("gwords", 32, MAX_HD // 8)     # the group words of the V record being read
+        gw_w, (gw_r,) = mem("gwords", 64, MAX_HD // 32)    # the group words of the V record being read, 2 per row
         out_depth = -(-(64 + H) // Wb) + 1
         out_w, (out_r,) = mem("obuf", W, out_depth, 1, 8)
 
@@ -154,7 +154,8 @@ class AttnUnit(_Base):
         v_slot = Signal(32)
         ngv = Signal(32)          # value groups per head (hd / vgroup)
         grp = Signal(32)          # query heads per KV head
-        m.d.comb += [k_slot.eq(hd >> 1), v_slot.eq((hd >> 1) + (ngv << 2))]
+        wa = Signal(32)           # V record: bytes of the group words, padded to 8
+        m.d.comb += [wa.eq(((ngv + 1) >> 1) << 3), k_slot.eq(hd >> 1), v_slot.eq((hd >> 1) + wa)]
         nkc = Signal(32)
         m.d.comb += nkc.eq(Hkv * hd)
         off_ks = Signal(32)
@@ -245,12 +246,12 @@ class AttnUnit(_Base):
 
         def w_read(addr, count, words=False):
             """Issue a read of *count* bytes at *addr* on port wsel into the byte unpacker (or, with
-            *words*, into the 32-bit word unpacker: addr and count multiples of 4)."""
+            *words*, into the 64-bit item unpacker: addr and count multiples of 8)."""
             lo = addr[:lgWb]
             m.d.comb += [wcmd_valid.eq(1), wcmd_addr.eq(addr & ~(Wb - 1)),
                          wcmd_beats.eq((lo + count + Wb - 1) >> lgWb)]
             if words:
-                m.d.comb += [bw.skip.eq(lo >> 2), bw.count.eq(count >> 2), bw.start.eq(wcmd_ready)]
+                m.d.comb += [bw.skip.eq(lo >> 3), bw.count.eq(count >> 3), bw.start.eq(wcmd_ready)]
             else:
                 m.d.comb += [bu.skip.eq(lo), bu.count.eq(count), bu.start.eq(wcmd_ready)]
             return wcmd_ready
@@ -341,7 +342,7 @@ class AttnUnit(_Base):
                 with m.If(~div.busy):
                     m.d.sync += ngv.eq(div.quo)
                     bad_shape = ((div.rem != 0) | hd[0] | (DQ > H) | (Hq == 0)
-                                 | (hd == 0) | (hd > MAX_HD) | (hd[:3] != 0) | (vg < 8) | (vg[:3] != 0))
+                                 | (hd == 0) | (hd > MAX_HD) | (hd[:4] != 0) | (vg < 16) | (vg[:4] != 0))
                     bad_region = ((slots == 0) | (slots > cfg.max_context)
                                   | (ring & ((S_ + W_ != slots) | (W_ == 0))))
                     with m.If(bad_shape):
@@ -494,12 +495,19 @@ class AttnUnit(_Base):
                         m.d.sync += [cnt.eq(0), cc.eq(cc + 1)]
                         with m.If(cc + 1 == ngv):
                             m.d.sync += [wbeat.eq(0), issued.eq(0)]
-                            m.next = "VWRITE"
+                            m.next = "VPAD"
                     with m.Else():
                         m.d.sync += [cnt.eq(cnt + 1), ci.eq(ci + 1)]
                         with m.If(~ci[0]):
                             m.d.sync += nib.eq(vq.o.payload[:4])
-                        rec_byte((ngv << 2) + (ci >> 1), Cat(nib, vq.o.payload[:4]), ci[0])
+                        rec_byte(wa + (ci >> 1), Cat(nib, vq.o.payload[:4]), ci[0])
+            with m.State("VPAD"):
+                # an odd number of group words: the 4 pad bytes before the codes are written as zeros
+                pad_ba = Signal(32)
+                m.d.comb += pad_ba.eq(rlo + (ngv << 2))
+                m.d.comb += [rec_w.addr.eq(pad_ba >> lgWb), rec_w.data.eq(0),
+                             rec_w.en.eq(Mux(ngv[0], Const(0xF, Wb) << pad_ba[:lgWb], 0))]
+                m.next = "VWRITE"
             with m.State("WSYNC"):
                 # the K/V records must be in memory before the areas are read back
                 m.d.sync += started.eq(1)
@@ -531,7 +539,7 @@ class AttnUnit(_Base):
                 with m.If(w_read(k_base, n * k_slot, words=True)):
                     m.next = "KRD"
             with m.State("KRD"):
-                # 32-bit words = 8 codes each (channel order, low nibble first) -> core.k, LANES per cycle
+                # 64-bit items = 16 codes each (channel order, low nibble first) -> core.k, LANES per cycle
                 m.d.comb += [core.k.valid.eq(bw.o.valid), core.k.payload.eq(bw.o.payload), bw.o.ready.eq(core.k.ready)]
                 with m.If(~bw.busy):
                     m.next = "VRD0"
@@ -540,17 +548,20 @@ class AttnUnit(_Base):
                     m.d.sync += [cnt.eq(0), ci.eq(0), cc.eq(0), js.eq(0)]
                     m.next = "VWORDS"
             with m.State("VWORDS"):
-                # the slot's V record starts with its hd / vgroup group words: keep them in gwords
+                # the slot's V record starts with its hd / vgroup group words (two per item, padded to an
+                # even count): keep them in gwords
                 m.d.comb += [bw.o.ready.eq(1), gw_w.addr.eq(cc), gw_w.data.eq(bw.o.payload), gw_w.en.eq(bw.o.valid)]
                 with m.If(bw.o.valid):
                     m.d.sync += cc.eq(cc + 1)
-                    with m.If(cc + 1 == ngv):
+                    with m.If((cc + 1) << 1 >= ngv):
                         m.d.sync += [cc.eq(0), cnt.eq(0), ci.eq(0)]
                         m.next = "VCODES"
             with m.State("VCODES"):
-                # then its codes, 8 per word, straight into the core with their group's word
-                m.d.comb += [gw_r.addr.eq(cc), core.v.valid.eq(bw.o.valid), bw.o.ready.eq(core.v.ready),
-                             core.v.payload.eq(Cat(*(Cat(bw.o.payload[4 * ln: 4 * ln + 4], gw_r.data)
+                # then its codes, 16 per item, straight into the core with their group's word
+                gword = Signal(32)
+                m.d.comb += [gw_r.addr.eq(cc >> 1), gword.eq(Mux(cc[0], gw_r.data[32:], gw_r.data[:32]))]
+                m.d.comb += [core.v.valid.eq(bw.o.valid), bw.o.ready.eq(core.v.ready),
+                             core.v.payload.eq(Cat(*(Cat(bw.o.payload[4 * ln: 4 * ln + 4], gword)
                                                      for ln in range(LANES))))]
                 with m.If(core.v.valid & core.v.ready):
                     m.d.sync += [ci.eq(ci + LANES), cnt.eq(cnt + LANES)]
