@@ -30,7 +30,7 @@ Status codes (as sim/emu.py): n_tokens outside 1..max_prefill, Hq % Hkv != 0, od
 not dividing hd, Hq*hd > max_hidden -> STATUS_SHAPE; wrong descriptor magic -> STATUS_ADDR_RANGE;
 slots < 1, > max_context, or != S + W under Λ -> STATUS_KV_REGION; linear cache and position + T >
 slots -> STATUS_POSITION; src/dst past the 4 GiB offset space -> STATUS_ADDR_RANGE.
-Limits of this build (STATUS_SHAPE, emu the same): hd <= 128 and a multiple of 8, vgroup a multiple of 8,
+Limits of this build (STATUS_SHAPE, emu the same): hd <= 128 and a multiple of 16, vgroup a multiple of 16,
 kv_bits 4. Scores and P x V take LANES = 16 channels per cycle: the K area streams as 64-bit items of 16
 codes; each V record (its group words first, padded to 8 bytes, hw/memmap.kv_layout) streams the same
 way: the group words (two per item) into a small buffer, then the codes 16 per cycle. Per kept slot and
