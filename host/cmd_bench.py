@@ -65,6 +65,10 @@ def _cached_package(model: str, recipe: str, hw: str):
 
 
 def _defaults(args, model, tokens, prompt_tokens):
+    if args.package and args.model is None:       # report the model the package was compiled from
+        from pathlib import Path
+        mf = Path(args.package) / "manifest.json"
+        args.model = json.loads(mf.read_text()).get("source", {}).get("spec") if mf.is_file() else None
     args.model = args.model or model
     args.tokens = tokens if args.tokens is None else args.tokens
     args.prompt_tokens = prompt_tokens if args.prompt_tokens is None else args.prompt_tokens
@@ -103,9 +107,9 @@ def _bench_rtl(args) -> dict:
         from hw.build_rtl import bench_rtl
         return bench_rtl(args)
     import numpy as np
-    _defaults(args, args.model or "tiny", 16, 8)
-    pkg = args.package or _cached_package(args.model, args.recipe, args.hw)
     from pathlib import Path
+    _defaults(args, "tiny", 16, 8)
+    pkg = args.package or _cached_package(args.model, args.recipe, args.hw)
     mmj = json.loads((Path(pkg) / "memmap.json").read_text())
     V = int(mmj.get("vocab_size", mmj["io"]["logits_out"]["count"]))
     rng = np.random.default_rng(0)

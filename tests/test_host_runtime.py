@@ -107,6 +107,15 @@ def _emu_vs_rtl(pkg, prompt, new_tokens, **rtl_kw):
     return res
 
 
+def test_bench_emu_on_a_package_names_its_model(tiny_pkg):
+    """`accllm bench emu --package DIR --json`: one JSON document naming the model the package was
+    compiled from (not the default model), with a positive decode speed."""
+    rc, out = _run_cli(["bench", "emu", "--package", str(tiny_pkg), "--tokens", "2", "--prompt-tokens", "2", "--json"])
+    assert rc == 0
+    res = json.loads(out)
+    assert res["model"] == "tiny" and res["decode_tokens_per_s"] > 0
+
+
 def test_emu_and_rtl_give_identical_tokens(tiny_pkg):
     """Issue 7 acceptance on the tiny model (full AccLLM recipe): prefill of a prompt and 16 decode steps
     on the RTL under Verilator; every token and the final logits bit-exact with the functional model;
