@@ -303,13 +303,14 @@ class RtlCycleModel:
         # the attention core takes 16 channels per cycle: per kept slot and query head hd / 16 cycles of
         # scores, then the V record: its group words (two per cycle) and hd / 16 cycles of P x V (fitted
         # on sim-small, ATTN alone at hd 32/64/128, vgroup 16..64, 1..48 kept slots, T 1 and 4)
+        from hw.memmap import v_words_bytes
         L = self.hw.hbm_latency_cycles
         per_kv = 7 * L + 14.2 * hd + 31
         per_q = 4 * L + 5.3 * hd + 145
         total = 2 * L + 251
         for t in range(T):
             n = min(pos0 + t + 1, slots)
-            total += kv_heads * per_kv + heads * (per_q + n * (hd / 8 + -(-(hd // vgroup) // 2))) - 125
+            total += kv_heads * per_kv + heads * (per_q + n * (hd / 8 + v_words_bytes(hd, vgroup) / 8)) - 125
         return total
 
     def instr_cycles(self, ins, info: dict, T: int) -> float:
