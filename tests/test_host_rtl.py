@@ -88,7 +88,10 @@ def _holding_host(control_rtl, tmp_path, on_interrupt: str = ""):
         body = "\ntry:" + textwrap.indent(body, "    ") + "\nexcept KeyboardInterrupt:\n" + textwrap.indent(on_interrupt, "    ")
     script = tmp_path / "hold.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import signal, sys
+        # as in a terminal: a host started in the background by a non-interactive shell (CI running
+        # `make test &`) inherits SIGINT ignored, and Ctrl-C would then never reach it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from hw.config import load_hw
         from host.backends.rtl import RtlDevice
         dev = RtlDevice(load_hw("sim-small"), rtl_dir={str(control_rtl)!r}, check_ports=False, progress=False)
