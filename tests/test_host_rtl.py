@@ -116,8 +116,13 @@ def _wait_gone(pgid: int, seconds: float) -> bool:
 def test_rtl_ctrl_c_leaves_no_subprocess(control_rtl, tmp_path):
     p, pgid = _holding_host(control_rtl, tmp_path,
                             on_interrupt='dev.reset()\nprint("interrupted", flush=True)\nsys.exit(130)\n')
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    try:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:             # the test failed: do not leave the host (and its simulation) running
+            p.kill()
+            p.wait()
     assert p.returncode == 130, err
     assert "interrupted" in out
     assert _wait_gone(pgid, 5), "the simulator survived Ctrl-C"
