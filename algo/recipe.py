@@ -54,6 +54,11 @@ def _positive(v):
     return None if isinstance(v, int) and v > 0 else f"must be a positive integer, got {v!r}"
 
 
+def _lr(v):
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < float(v) <= 1.0 else \
+        f"must be a number in (0, 1], got {v!r}"
+
+
 def _non_negative(v):
     return None if isinstance(v, int) and v >= 0 else f"must be a non-negative integer, got {v!r}"
 
@@ -90,6 +95,11 @@ class Recipe:
     calib_seqlen: int = _key(512, "tokens per calibration window", check=_positive)
     qat_steps: int = _key(0, "quantization-aware training / distillation steps after PTQ (0 = off)",
                           check=_non_negative)
+    block_tune_steps: int = _key(0, "block-wise reconstruction after the PTQ of each decoder block (quant/"
+                                 "blocktune.py): Adam steps on the codes (straight-through) and log-scales "
+                                 "against the float block's output; 0 = off", check=_non_negative)
+    block_tune_lr: float = _key(5e-3, "block-wise reconstruction learning rate (in quantization steps for the "
+                                "codes, relative for the scales)", check=_lr)
     seed: int = _key(0, "random seed for calibration sampling", check=_non_negative)
     # --- N:M pruning (algo/) ----------------------------------------------------------------
     sparsity: str = _key("none", "N:M semi-structured sparsity along K: none | 2:4 | 4:8 | 1:4", check=_sparsity)

@@ -8,7 +8,10 @@ from .args import add_recipe_args, recipe_from_args
 DESCRIPTION = """Project bytes moved per token, cycles per layer, decode and prefill tokens/s, time to
 first token and the HBM roofline (peak bandwidth / bytes per token) for a model shape on a hardware
 configuration, from the cycle model (sim/cycle.py). Model dimensions only — no weights are loaded.
-The cycle model is UNVALIDATED until the RTL issues compare it with measured cycles."""
+Two models: the target architecture (sim/cycle.CycleModel; prefetch and attention/SFU on the MAC
+lanes, which the RTL does not have yet: a projection, not validated) and the RTL as built
+(RtlCycleModel: within 1 % of the cycles the RTL simulation measures on tiny and SmolLM2-135M,
+`accllm bench rtl`)."""
 EPILOG = ("examples:\n  accllm perf --model llama2-7b --hw u280 --recipe accllm --json\n"
           "  accllm perf --model smollm2-135m --hw u280 --plot roofline.png")
 

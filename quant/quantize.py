@@ -5,7 +5,8 @@ decoder one layer at a time; for each layer the input Hessians of its linear lay
 the layer is quantized (RTN / GPTQ / learned clipping / both, per ``recipe.weight_method``), and
 its *quantized* outputs become the next layer's calibration inputs. The lm_head is calibrated on
 the final-norm outputs. Layers matching ``high_precision_layers`` use ``high_precision_bits``
-(8-bit layers always use RTN: its error is negligible there).
+(8-bit layers always use RTN: its error is negligible there). With ``block_tune_steps`` > 0 each
+block is then tuned against the float block's output (quant/blocktune.py) before its outputs move on.
 
 Embedding table and RMSNorm weights are rounded to fp16 in place (the package stores them as
 fp16), so the torch model and the package agree exactly.
@@ -188,7 +189,7 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
     report: dict = {"layers": {}}
     need_h = bool(recipe.weight_bits) and recipe.weight_method != "rtn"
     need_act = bool(recipe.act_bits) and recipe.act_scheme == "per_tensor"
-    sequential = calib is not None and (need_h or need_act)
+    sequential = calib is not None and (need_h or need_act or (recipe.block_tune_steps > 0 and bool(recipe.weight_bits)))
     layers = model.model.layers
 
     def replace(block_prefix: str, block: nn.Module, hessians: dict | None):
@@ -222,6 +223,10 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
     pairs = capture_layer0_inputs(model, calib, batch)
     inps, kws = [h for h, _ in pairs], [kw for _, kw in pairs]
     del pairs
+    tune = recipe.block_tune_steps > 0 and bool(recipe.weight_bits)
+    fp_inps = list(inps) if tune else None      # the float model's stream (targets of block tuning)
+    if tune:
+        report["block_tune"] = {}
     absmax_all: dict[str, float] = {}
     bar = tqdm(total=len(layers) + 1, desc=f"quantize ({recipe.weight_method if need_h else 'act'})",
                disable=not progress, leave=False)
@@ -237,8 +242,19 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
                 col.remove()
             hess = col.hessians()
             del col
+        targets = None
+        if tune:
+            with torch.no_grad():
+                targets = [layer(x, **kw) for x, kw in zip(fp_inps, kws)]   # still the float block
         replace(f"model.layers.{i}", layer, hess)
         del hess
+        if tune:
+            from .blocktune import tune_block
+            bt = tune_block(layer, inps, kws, targets, recipe.block_tune_steps, recipe.block_tune_lr, seed=recipe.seed + i)
+            report["block_tune"][f"model.layers.{i}"] = bt
+            fp_inps = targets
+            if bt.get("mse_before"):
+                bar.set_postfix(layer=i, tuned_mse=f"x{bt['mse_after'] / bt['mse_before']:.2f}")
         qmods = {n: m for n, m in layer.named_modules() if isinstance(m, QLinear)}
         am = _AbsMax(qmods)
         try:
@@ -247,7 +263,8 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
             am.remove()
         absmax_all.update({f"model.layers.{i}.{n}": v for n, v in am.absmax.items()})
         bar.update(1)
-        bar.set_postfix(layer=i)
+        if not tune:
+            bar.set_postfix(layer=i)
     # lm_head on the final-norm outputs
     normed = [model.model.norm(x) for x in inps]
     del inps

@@ -1,0 +1,147 @@
+"""Block-wise reconstruction after PTQ (recipe key ``block_tune_steps`` > 0).
+
+A CPU-affordable middle ground between post-training quantization and end-to-end distillation
+(quant/qat.py), in the spirit of OmniQuant / EfficientQAT's block-wise training: right after the
+PTQ (GPTQ / clipping) of decoder block i inside the sequential calibration of quant/quantize.py,
+
+* the block's quantized linear layers get two learnable tensors each:
+  ``u`` — the integer code minus the zero point, as a real number in units of quantization steps,
+  initialised to the PTQ codes (so training starts exactly at the PTQ result, GPTQ's error feedback
+  included), and ``t`` — the log of the group scale relative to its PTQ value (initialised to 0);
+* forward: ``code = clamp(round_ste(u) + z, 0, 2^b − 1)``, ``Ŵ = s0·e^t·(code − z)`` (straight-
+  through round; pruned positions stay exactly 0); the zero points stay the PTQ integers;
+* loss: mean squared error between the block's output on the *quantized* model's input stream
+  and the float block's output on the *float* model's input stream (so a block also corrects
+  what earlier blocks lost); one step = one random calibration window (WikiText-2 valid), Adam with
+  a cosine learning rate; both ``u`` (steps) and ``t`` (log scale) use ``block_tune_lr`` — the same
+  learning rate means "up to about lr of a quantization step / lr relative scale per step",
+  independent of the weights' magnitude;
+* at the end the scales are rounded up to fp16, the codes fixed (``round(u) + z``), and the
+  layer's buffers replaced — the package format and the accelerator stream are unchanged.
+
+Activation fake-quant is off during the tuning (as during the rest of the sequential calibration);
+layers kept in float or at 8 bits are not tuned.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .qlinear import QLinear
+from .quantizers import fp16_scale
+
+
+def _round_ste(x):
+    return x + (torch.round(x) - x).detach()
+
+
+class _StepCodes(torch.nn.Module):
+    def __init__(self, q: QLinear):
+        super().__init__()
+        n, k, g = q.out_features, q.in_features, q.group
+        G = k // g
+        z = q.zeros.float().reshape(n, G, 1)
+        c = q.codes.float().reshape(n, G, g)
+        self.u = torch.nn.Parameter(c - z)
+        self.t = torch.nn.Parameter(torch.zeros(n, G, 1))
+        self.register_buffer("s0", q.scales.float().reshape(n, G, 1))
+        self.register_buffer("z", z)
+        self.qmax = (1 << q.bits) - 1
+        self.shape = (n, k)
+        self.mask = q.mask
+
+    def weight(self) -> torch.Tensor:
+        c = torch.clamp(_round_ste(self.u) + self.z, 0, self.qmax)
+        w = (self.s0 * torch.exp(self.t) * (c - self.z)).reshape(self.shape)
+        return w * self.mask if self.mask is not None else w
+
+    @torch.no_grad()
+    def freeze_into(self, q: QLinear) -> int:
+        """Write codes and fp16 scales into *q*; returns how many codes changed."""
+        n, k = self.shape
+        codes = torch.clamp(torch.round(self.u) + self.z, 0, self.qmax)
+        if self.mask is not None:
+            codes = torch.where(self.mask.reshape(codes.shape), codes, self.z.expand_as(codes))
+        codes = codes.reshape(n, k).to(torch.uint8)
+        changed = int((codes != q.codes).sum())
+        q.codes = codes
+        q.scales = fp16_scale((self.s0 * torch.exp(self.t)).reshape(n, -1)).to(torch.float16)
+        q.refresh()
+        return changed
+
+
+CHECK_WINDOWS = 8      # windows on which the error before / after is measured (and a worse block reverted)
+
+
+def _tunable(block) -> dict[str, QLinear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, QLinear) and m.bits and m.bits < 8}
+
+
+def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
+               steps: int, lr: float, seed: int = 0) -> dict:
+    """Train the quantized linear layers of *block* (in place) so that ``block(inputs[b], **kwargs[b])``
+    approaches ``targets[b]``; returns the MSE before and after (on the first CHECK_WINDOWS windows;
+    the block goes back to its PTQ codes and scales if tuning did not lower it), and counts."""
+    qmods = _tunable(block)
+    if not qmods or steps <= 0:
+        return {"steps": 0}
+    states = {n: _StepCodes(m) for n, m in qmods.items()}
+
+    def fwd_for(st, bias):
+        return lambda x: F.linear(x, st.weight(), bias)
+
+    windows = [(b, j) for b, x in enumerate(inputs) for j in range(x.shape[0])]
+    check = windows[:CHECK_WINDOWS]
+
+    @torch.no_grad()
+    def mse() -> float:
+        tot, cnt = 0.0, 0
+        for b, j in check:
+            y = targets[b][j:j + 1]
+            tot += float(F.mse_loss(block(inputs[b][j:j + 1], **kwargs[b]), y, reduction="sum"))
+            cnt += y.numel()
+        return tot / max(cnt, 1)
+
+    t0 = time.time()
+    before = mse()
+    frozen = {}
+    for p in block.parameters():
+        frozen[p] = p.requires_grad
+        p.requires_grad_(False)
+    saved = {n: (m.codes.clone(), m.scales.clone()) for n, m in qmods.items()}
+    for n, m in qmods.items():
+        m.forward = fwd_for(states[n], m.bias)
+    params = [p for st in states.values() for p in (st.u, st.t)]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                # one calibration window per step (the keyword arguments broadcast over the batch)
+                b, j = windows[int(torch.randint(0, len(windows), (1,), generator=g))]
+                loss = F.mse_loss(block(inputs[b][j:j + 1], **kwargs[b]), targets[b][j:j + 1])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        changed = 0
+        for n, m in qmods.items():
+            del m.forward                        # back to QLinear.forward on the frozen buffers
+            changed += states[n].freeze_into(m)
+        for p, r in frozen.items():
+            p.requires_grad_(r)
+    after = mse()
+    reverted = not after < before
+    if reverted:                                 # never leave a block worse than its PTQ result
+        for n, m in qmods.items():
+            m.codes, m.scales = saved[n]
+            m.refresh()
+        changed = 0
+    total = sum(int(m.codes.numel()) for m in qmods.values())
+    return {"steps": steps, "mse_before": before, "mse_after": min(before, after), "mse_tuned": after,
+            "reverted": reverted, "codes_changed": changed, "codes": total, "seconds": round(time.time() - t0, 2)}
