@@ -154,7 +154,10 @@ class Recipe:
         if self.nm:
             parts.append(f"{self.sparsity} ({self.prune_method})")
         if self.weight_bits:
-            parts.append(f"W{self.weight_bits} g{self.group_size} ({self.weight_method})")
+            method = self.weight_method + (", act order" if self.act_order and "gptq" in self.weight_method else "")
+            if self.block_tune_steps:
+                method += f", block tune {self.block_tune_steps} steps"
+            parts.append(f"W{self.weight_bits} g{self.group_size} ({method})")
         if self.act_bits:
             parts.append(f"A{self.act_bits} ({self.act_scheme})")
         if self.kv_bits:
