@@ -269,6 +269,7 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
     t0 = time.time()
     fn = METHODS[method]
     per_layer: dict[str, dict] = {}
+    tuned: dict[str, dict] = {}
 
     def prune_one(name, mod, H):
         t = time.time()
@@ -291,10 +292,15 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
         for name, mod in targets.items():
             if id(mod) in layer_prefix:
                 by_layer.setdefault(layer_prefix[id(mod)], {})[name] = mod
+        # block-wise reconstruction of the kept weights (quant/blocktune.py) when pruning is the last
+        # step that changes weights (with weight quantization, the quantizer tunes the blocks instead)
+        tune = recipe.block_tune_steps > 0 and not recipe.weight_bits
+        fp_batches = list(batches) if tune else None
         bar = tqdm(range(len(layers)), desc=f"prune {n}:{m} {method}", unit="layer", disable=not progress)
         for li in bar:
             layer = layers[li]
             mods = by_layer.get(li, {})
+            block_targets = _run_layer(layer, fp_batches) if tune else None   # the dense block, dense stream
             Hs = {name: torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=device)
                   for name, mod in mods.items()}
             counts = {name: 0 for name in mods}
@@ -324,6 +330,13 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
             for name, mod in mods.items():
                 src = alias.get(name, name)
                 prune_one(name, mod, Hs[src] / max(1, counts[src]))
+            if tune and mods:
+                from quant.blocktune import tune_block
+                tuned[f"model.layers.{li}"] = tune_block(layer, [h for h, _ in batches], [kw for _, kw in batches],
+                                                         block_targets, recipe.block_tune_steps, recipe.block_tune_lr,
+                                                         seed=recipe.seed + li)
+            if tune:
+                fp_batches = [(o, kw) for o, (_, kw) in zip(block_targets, fp_batches)]
             outs = _run_layer(layer, batches)
             batches = [(o, kw) for o, (_, kw) in zip(outs, batches)]
             bar.set_postfix(err=f"{sum(per_layer[k]['rel_err'] or 0 for k in mods) / max(1, len(mods)):.3f}")
@@ -346,6 +359,8 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
               "mean_rel_err": sum(errs) / len(errs) if errs else None,
               "calib": list(calib.shape) if calib is not None else None,
               "seconds": round(time.time() - t0, 2), "layers": per_layer}
+    if tuned:
+        report["block_tune"] = tuned
     if progress:
         worst = sorted(((p["rel_err"] or 0, k) for k, p in per_layer.items()), reverse=True)[:3]
         print(f"pruned {len(per_layer)} linear layers to {n}:{m} ({method}) in {report['seconds']:.1f} s; "

@@ -97,8 +97,9 @@ class Recipe:
                           check=_non_negative)
     block_tune_steps: int = _key(0, "block-wise reconstruction after the PTQ of each decoder block (quant/"
                                  "blocktune.py): Adam steps on the codes (straight-through) and log-scales "
-                                 "against the float block's output; 0 = off", check=_non_negative)
-    block_tune_lr: float = _key(5e-3, "block-wise reconstruction learning rate (in quantization steps for the "
+                                 "against the float block's output — or, for N:M pruning without weight "
+                                 "quantization, on the kept float weights; 0 = off", check=_non_negative)
+    block_tune_lr: float = _key(0.03, "block-wise reconstruction learning rate (in quantization steps for the "
                                 "codes, relative for the scales)", check=_lr)
     seed: int = _key(0, "random seed for calibration sampling", check=_non_negative)
     # --- N:M pruning (algo/) ----------------------------------------------------------------

@@ -21,6 +21,10 @@ PTQ (GPTQ / clipping) of decoder block i inside the sequential calibration of qu
 
 Activation fake-quant is off during the tuning (as during the rest of the sequential calibration);
 layers kept in float or at 8 bits are not tuned.
+
+N:M pruning without weight quantization (algo/prune.py) uses the same loop on the kept float
+weights: each moves by ``d`` times its row's standard deviation (``block_tune_lr`` per step is then a
+fraction of that deviation), the pruned positions stay 0.
 """
 from __future__ import annotations
 
@@ -53,6 +57,18 @@ class _StepCodes(torch.nn.Module):
         self.shape = (n, k)
         self.mask = q.mask
 
+    def tensors(self):
+        return [self.u, self.t]
+
+    @staticmethod
+    def save(q):
+        return q.codes.clone(), q.scales.clone()
+
+    @staticmethod
+    def restore(q, saved) -> None:
+        q.codes, q.scales = saved
+        q.refresh()
+
     def weight(self) -> torch.Tensor:
         c = torch.clamp(_round_ste(self.u) + self.z, 0, self.qmax)
         w = (self.s0 * torch.exp(self.t) * (c - self.z)).reshape(self.shape)
@@ -73,11 +89,55 @@ class _StepCodes(torch.nn.Module):
         return changed
 
 
+class _MaskedFloat(torch.nn.Module):
+    """A pruned float layer (``accllm_mask``, no quantization): the kept weights move by ``d`` in
+    units of their row's standard deviation; pruned positions stay exactly 0."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        w0 = lin.weight.detach().float()
+        mask = lin.accllm_mask.to(w0.device).bool()
+        self.register_buffer("w0", w0 * mask)
+        self.register_buffer("mask", mask)
+        kept = mask.float().sum(1, keepdim=True).clamp(min=1)
+        mean = self.w0.sum(1, keepdim=True) / kept
+        var = (((self.w0 - mean) * mask) ** 2).sum(1, keepdim=True) / kept
+        self.register_buffer("sigma", var.sqrt().clamp(min=1e-8))
+        self.d = torch.nn.Parameter(torch.zeros_like(w0))
+
+    def tensors(self):
+        return [self.d]
+
+    def weight(self) -> torch.Tensor:
+        return (self.w0 + self.d * self.sigma) * self.mask
+
+    @torch.no_grad()
+    def freeze_into(self, lin) -> int:
+        w = self.weight()
+        changed = int(((w - self.w0).abs() > 0).sum())
+        lin.weight.data.copy_(w.to(lin.weight.dtype))
+        return changed
+
+    @staticmethod
+    def save(lin):
+        return lin.weight.detach().clone()
+
+    @staticmethod
+    def restore(lin, saved) -> None:
+        lin.weight.data.copy_(saved)
+
+
 CHECK_WINDOWS = 8      # windows on which the error before / after is measured (and a worse block reverted)
 
 
-def _tunable(block) -> dict[str, QLinear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, QLinear) and m.bits and m.bits < 8}
+def _tunable(block) -> dict[str, torch.nn.Module]:
+    """The block's low-bit QLinear layers; or, in a block not quantized yet, its pruned nn.Linear
+    layers (``accllm_mask``, N:M pruning alone)."""
+    q = {n: m for n, m in block.named_modules() if isinstance(m, QLinear) and m.bits and m.bits < 8}
+    if q:
+        return q
+    return {n: m for n, m in block.named_modules()
+            if isinstance(m, torch.nn.Linear) and getattr(m, "accllm_mask", None) is not None}
 
 
 def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
@@ -88,7 +148,7 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
     qmods = _tunable(block)
     if not qmods or steps <= 0:
         return {"steps": 0}
-    states = {n: _StepCodes(m) for n, m in qmods.items()}
+    states = {n: (_StepCodes(m) if isinstance(m, QLinear) else _MaskedFloat(m)) for n, m in qmods.items()}
 
     def fwd_for(st, bias):
         return lambda x: F.linear(x, st.weight(), bias)
@@ -111,10 +171,10 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
     for p in block.parameters():
         frozen[p] = p.requires_grad
         p.requires_grad_(False)
-    saved = {n: (m.codes.clone(), m.scales.clone()) for n, m in qmods.items()}
+    saved = {n: states[n].save(m) for n, m in qmods.items()}
     for n, m in qmods.items():
         m.forward = fwd_for(states[n], m.bias)
-    params = [p for st in states.values() for p in (st.u, st.t)]
+    params = [p for st in states.values() for p in st.tensors()]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     g = torch.Generator().manual_seed(seed)
@@ -131,7 +191,7 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
     finally:
         changed = 0
         for n, m in qmods.items():
-            del m.forward                        # back to QLinear.forward on the frozen buffers
+            del m.forward                        # back to the class's forward on the frozen weights
             changed += states[n].freeze_into(m)
         for p, r in frozen.items():
             p.requires_grad_(r)
@@ -139,9 +199,8 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
     reverted = not after < before
     if reverted:                                 # never leave a block worse than its PTQ result
         for n, m in qmods.items():
-            m.codes, m.scales = saved[n]
-            m.refresh()
+            states[n].restore(m, saved[n])
         changed = 0
-    total = sum(int(m.codes.numel()) for m in qmods.values())
+    total = sum(int(m.weight.numel()) for m in qmods.values())
     return {"steps": steps, "mse_before": before, "mse_after": min(before, after), "mse_tuned": after,
-            "reverted": reverted, "codes_changed": changed, "codes": total, "seconds": round(time.time() - t0, 2)}
+            "reverted": reverted, "codes_changed": changed, "weights": total, "seconds": round(time.time() - t0, 2)}

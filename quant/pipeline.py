@@ -34,7 +34,7 @@ class Prepared:
 def needs_calibration(recipe: Recipe) -> bool:
     return bool(recipe.nm and recipe.prune_method != "magnitude") or bool(recipe.weight_bits and recipe.weight_method != "rtn") \
         or bool(recipe.kv_bits) or (bool(recipe.act_bits) and recipe.act_scheme == "per_tensor") or recipe.qat_steps > 0 \
-        or recipe.smooth_alpha > 0 or bool(recipe.weight_bits and recipe.block_tune_steps > 0)
+        or recipe.smooth_alpha > 0 or bool((recipe.weight_bits or recipe.nm) and recipe.block_tune_steps > 0)
 
 
 def prepare(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> Prepared:
