@@ -34,12 +34,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .qat import _round_ste
 from .qlinear import QLinear
 from .quantizers import fp16_scale
-
-
-def _round_ste(x):
-    return x + (torch.round(x) - x).detach()
 
 
 class _StepCodes(torch.nn.Module):
