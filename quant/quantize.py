@@ -189,6 +189,9 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
     report: dict = {"layers": {}}
     need_h = bool(recipe.weight_bits) and recipe.weight_method != "rtn"
     need_act = bool(recipe.act_bits) and recipe.act_scheme == "per_tensor"
+    if calib is None and recipe.block_tune_steps > 0 and recipe.weight_bits:
+        raise AccllmError(f"block_tune_steps={recipe.block_tune_steps} needs calibration windows (WikiText-2 valid); "
+                          f"pass calib, or set block_tune_steps=0")
     sequential = calib is not None and (need_h or need_act or (recipe.block_tune_steps > 0 and bool(recipe.weight_bits)))
     layers = model.model.layers
 

@@ -169,7 +169,10 @@ def test_qat_distillation_updates_and_refreezes(fresh_tiny):
     from quant.qat import distill
     from quant.quantize import quantize_model
     teacher = copy.deepcopy(fresh_tiny.model)
-    quantize_model(fresh_tiny.model, load_recipe("w2", sets=["weight_method=rtn"]), None, progress=False)
+    with pytest.raises(AccllmError, match="block_tune_steps=256 needs calibration"):
+        quantize_model(fresh_tiny.model, load_recipe("w2", sets=["weight_method=rtn"]), None, progress=False)
+    quantize_model(fresh_tiny.model, load_recipe("w2", sets=["weight_method=rtn", "block_tune_steps=0"]), None,
+                   progress=False)
     q = fresh_tiny.model.model.layers[0].mlp.down_proj
     c0 = q.codes.clone()
     r = load_recipe("w2", sets=["qat_steps=2"])
