@@ -261,6 +261,9 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
             raise AccllmError("lm_head is tied to the embedding table (tie_word_embeddings); pruning it would "
                               "prune the embeddings too — keep 'lm_head' in prune_skip")
     needs_data = method != "magnitude"
+    if calib is None and recipe.block_tune_steps > 0 and not recipe.weight_bits:
+        raise AccllmError(f"block_tune_steps={recipe.block_tune_steps} needs calibration windows (WikiText-2 valid); "
+                          f"pass calib, or set block_tune_steps=0")
     if needs_data and calib is None:
         raise AccllmError(f"prune_method={method} needs calibration data (WikiText-2 valid windows)")
     if calib is not None and (calib.dim() != 2 or calib.dtype != torch.long):

@@ -189,10 +189,11 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
     report: dict = {"layers": {}}
     need_h = bool(recipe.weight_bits) and recipe.weight_method != "rtn"
     need_act = bool(recipe.act_bits) and recipe.act_scheme == "per_tensor"
-    if calib is None and recipe.block_tune_steps > 0 and recipe.weight_bits:
+    tune = recipe.block_tune_steps > 0 and bool(recipe.weight_bits)
+    if calib is None and tune:
         raise AccllmError(f"block_tune_steps={recipe.block_tune_steps} needs calibration windows (WikiText-2 valid); "
                           f"pass calib, or set block_tune_steps=0")
-    sequential = calib is not None and (need_h or need_act or (recipe.block_tune_steps > 0 and bool(recipe.weight_bits)))
+    sequential = calib is not None and (need_h or need_act or tune)
     layers = model.model.layers
 
     def replace(block_prefix: str, block: nn.Module, hessians: dict | None):
@@ -226,7 +227,6 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
     pairs = capture_layer0_inputs(model, calib, batch)
     inps, kws = [h for h, _ in pairs], [kw for _, kw in pairs]
     del pairs
-    tune = recipe.block_tune_steps > 0 and bool(recipe.weight_bits)
     fp_inps = list(inps) if tune else None      # the float model's stream (targets of block tuning)
     if tune:
         report["block_tune"] = {}

@@ -145,6 +145,9 @@ def test_block_tuning_after_pruning_keeps_masks_and_helps_held_out_text():
     bt = reps[200]["block_tune"]
     assert len(bt) == 2 and all(b["mse_after"] < 0.6 * b["mse_before"] and not b["reverted"] for b in bt.values())
     assert errs[200] < 0.85 * errs[0], errs                   # measured 0.77 x
+    with pytest.raises(AccllmError, match="block_tune_steps=8 needs calibration"):
+        prune_model(load_model("tiny").model, load_recipe("sparse24", sets=["prune_method=magnitude",
+                                                                          "block_tune_steps=8"]), None, progress=False)
 
 
 def test_prune_other_nm_and_errors():
