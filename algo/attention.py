@@ -17,7 +17,9 @@ Tokens between the sinks and the window are evicted for good.
 Keys are stored **after RoPE, rotated at their absolute position** (sinks at 0..S-1); values
 as produced by v_proj. ``kv_hook(layer_idx, k, v)`` (the 4-bit KV fake-quantizer of quant/) is
 applied to each new token's (rotated k, v) once, before it is stored and before anyone reads it,
-so what attention reads is exactly what the cache holds.
+so what attention reads is exactly what the cache holds. A hook with ``needs_rope = True``
+(keys quantized before RoPE, recipe ``kv_key_rope=pre``) is called ``hook(layer_idx, k, v,
+rope=(cos, sin))`` with the rotation the written keys got, so it can quantize the un-rotated key.
 
 RoPE under Λ (``recipe.rope_mode``):
 
@@ -103,14 +105,26 @@ def _kv_geometry(config):
 class HookedDynamicCache(DynamicCache):
     """Full-attention DynamicCache applying ``hook(layer_idx, k, v) -> (k, v)`` to what is written."""
 
-    def __init__(self, config, hook=None):
+    def __init__(self, config, hook=None, rotary=None):
         super().__init__(config=config)
         self.accllm_hook = hook
         self.accllm_config = config
+        self.rotary = rotary
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.accllm_hook is not None:
-            key_states, value_states = self.accllm_hook(layer_idx, key_states, value_states)
+            if getattr(self.accllm_hook, "needs_rope", False):
+                # a hook that quantizes keys before RoPE gets the rotation of the written positions
+                # (full attention: the stream continues at the cached length)
+                if self.rotary is None:
+                    raise AccllmError("this KV hook quantizes keys before RoPE and needs the model's rotary "
+                                      "embedding; build the cache with make_cache_factory(model, ...)")
+                start = self.get_seq_length(layer_idx)
+                pos = torch.arange(start, start + key_states.shape[2], device=key_states.device)[None]
+                rope = self.rotary(key_states, pos)
+                key_states, value_states = self.accllm_hook(layer_idx, key_states, value_states, rope=rope)
+            else:
+                key_states, value_states = self.accllm_hook(layer_idx, key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def accllm_stats(self) -> dict:
@@ -239,7 +253,10 @@ def _accllm_attention_forward(self, hidden_states, position_embeddings=None, att
         pos_new = (pos_ids[0].to(dev) if pos_ids is not None
                    else torch.arange(layer.seen, layer.seen + T, device=dev))
         if lam.accllm_hook is not None:
-            k, v = lam.accllm_hook(li, k, v)
+            if getattr(lam.accllm_hook, "needs_rope", False):
+                k, v = lam.accllm_hook(li, k, v, rope=(cos, sin))
+            else:
+                k, v = lam.accllm_hook(li, k, v)
         if layer.pos is None:
             K, V, P = k, v, pos_new
         else:
@@ -327,7 +344,8 @@ def make_cache_factory(model, recipe, kv_hook=None):
     if kv_hook is not None and not callable(kv_hook):
         raise AccllmError(f"kv_hook must be callable hook(layer_idx, k, v) -> (k, v), got {type(kv_hook).__name__}")
     if recipe.attention == "full":
-        return lambda config: HookedDynamicCache(config, hook=kv_hook)
+        rotary = model.model.rotary_emb
+        return lambda config: HookedDynamicCache(config, hook=kv_hook, rotary=rotary)
     patch_attention(model)
     rotary = model.model.rotary_emb
     S, W, mode = recipe.sink_tokens, recipe.window, recipe.rope_mode

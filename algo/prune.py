@@ -337,7 +337,7 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
                 from quant.blocktune import tune_block
                 tuned[f"model.layers.{li}"] = tune_block(layer, [h for h, _ in batches], [kw for _, kw in batches],
                                                          block_targets, recipe.block_tune_steps, recipe.block_tune_lr,
-                                                         seed=recipe.seed + li)
+                                                         seed=recipe.seed + li, tokens=recipe.block_tune_tokens)
             if tune:
                 fp_batches = [(o, kw) for o, (_, kw) in zip(block_targets, fp_batches)]
             outs = _run_layer(layer, batches)

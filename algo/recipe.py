@@ -88,6 +88,12 @@ class Recipe:
                                check=_alpha)
     # --- KV cache ---------------------------------------------------------------------------
     kv_bits: int = _key(0, "KV-cache bits (0 = float); keys per channel, values per token", choices=(0, 4, 8))
+    kv_key_rope: str = _key("post", "keys quantized after RoPE (post: as stored; what the accelerator runs) or "
+                            "before it (pre: KVQuant-style, rotated on read; fake-quant only, the compiler "
+                            "refuses it until the KV-cache unit rotates keys on read)", choices=("post", "pre"))
+    kv_key_token_scale: bool = _key(False, "keys: static per-channel centre and range plus one dynamic fp16 scale "
+                                    "per key token (fake-quant only; the compiler refuses it until the KV-cache "
+                                    "unit computes it on append)")
     kv_group_size: int = _key(64, "KV quantization group (tokens for keys, channels for values)",
                               choices=(16, 32, 64, 128))
     # --- calibration / training -------------------------------------------------------------
@@ -101,6 +107,9 @@ class Recipe:
                                  "quantization, on the kept float weights; 0 = off", check=_non_negative)
     block_tune_lr: float = _key(0.03, "block-wise reconstruction learning rate (in quantization steps for the "
                                 "codes, relative for the scales)", check=_lr)
+    block_tune_tokens: int = _key(0, "block-wise reconstruction: tokens of each calibration window one step "
+                                  "trains on (its first T tokens, exact under causal attention; fewer = "
+                                  "cheaper steps); 0 = the whole window", check=_non_negative)
     seed: int = _key(0, "random seed for calibration sampling", check=_non_negative)
     # --- N:M pruning (algo/) ----------------------------------------------------------------
     sparsity: str = _key("none", "N:M semi-structured sparsity along K: none | 2:4 | 4:8 | 1:4", check=_sparsity)
@@ -141,6 +150,10 @@ class Recipe:
                 msg = check(v)
                 if msg:
                     raise AccllmError(f"recipe key {f.name}: {msg}")
+        if self.block_tune_tokens > self.calib_seqlen:
+            raise AccllmError(f"recipe key block_tune_tokens={self.block_tune_tokens} is longer than a calibration "
+                              f"window (calib_seqlen={self.calib_seqlen}); accepted: 0 (the whole window) up to "
+                              f"calib_seqlen")
         return self
 
     @property
@@ -158,11 +171,15 @@ class Recipe:
             method = self.weight_method + (", act order" if self.act_order and "gptq" in self.weight_method else "")
             if self.block_tune_steps:
                 method += f", block tune {self.block_tune_steps} steps"
+                if self.block_tune_tokens:
+                    method += f" × {self.block_tune_tokens} tokens"
             parts.append(f"W{self.weight_bits} g{self.group_size} ({method})")
         if self.act_bits:
             parts.append(f"A{self.act_bits} ({self.act_scheme})")
         if self.kv_bits:
-            parts.append(f"KV{self.kv_bits}")
+            keys = [x for x, on in (("keys pre-RoPE", self.kv_key_rope == "pre"),
+                                    ("per-token key scale", self.kv_key_token_scale)) if on]
+            parts.append(f"KV{self.kv_bits}" + (f" ({', '.join(keys)})" if keys else ""))
         if self.attention == "lambda":
             parts.append(f"Λ S={self.sink_tokens} W={self.window}")
         if _ratio_active(self.token_keep) or _ratio_active(self.head_keep):
@@ -179,7 +196,9 @@ KEYS = {f.name: f for f in fields(Recipe)}
 PRESETS: dict[str, dict] = {
     "fp": dict(),
     "a8": dict(act_bits=8, smooth_alpha=0.5),
-    "kv4": dict(kv_bits=4),
+    # KV4: keys quantized before RoPE, static per-channel centre/range + a dynamic scale per key
+    # (measured on SmolLM2-135M 1.022; the accelerator's format — post-RoPE static keys — 1.072; README)
+    "kv4": dict(kv_bits=4, kv_key_rope="pre", kv_key_token_scale=True),
     "w8": dict(weight_bits=8),
     # W4: the best method measured on SmolLM2-135M (README): learned clipping fixes the static groups,
     # GPTQ in act order, 128 calibration windows (ratio 1.079; plain GPTQ 1.172)
@@ -189,7 +208,9 @@ PRESETS: dict[str, dict] = {
     "w3": dict(weight_bits=3, act_order=True, block_tune_steps=256),
     "w2": dict(weight_bits=2, act_order=True, block_tune_steps=256),
     "w2a8kv4": dict(weight_bits=2, act_bits=8, kv_bits=4),
-    "sparse24": dict(sparsity="2:4"),
+    # 2:4: SparseGPT, then block-wise reconstruction of the kept weights (measured on SmolLM2-135M 1.509;
+    # SparseGPT alone 2.35; README)
+    "sparse24": dict(sparsity="2:4", block_tune_steps=256),
     "lambda": dict(attention="lambda", sink_tokens=4, window=1024),
     "spatten": dict(token_keep=0.5, head_keep=0.9),
     "accllm": dict(sparsity="2:4", attention="lambda", sink_tokens=4, window=1024,
@@ -198,13 +219,14 @@ PRESETS: dict[str, dict] = {
 PRESET_DOCS = {
     "fp": "no compression (the reference)",
     "a8": "8-bit activations only",
-    "kv4": "4-bit KV cache only",
+    "kv4": "4-bit KV cache only (keys before RoPE + per-token key scale; compile for --hw with "
+           "--set kv_key_rope=post --set kv_key_token_scale=false)",
     "w8": "8-bit weights only",
     "w4": "4-bit weights, group 64 (GPTQ act order + learned clipping, 128 calibration windows)",
     "w3": "3-bit weights, group 64, GPTQ in act order + block-wise reconstruction",
     "w2": "2-bit weights, group 64, GPTQ in act order + block-wise reconstruction",
     "w2a8kv4": "2-bit weights, 8-bit activations, 4-bit KV cache",
-    "sparse24": "2:4 weight pruning",
+    "sparse24": "2:4 weight pruning (SparseGPT + block-wise reconstruction of the kept weights)",
     "lambda": "Λ-shaped attention, 4 sink tokens + 1024-token window",
     "spatten": "SpAtten cascade token and head pruning",
     "accllm": "AccLLM: 2:4 pruning + Λ-shaped attention + W2A8KV4",

@@ -139,6 +139,28 @@ def prefill_buckets(hw: HWConfig) -> list[int]:
     return sorted(set(x for x in out if x > 1))
 
 
+def check_recipe_for_hw(rec, hw: HWConfig) -> None:
+    """The recipe checks that need no model: refused before any compression by compile-model --hw."""
+    from algo.recipe import _ratio_active
+    if rec.kv_bits != 4:
+        raise AccllmError(f"recipe kv_bits={rec.kv_bits}: the KV-cache unit stores 4-bit keys and values; use a "
+                          f"recipe with kv_bits=4 (accllm, w2a8kv4)")
+    if rec.kv_key_rope != "post":
+        raise AccllmError(f"recipe kv_key_rope={rec.kv_key_rope}: keys quantized before RoPE would have to be rotated "
+                          f"as they are read, which the KV-cache unit does not do yet; the accelerator runs "
+                          f"kv_key_rope=post (keys quantized as stored, after RoPE)")
+    if rec.kv_key_token_scale:
+        raise AccllmError("recipe kv_key_token_scale=true: a dynamic scale per key token is not computed by the "
+                          "KV-cache unit yet; the accelerator runs static per-channel key constants "
+                          "(kv_key_token_scale=false)")
+    if _ratio_active(rec.token_keep) or _ratio_active(rec.head_keep):
+        raise AccllmError("SpAtten token/head pruning (token_keep/head_keep < 1) is not compiled to the accelerator "
+                          "yet (the TOPK opcode is not part of ISA v1); use token_keep=1 head_keep=1")
+    if rec.attention == "lambda" and rec.sink_tokens + rec.window > hw.max_context:
+        raise AccllmError(f"S + W = {rec.sink_tokens + rec.window} KV slots exceed max_context={hw.max_context} of "
+                          f"{hw.name}; use a smaller window (--set window=N) or a larger configuration")
+
+
 def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     out = Path(out)
@@ -160,13 +182,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
             raise AccllmError(f"{what}={v} exceeds the {hw.name} configuration's max_hidden={hw.max_hidden}")
     if L > hw.max_layers:
         raise AccllmError(f"{L} layers exceed max_layers={hw.max_layers} of {hw.name}")
-    if rec.kv_bits != 4:
-        raise AccllmError(f"recipe kv_bits={rec.kv_bits}: the KV-cache unit stores 4-bit keys and values; use a "
-                          f"recipe with kv_bits=4 (accllm, w2a8kv4, kv4)")
-    from algo.recipe import _ratio_active
-    if _ratio_active(rec.token_keep) or _ratio_active(rec.head_keep):
-        raise AccllmError("SpAtten token/head pruning (token_keep/head_keep < 1) is not compiled to the accelerator "
-                          "yet (the TOPK opcode is not part of ISA v1); use token_keep=1 head_keep=1")
+    check_recipe_for_hw(rec, hw)
     if hd % 2 or hd > 256:
         raise AccllmError(f"head_dim={hd}: the attention unit takes even head_dim <= 256")
     vgroup = min(rec.kv_group_size, hd)

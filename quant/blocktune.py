@@ -12,7 +12,8 @@ PTQ (GPTQ / clipping) of decoder block i inside the sequential calibration of qu
   through round; pruned positions stay exactly 0); the zero points stay the PTQ integers;
 * loss: mean squared error between the block's output on the *quantized* model's input stream
   and the float block's output on the *float* model's input stream (so a block also corrects
-  what earlier blocks lost); one step = one random calibration window (WikiText-2 valid), Adam with
+  what earlier blocks lost); one step = one random calibration window (WikiText-2 valid) — or only
+  its first ``block_tune_tokens`` tokens (exact under causal attention, cheaper steps), Adam with
   a cosine learning rate; both ``u`` (steps) and ``t`` (log scale) use ``block_tune_lr`` — the same
   learning rate means "up to about lr of a quantization step / lr relative scale per step",
   independent of the weights' magnitude;
@@ -39,6 +40,29 @@ from .qlinear import QLinear
 from .quantizers import fp16_scale
 
 
+class _CodeTimesScale(torch.autograd.Function):
+    """``clamp(round(u), lo, hi) · scale`` (masked) with the straight-through gradient: d/du = scale
+    where the rounded code lies inside [lo, hi] (and the position is kept), d/dscale = the code.
+    One fused function instead of a chain of autograd ops: the weight reconstruction is a fixed
+    cost of every tuning step, as large as the block's matrix products on a few hundred tokens."""
+
+    @staticmethod
+    def forward(ctx, u, scale, lo, hi, keep):
+        r = torch.round(u)
+        q = torch.minimum(torch.maximum(r, lo), hi)
+        inside = (r >= lo) & (r <= hi)
+        if keep is not None:
+            q = q * keep
+            inside &= keep
+        ctx.save_for_backward(q, scale, inside)
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        q, scale, inside = ctx.saved_tensors
+        return g * scale * inside, (g * q).sum(-1, keepdim=True), None, None, None
+
+
 class _StepCodes(torch.nn.Module):
     def __init__(self, q: QLinear):
         super().__init__()
@@ -53,6 +77,9 @@ class _StepCodes(torch.nn.Module):
         self.qmax = (1 << q.bits) - 1
         self.shape = (n, k)
         self.mask = q.mask
+        self.register_buffer("lo", -z)                   # code - zero lies in [-z, qmax - z]
+        self.register_buffer("hi", self.qmax - z)
+        self.keep = None if q.mask is None else q.mask.reshape(n, G, g).bool()
 
     def tensors(self):
         return [self.u, self.t]
@@ -67,6 +94,11 @@ class _StepCodes(torch.nn.Module):
         q.refresh()
 
     def weight(self) -> torch.Tensor:
+        scale = self.s0 * torch.exp(self.t)
+        return _CodeTimesScale.apply(self.u, scale, self.lo, self.hi, self.keep).reshape(self.shape)
+
+    def weight_reference(self) -> torch.Tensor:
+        """The same weight from plain autograd ops (tests check the fused function against it)."""
         c = torch.clamp(_round_ste(self.u) + self.z, 0, self.qmax)
         w = (self.s0 * torch.exp(self.t) * (c - self.z)).reshape(self.shape)
         return w * self.mask if self.mask is not None else w
@@ -137,11 +169,32 @@ def _tunable(block) -> dict[str, torch.nn.Module]:
             if isinstance(m, torch.nn.Linear) and getattr(m, "accllm_mask", None) is not None}
 
 
+def _prefix_kwargs(kw: dict, t: int, length: int) -> dict:
+    """The decoder-layer keyword arguments for the first *t* of *length* tokens: every tensor with a
+    sequence axis (position ids, RoPE cos/sin, an explicit attention mask) cut to its first t positions.
+    Under causal attention the block's outputs at those positions are exactly those of the full window."""
+    def cut(v):
+        if isinstance(v, torch.Tensor):
+            if v.dim() == 4 and v.shape[-1] == length and v.shape[-2] == length:     # [b, 1, L, L] mask
+                return v[..., :t, :t]
+            if v.dim() >= 2 and v.shape[1] == length:                                # [b, L, ...]
+                return v[:, :t]
+            if v.dim() == 1 and v.shape[0] == length:                                # cache_position
+                return v[:t]
+            return v
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+    return {k: cut(v) for k, v in kw.items()}
+
+
 def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
-               steps: int, lr: float, seed: int = 0) -> dict:
+               steps: int, lr: float, seed: int = 0, tokens: int = 0) -> dict:
     """Train the quantized linear layers of *block* (in place) so that ``block(inputs[b], **kwargs[b])``
     approaches ``targets[b]``; returns the MSE before and after (on the first CHECK_WINDOWS windows;
-    the block goes back to its PTQ codes and scales if tuning did not lower it), and counts."""
+    the block goes back to its PTQ codes and scales if tuning did not lower it), and counts.
+    *tokens* > 0 trains each step on the first *tokens* positions of its window only (cheaper steps;
+    the before/after check always uses whole windows)."""
     qmods = _tunable(block)
     if not qmods or steps <= 0:
         return {"steps": 0}
@@ -152,6 +205,9 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
 
     windows = [(b, j) for b, x in enumerate(inputs) for j in range(x.shape[0])]
     check = windows[:CHECK_WINDOWS]
+    length = inputs[0].shape[1]
+    t = tokens if 0 < tokens < length else length
+    step_kwargs = [_prefix_kwargs(kw, t, length) if t < length else kw for kw in kwargs]
 
     @torch.no_grad()
     def mse() -> float:
@@ -180,7 +236,7 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
             for _ in range(steps):
                 # one calibration window per step (the keyword arguments broadcast over the batch)
                 b, j = windows[int(torch.randint(0, len(windows), (1,), generator=g))]
-                loss = F.mse_loss(block(inputs[b][j:j + 1], **kwargs[b]), targets[b][j:j + 1])
+                loss = F.mse_loss(block(inputs[b][j:j + 1, :t], **step_kwargs[b]), targets[b][j:j + 1, :t])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -199,5 +255,5 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
             states[n].restore(m, saved[n])
         changed = 0
     total = sum(int(m.weight.numel()) for m in qmods.values())
-    return {"steps": steps, "mse_before": before, "mse_after": min(before, after), "mse_tuned": after,
+    return {"steps": steps, "tokens": t, "mse_before": before, "mse_after": min(before, after), "mse_tuned": after,
             "reverted": reverted, "codes_changed": changed, "weights": total, "seconds": round(time.time() - t0, 2)}

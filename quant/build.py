@@ -158,6 +158,10 @@ def compile_model(args) -> int:
     from algo.eval import format_table
     recipe = recipe_from_args(args)                     # refused before any work
     _check_shapes_early(args.model, recipe)
+    if getattr(args, "hw", None):                       # what the accelerator cannot run: before any work
+        from hw.compiler import check_recipe_for_hw
+        from hw.config import load_hw
+        check_recipe_for_hw(recipe, load_hw(args.hw, getattr(args, "hw_sets", None)))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AccllmError(f"--out {out} exists and is not a directory")

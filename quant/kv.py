@@ -13,6 +13,16 @@ the quantized cache and perplexity includes the KV error.
   with constants (no statistics over tokens), which is what the hardware can do one token at a time.
 * keys, KIVI-style (``key_mode="group"``, for measurement): per channel, dynamic over groups of
   ``kv_group_size`` consecutive tokens of each write.
+* ``key_rope`` (recipe ``kv_key_rope``): ``post`` (default; what the accelerator implements) quantizes
+  the keys as stored, after RoPE; ``pre`` quantizes them *before* RoPE (KVQuant-style: the
+  per-channel outliers of a key are stable before the rotation and smeared over both channels of a
+  pair after it), with constants calibrated on un-rotated keys; the dequantized key is then
+  rotated at its position. On the accelerator that means rotating every key as it is read; the
+  compiler refuses ``pre`` until the KV-cache unit does (hw/compiler.py).
+* ``token_scale`` (recipe ``kv_key_token_scale``): the static per-channel constants give each
+  channel a centre and a half-range; each key is normalised by them and then quantized with one
+  dynamic fp16 scale of its own (max over its channels), so a token whose key is small everywhere
+  still gets all 16 levels (one extra fp16 per key token and KV head; also refused by the compiler).
 * values, per token: dynamic asymmetric, one fp16 scale and integer zero per group of
   ``min(kv_group_size, head_dim)`` channels.
 """
@@ -26,10 +36,16 @@ from .quantizers import asym_dynamic_fake_quant, asym_fake_quant, fp16_scale
 
 
 class KVQuantHook:
-    def __init__(self, bits: int, group: int, num_layers: int, key_mode: str = "static"):
+    def __init__(self, bits: int, group: int, num_layers: int, key_mode: str = "static", key_rope: str = "post",
+                 token_scale: bool = False):
         if key_mode not in ("static", "group"):
             raise AccllmError(f"key_mode {key_mode!r}: accepted static, group")
+        if key_rope not in ("post", "pre"):
+            raise AccllmError(f"kv_key_rope {key_rope!r}: accepted post, pre")
         self.bits, self.group, self.key_mode = bits, group, key_mode
+        self.key_rope = key_rope
+        self.token_scale = bool(token_scale)     # static per-channel centre/range + one dynamic scale per key
+        self.needs_rope = key_rope == "pre"     # callers then pass rope=(cos, sin) of the written keys
         self.num_layers = num_layers
         self.k_scale: list[torch.Tensor | None] = [None] * num_layers   # [kv_heads, head_dim] fp32 (fp16-exact)
         self.k_zero: list[torch.Tensor | None] = [None] * num_layers
@@ -45,6 +61,8 @@ class KVQuantHook:
             s, z = self.k_scale[layer_idx], self.k_zero[layer_idx]
             if s is None:
                 raise RuntimeError(f"key quantization constants of layer {layer_idx} not calibrated")
+            if self.token_scale:
+                return self._token_scaled(k, s[None, :, None, :], z[None, :, None, :])
             return asym_fake_quant(k, s[None, :, None, :], z[None, :, None, :], self.bits)
         # KIVI-style: per channel over groups of tokens of this write
         B, Hh, T, D = k.shape
@@ -61,10 +79,31 @@ class KVQuantHook:
         out = (s[..., None] * (q - z[..., None])).transpose(-1, -2).reshape(B, Hh, T + pad, D)
         return out[:, :, :T].to(k.dtype)
 
+    def _token_scaled(self, k: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Keys with ``kv_key_token_scale``: the static per-channel range [lo, hi] of the constants gives
+        a centre m and half-range r; each key (one token of one KV head) is normalised u = (k − m) / r
+        and quantized symmetrically with its own fp16 scale t = max |u| over its channels:
+        code = clamp(round(u / t · h + h), 0, 2h), h = (2^b − 1) / 2; k̂ = m + r · t · (code − h) / h."""
+        qmax = (1 << self.bits) - 1
+        half = qmax / 2
+        lo, hi = -z * s, (qmax - z) * s
+        m, r = (hi + lo) / 2, ((hi - lo) / 2).clamp(min=1e-8)
+        u = (k.float() - m) / r
+        t = fp16_scale(u.abs().amax(-1, keepdim=True).clamp(min=1e-6))
+        c = torch.clamp(torch.round(u / t * half + half), 0, qmax)
+        return (m + r * t * (c - half) / half).to(k.dtype)
+
     def quant_values(self, v: torch.Tensor) -> torch.Tensor:
         return asym_dynamic_fake_quant(v, self.bits, self._vgroup(v.shape[-1]))
 
-    def __call__(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+    def __call__(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, rope=None):
+        if self.needs_rope:
+            if rope is None:
+                raise RuntimeError("kv_key_rope=pre: the cache must pass rope=(cos, sin) of the written keys")
+            cos, sin = _rope_4d(rope)
+            pre = unrotate(key_states.float(), cos, sin)
+            k = rotate(self.quant_keys(layer_idx, pre), cos, sin).to(key_states.dtype)
+            return k, self.quant_values(value_states)
         return self.quant_keys(layer_idx, key_states), self.quant_values(value_states)
 
     def constants(self) -> dict[str, torch.Tensor]:
@@ -79,12 +118,34 @@ class KVQuantHook:
         return out
 
     @classmethod
-    def from_constants(cls, bits: int, group: int, num_layers: int, tensors: dict) -> "KVQuantHook":
-        h = cls(bits, group, num_layers, "static")
+    def from_constants(cls, bits: int, group: int, num_layers: int, tensors: dict,
+                       key_rope: str = "post", token_scale: bool = False) -> "KVQuantHook":
+        h = cls(bits, group, num_layers, "static", key_rope, token_scale)
         for i in range(num_layers):
             h.k_scale[i] = tensors[f"model.layers.{i}.self_attn.k_scale"].float()
             h.k_zero[i] = tensors[f"model.layers.{i}.self_attn.k_zero"].float()
         return h
+
+
+def _rope_4d(rope):
+    """(cos, sin) as the model's rotary embedding returns them ([b, T, D]) → broadcastable over heads."""
+    cos, sin = rope
+    return cos[:, None].float(), sin[:, None].float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (the Llama convention: channel i pairs with i + D/2)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rotate` (rotation by the opposite angle)."""
+    return x * cos - _rotate_half(x) * sin
 
 
 def _search_channel_range(x: torch.Tensor, bits: int, steps: int = 16):
@@ -113,16 +174,18 @@ def _search_channel_range(x: torch.Tensor, bits: int, steps: int = 16):
 class _Recorder:
     """A KV hook that records (a subsample of) the keys written, and changes nothing."""
 
-    def __init__(self, num_layers: int, max_tokens: int):
+    def __init__(self, num_layers: int, max_tokens: int, needs_rope: bool = False):
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.max_tokens = max_tokens
+        self.needs_rope = needs_rope         # record the keys before RoPE (kv_key_rope=pre)
 
-    def __call__(self, layer_idx, k, v):
+    def __call__(self, layer_idx, k, v, rope=None):
+        seen = unrotate(k.float(), *_rope_4d(rope)) if self.needs_rope else k
         have = sum(t.shape[1] for t in self.keys[layer_idx])
         if have < self.max_tokens:
             # [B, H, T, D] -> [H, B*T, D]
-            self.keys[layer_idx].append(k.detach().float().permute(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3]))
-        return k, v
+            self.keys[layer_idx].append(seen.detach().float().permute(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3]))
+        return k, v                          # the cache gets what it was given
 
 
 def _cache_factory_for(model, recipe, hook):
@@ -144,14 +207,15 @@ def make_kv_hook(model, recipe, calib: torch.Tensor | None, progress: bool = Tru
     from tqdm.auto import tqdm
     L = model.config.num_hidden_layers
     hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    hook = KVQuantHook(recipe.kv_bits, recipe.kv_group_size, L, key_mode)
+    hook = KVQuantHook(recipe.kv_bits, recipe.kv_group_size, L, key_mode, recipe.kv_key_rope,
+                       recipe.kv_key_token_scale)
     hook._vgroup(hd)
     model.accllm_kv_hook = hook          # the package writer exports its constants from here
     if key_mode != "static":
         return hook
     if calib is None:
         raise AccllmError("static key quantization needs calibration data (WikiText-2 valid)")
-    rec = _Recorder(L, max_tokens)
+    rec = _Recorder(L, max_tokens, hook.needs_rope)
     factory = _cache_factory_for(model, recipe, rec)
     n = calib.shape[0]
     bar = tqdm(total=n, desc="kv calibrate", disable=not progress, leave=False)

@@ -2,10 +2,11 @@
 
     .venv/bin/python -m quant.kv_study --chunks 4 --variants none,kv4,keys,values,ktok32,normtok16,hadtok32
 
-Calibrates the ``kv4`` recipe once (static per-channel key constants on WikiText-2 valid), then for
+Calibrates the ``kv4`` recipe once, in the accelerator's key format unless ``--set`` says otherwise
+(static per-channel key constants after RoPE, on WikiText-2 valid), then for
 each variant replaces ``KVQuantHook.quant_keys`` / ``quant_values`` and evaluates the one perplexity
 harness on WikiText-2 test (ctx 1024 x --chunks). Fake quantization only: these are candidate formats,
-not what the accelerator implements (that is ``kv4``, docs/numerics.md). Variants:
+not what the accelerator implements (static per-channel keys after RoPE, docs/numerics.md). Variants:
 
   none       no KV quantization (the reference)        kv4        the recipe as it is
   keys       keys quantized, values float              values     values quantized, keys float
@@ -15,6 +16,9 @@ not what the accelerator implements (that is ``kv4``, docs/numerics.md). Variant
   tokscale   keys: static per-channel centre and range (from kv4's constants) + one dynamic scale per token
   normtokG   keys: normalised by kv4's static per-channel centre and range, then per token in groups of G
   onlylayerI kv4's keys in layer I only (values float)
+
+With ``--set kv_key_rope=pre`` every key variant acts on the keys before RoPE (the hook un-rotates
+them, calls the variant, rotates back), with constants calibrated before RoPE.
 """
 from __future__ import annotations
 
@@ -108,7 +112,9 @@ def main(argv=None) -> int:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         loaded = load_model(args.model)
         tokens = load_tokens("wikitext2", loaded.tokenizer, args.ctx * args.chunks)
-        prepared = prepare(loaded, load_recipe("kv4", None, args.sets), progress=False)
+        # the accelerator's key format unless overridden: static per-channel constants after RoPE
+        base = ["kv_key_rope=post", "kv_key_token_scale=false"]
+        prepared = prepare(loaded, load_recipe("kv4", None, base + args.sets), progress=False)
         hook = loaded.model.accllm_kv_hook
         hooks = {n: variant_hooks(hook, n) for n in names}     # unknown names fail before any evaluation
     except (AccllmError, ValueError) as e:

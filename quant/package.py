@@ -230,7 +230,8 @@ class Package:
             return None
         from .kv import KVQuantHook
         L = self.manifest["model_config"]["num_hidden_layers"]
-        return KVQuantHook.from_constants(r.kv_bits, r.kv_group_size, L, self.tensors)
+        return KVQuantHook.from_constants(r.kv_bits, r.kv_group_size, L, self.tensors, r.kv_key_rope,
+                                         r.kv_key_token_scale)
 
     def to_torch_model(self):
         """The fake-quant torch model this package describes (QLinear layers built from the packed

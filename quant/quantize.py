@@ -253,7 +253,8 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
         del hess
         if tune:
             from .blocktune import tune_block
-            bt = tune_block(layer, inps, kws, targets, recipe.block_tune_steps, recipe.block_tune_lr, seed=recipe.seed + i)
+            bt = tune_block(layer, inps, kws, targets, recipe.block_tune_steps, recipe.block_tune_lr, seed=recipe.seed + i,
+                            tokens=recipe.block_tune_tokens)
             report["block_tune"][f"model.layers.{i}"] = bt
             fp_inps = targets
             if bt.get("mse_before"):

@@ -102,7 +102,7 @@ def _check_masks(model, n, m, skip=("lm_head",)):
 def test_prune_model_methods(method):
     loaded = load_model("tiny")
     calib = torch.stack([_ids(64, s) for s in range(4)])
-    r = load_recipe("sparse24", sets=[f"prune_method={method}"])
+    r = load_recipe("sparse24", sets=["block_tune_steps=0", f"prune_method={method}"])
     rep = prune_model(loaded.model, r, None if method == "magnitude" else calib, progress=False)
     assert _check_masks(loaded.model, 2, 4) == rep["layers_pruned"] == 14
     assert abs(rep["kept_fraction"] - 0.5) < 1e-9
@@ -117,7 +117,7 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_reconstruction():
         loaded = load_model("tiny")
         layer = loaded.model.model.layers[0].mlp.down_proj
         w0 = layer.weight.detach().clone()
-        r = load_recipe("sparse24", sets=[f"prune_method={method}"])
+        r = load_recipe("sparse24", sets=["block_tune_steps=0", f"prune_method={method}"])
         rep = prune_model(loaded.model, r, calib, progress=False)
         errs[method] = rep["mean_rel_err"]
         assert not torch.equal(layer.weight, w0)
@@ -152,19 +152,19 @@ def test_block_tuning_after_pruning_keeps_masks_and_helps_held_out_text():
 
 def test_prune_other_nm_and_errors():
     loaded = load_model("tiny")
-    rep = prune_model(loaded.model, load_recipe("sparse24", sets=["sparsity=1:4", "prune_method=magnitude"]),
+    rep = prune_model(loaded.model, load_recipe("sparse24", sets=["block_tune_steps=0", "sparsity=1:4", "prune_method=magnitude"]),
                       None, progress=False)
     assert _check_masks(loaded.model, 1, 4) == 14 and abs(rep["kept_fraction"] - 0.25) < 1e-9
     loaded = load_model("tiny")
     calib = torch.stack([_ids(32, s) for s in range(2)])
-    prune_model(loaded.model, load_recipe("sparse24", sets=["sparsity=4:8", "prune_method=sparsegpt"]), calib,
+    prune_model(loaded.model, load_recipe("sparse24", sets=["block_tune_steps=0", "sparsity=4:8", "prune_method=sparsegpt"]), calib,
                 progress=False)
     assert _check_masks(loaded.model, 4, 8) == 14
     with pytest.raises(AccllmError, match="needs calibration data"):
-        prune_model(load_model("tiny").model, load_recipe("sparse24", sets=["prune_method=wanda"]), None,
+        prune_model(load_model("tiny").model, load_recipe("sparse24", sets=["block_tune_steps=0", "prune_method=wanda"]), None,
                     progress=False)
     with pytest.raises(AccllmError, match="tied to the embedding"):
-        prune_model(load_model("tiny").model, load_recipe("sparse24", sets=["prune_skip=", "prune_method=magnitude"]),
+        prune_model(load_model("tiny").model, load_recipe("sparse24", sets=["block_tune_steps=0", "prune_skip=", "prune_method=magnitude"]),
                     None, progress=False)
 
 

@@ -108,7 +108,8 @@ def test_integer_path_reproduces_fake_quant_layer(scheme):
 def test_kv_hook_static_keys_append_invariant(tiny):
     from algo.data import calibration_batches
     from quant.kv import make_kv_hook
-    r = load_recipe("kv4", sets=["calib_samples=2", "calib_seqlen=64", "kv_group_size=16"])
+    r = load_recipe("kv4", sets=["calib_samples=2", "calib_seqlen=64", "kv_group_size=16", "kv_key_rope=post",
+                                 "kv_key_token_scale=false"])
     calib = calibration_batches(tiny.tokenizer, 2, 64)
     hook = make_kv_hook(tiny.model, r, calib, progress=False)
     k = torch.randn(1, 2, 10, 32)
@@ -122,6 +123,64 @@ def test_kv_hook_static_keys_append_invariant(tiny):
     assert all(len(kq[0, h, :, c].unique()) <= 16 for h in range(2) for c in range(32))
     assert len(vq[0, 0, 0, :16].unique()) <= 16
     assert set(hook.constants()) >= {"model.layers.0.self_attn.k_scale", "model.layers.1.self_attn.k_zero"}
+
+
+def test_kv_keys_quantized_before_rope(fresh_tiny):
+    """kv_key_rope=pre: the cached key is RoPE(dequant(quant(k before RoPE))) with constants
+    calibrated on un-rotated keys — in full attention and under Λ, prefill and decode alike — and the
+    compiler refuses it (the KV-cache unit quantizes keys as stored)."""
+    from algo.data import calibration_batches
+    from quant.kv import make_kv_hook, rotate
+    from quant.pipeline import prepare
+    from quant.quantizers import asym_fake_quant
+    model = fresh_tiny.model
+    r = load_recipe("kv4", sets=["calib_samples=2", "calib_seqlen=64", "kv_key_rope=pre", "kv_key_token_scale=false"])
+    hook = make_kv_hook(model, r, calibration_batches(fresh_tiny.tokenizer, 2, 64), progress=False)
+    assert hook.needs_rope and hook.key_rope == "pre"
+    k_pre = torch.randn(1, 2, 12, 32)
+    cos, sin = model.model.rotary_emb(k_pre, torch.arange(5, 17)[None])
+    c4, s4 = cos[:, None], sin[:, None]
+    kq, _ = hook(1, rotate(k_pre, c4, s4), torch.randn(1, 2, 12, 32), rope=(cos, sin))
+    want = rotate(asym_fake_quant(k_pre, hook.k_scale[1][None, :, None, :], hook.k_zero[1][None, :, None, :], 4), c4, s4)
+    torch.testing.assert_close(kq, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="rope=\\(cos, sin\\)"):
+        hook(1, k_pre, k_pre)
+    # calibration records the un-rotated keys and leaves the model's own keys alone
+    from quant.kv import _Recorder
+    rec = _Recorder(2, 100, needs_rope=True)
+    k_rot = rotate(k_pre, c4, s4)
+    out_k, _ = rec(1, k_rot, k_rot, rope=(cos, sin))
+    assert out_k is k_rot
+    torch.testing.assert_close(rec.keys[1][0], k_pre[0], rtol=1e-5, atol=1e-5)
+    ids = torch.arange(100, 164)
+    for extra in ([], ["attention=lambda", "sink_tokens=2", "window=16"]):
+        sets = ["calib_samples=2", "calib_seqlen=64", "kv_key_rope=post", "kv_key_token_scale=false"] + extra
+        post = prepare(fresh_tiny, load_recipe("kv4", sets=sets), progress=False).scorer()
+        pre = prepare(fresh_tiny, load_recipe("kv4", sets=sets + ["kv_key_rope=pre"]), progress=False).scorer()
+        a = pre.forward(pre.new_session(), ids)
+        sess = pre.new_session()                 # prefill then token-by-token decode: same cache contents
+        b = torch.cat([pre.forward(sess, ids[:40])] + [pre.forward(sess, ids[t:t + 1]) for t in range(40, 64)], 0)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(a, post.forward(post.new_session(), ids), atol=1e-4)
+    from hw.compiler import check_recipe_for_hw
+    from hw.config import load_hw
+    with pytest.raises(AccllmError, match="kv_key_rope=pre: keys quantized before RoPE"):
+        check_recipe_for_hw(load_recipe("kv4", sets=["kv_key_token_scale=false"]), load_hw("sim-small"))
+    with pytest.raises(AccllmError, match="kv_key_token_scale=true: a dynamic scale per key token"):
+        check_recipe_for_hw(load_recipe("kv4", sets=["kv_key_rope=post"]), load_hw("sim-small"))
+    # a dynamic scale per key: a key 100x smaller than the calibrated range keeps 16 levels and a small
+    # relative error (static constants alone would round it to one or two levels)
+    ts = make_kv_hook(model, load_recipe("kv4", sets=["calib_samples=2", "calib_seqlen=64", "kv_key_rope=post"]),
+                      calibration_batches(fresh_tiny.tokenizer, 2, 64), progress=False)
+    s0, z0 = ts.k_scale[0], ts.k_zero[0]
+    mid = ((-z0 * s0 + (15 - z0) * s0) / 2)[None, :, None, :]
+    small = mid + 0.01 * torch.randn(1, 2, 3, 32) * s0[None, :, None, :]
+    kq_t, _ = ts(0, small, small)
+    plain = asym_fake_quant(small, s0[None, :, None, :], z0[None, :, None, :], 4)
+    assert float((kq_t - small).abs().max()) < 0.2 * float((plain - small).abs().max())
+    assert "per-token key scale" in load_recipe("kv4", sets=["kv_key_token_scale=true"]).summary()
+    with pytest.raises(AccllmError, match="recipe key kv_key_rope='mid' is not accepted"):
+        load_recipe("kv4", sets=["kv_key_rope=mid"])
 
 
 def test_kv4_changes_the_model_output(fresh_tiny):
@@ -224,6 +283,69 @@ def test_block_tuning_lowers_block_error_and_keeps_the_integer_format():
         load_recipe("w2", sets=["block_tune_lr=0"])
     with pytest.raises(AccllmError, match="block_tune_steps"):
         load_recipe("w2", sets=["block_tune_steps=-1"])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_tuning_fused_weight_matches_plain_autograd(masked):
+    """quant/blocktune.py's fused code × scale function gives the same weights and the same
+    straight-through gradients (codes and log-scales) as the chain of plain autograd ops."""
+    from types import SimpleNamespace
+    from quant.blocktune import _StepCodes
+    g = torch.Generator().manual_seed(1)
+    q = SimpleNamespace(out_features=8, in_features=128, group=64, bits=2,
+                        zeros=torch.randint(0, 4, (8, 2), generator=g).to(torch.uint8),
+                        codes=torch.randint(0, 4, (8, 128), generator=g).to(torch.uint8),
+                        scales=(torch.rand(8, 2, generator=g) + 0.5).half(),
+                        mask=(torch.rand(8, 128, generator=g) > 0.5) if masked else None)
+    st = _StepCodes(q)
+    with torch.no_grad():                       # move codes past the clamp edges and scales off 1
+        st.u.add_(2 * torch.randn(st.u.shape, generator=g))
+        st.t.add_(0.1 * torch.randn(st.t.shape, generator=g))
+    up = torch.randn(8, 128, generator=g)
+    grads = []
+    for f in (st.weight, st.weight_reference):
+        st.u.grad = st.t.grad = None
+        w = f()
+        (w * up).sum().backward()
+        grads.append((w.detach(), st.u.grad.clone(), st.t.grad.clone()))
+    (w1, gu1, gt1), (w2, gu2, gt2) = grads
+    assert torch.equal(w1, w2) and torch.equal(gu1, gu2)
+    torch.testing.assert_close(gt1, gt2, rtol=1e-6, atol=1e-6)
+    assert (gu1 == 0).any() and (gu1 != 0).any()           # the clamp (and mask) really cut some gradients
+    if masked:
+        assert (w1[~q.mask] == 0).all() and (gu1[~q.mask.reshape(8, 2, 64)] == 0).all()
+
+
+def test_block_tuning_on_window_prefixes_is_exact_and_still_helps():
+    """block_tune_tokens=T trains on the first T tokens of each window: the decoder layer called with
+    the cut keyword arguments gives exactly the full window's first T outputs (causal attention, RoPE
+    positions kept), tuning on prefixes still lowers every block's error, and T longer than a
+    calibration window is refused."""
+    from algo.calib import capture_layer0_inputs
+    from algo.data import calibration_batches
+    from algo.models import load_model
+    from quant.blocktune import _prefix_kwargs
+    from quant.quantize import quantize_model
+
+    lm = load_model("tiny")
+    calib = calibration_batches(lm.tokenizer, 4, 128)
+    (h, kw), = capture_layer0_inputs(lm.model, calib, 4)
+    layer = lm.model.model.layers[0]
+    with torch.no_grad():
+        full = layer(h, **kw)
+        full = full[0] if isinstance(full, tuple) else full
+        part = layer(h[:, :48], **_prefix_kwargs(kw, 48, 128))
+        part = part[0] if isinstance(part, tuple) else part
+    assert part.shape[1] == 48
+    torch.testing.assert_close(part, full[:, :48], rtol=1e-5, atol=1e-5)
+
+    r = load_recipe("w2", sets=["calib_samples=16", "calib_seqlen=128", "block_tune_steps=200",
+                                "block_tune_tokens=64"])
+    rep = quantize_model(lm.model, r, calibration_batches(lm.tokenizer, 16, 128), progress=False)
+    for name, b in rep["block_tune"].items():
+        assert b["tokens"] == 64 and not b["reverted"] and b["mse_after"] < 0.8 * b["mse_before"], (name, b)
+    with pytest.raises(AccllmError, match="block_tune_tokens=600 is longer than a calibration window"):
+        load_recipe("w2", sets=["block_tune_tokens=600"])
 
 
 def test_smoothing_keeps_the_float_function_and_checks_alpha():
