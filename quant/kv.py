@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from algo.attention import _rotate_half
 from algo.common import AccllmError
 
 from .quantizers import asym_dynamic_fake_quant, asym_fake_quant, fp16_scale
@@ -131,11 +132,6 @@ def _rope_4d(rope):
     """(cos, sin) as the model's rotary embedding returns them ([b, T, D]) → broadcastable over heads."""
     cos, sin = rope
     return cos[:, None].float(), sin[:, None].float()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ not what the accelerator implements (static per-channel keys after RoPE, docs/nu
   vgG        values per token in groups of G channels (keys as kv4)
   ktokG      keys per token, asymmetric, groups of G channels
   hadtokG    keys rotated by a normalised Hadamard matrix per head, then per token in groups of G
-  tokscale   keys: static per-channel centre and range (from kv4's constants) + one dynamic scale per token
+  tokscale   keys: static per-channel centre and range + one dynamic scale per key (= kv_key_token_scale)
   normtokG   keys: normalised by kv4's static per-channel centre and range, then per token in groups of G
   onlylayerI kv4's keys in layer I only (values float)
 
@@ -40,8 +40,7 @@ def _hadamard(n: int):
 
 def variant_hooks(hook, name: str):
     """(quant_keys, quant_values) of variant *name* on a calibrated kv4 *hook*."""
-    import torch
-    from .quantizers import asym_dynamic_fake_quant, fp16_scale
+    from .quantizers import asym_dynamic_fake_quant
     qk, qv = hook.quant_keys, hook.quant_values
     bits = hook.bits
     ident_k, ident_v = (lambda i, k: k), (lambda v: v)
@@ -71,16 +70,9 @@ def variant_hooks(hook, name: str):
             h = _hadamard(k.shape[-1])
             return (asym_dynamic_fake_quant(k.float() @ h.T, bits, g) @ h).to(k.dtype)
         return f, qv
-    if name == "tokscale":
-        half = ((1 << bits) - 1) / 2
-
-        def f(i, k):
-            m, r = centre_range(i)
-            u = (k.float() - m) / r
-            t = fp16_scale(u.abs().amax(-1, keepdim=True).clamp(min=1e-6))
-            c = torch.clamp(torch.round(u / t * half + half), 0, 2 * half)
-            return (m + r * t * (c - half) / half).to(k.dtype)
-        return f, qv
+    if name == "tokscale":                      # = recipe key kv_key_token_scale (quant/kv.py)
+        return (lambda i, k: hook._token_scaled(k, hook.k_scale[i][None, :, None, :],
+                                                hook.k_zero[i][None, :, None, :])), qv
     if name.startswith("normtok"):
         def f(i, k, g=num("normtok")):
             m, r = centre_range(i)
