@@ -231,7 +231,7 @@ PRESET_DOCS = {
     "sparse24": "2:4 weight pruning (SparseGPT + block-wise reconstruction of the kept weights)",
     "lambda": "Λ-shaped attention, 4 sink tokens + 1024-token window",
     "spatten": "SpAtten cascade token and head pruning",
-    "accllm": "AccLLM: 2:4 pruning + Λ-shaped attention + W2A8KV4",
+    "accllm": "AccLLM: 2:4 pruning + Λ-shaped attention + W2A8KV4 (GPTQ act order + block-wise reconstruction)",
 }
 
 
