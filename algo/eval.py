@@ -127,8 +127,9 @@ def perplexity_stream(scorer: Scorer, tokens: torch.Tensor, length: int = 16384,
     res = {"mode": "stream", "ppl": math.exp(total / count), "length": length, "block": block,
            "tokens_scored": count, "blocks": blocks, "seconds": time.time() - t0}
     stats = getattr(scorer, "session_stats", None)
-    if stats is not None:
-        res["kv"] = stats(session)
+    kv = stats(session) if stats is not None else None
+    if kv is not None:
+        res["kv"] = kv
     return res
 
 

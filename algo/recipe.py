@@ -302,6 +302,25 @@ def load_recipe(name: str | None = "fp", recipe_file: str | None = None, sets: l
     return r.validate()
 
 
+# keys that decide only how attention runs, not the compressed tensors (so an existing package can take them)
+ATTENTION_TIME_KEYS = ("token_keep", "head_keep", "spatten_start_layer", "spatten_recent")
+
+
+def apply_attention_sets(recipe: Recipe, sets: list[str]) -> Recipe:
+    """A copy of *recipe* with ``key=value`` sets of ATTENTION_TIME_KEYS applied (others refused)."""
+    r = recipe_from_dict(recipe.to_dict())
+    for s in sets:
+        if "=" not in s:
+            raise AccllmError(f"--set takes key=value, got {s!r}")
+        k, v = (x.strip() for x in s.split("=", 1))
+        if k not in ATTENTION_TIME_KEYS:
+            raise AccllmError(f"--set {k}: with --package only keys that do not change the compressed weights "
+                              f"can be set ({', '.join(ATTENTION_TIME_KEYS)}); {k} needs a full compile (without "
+                              f"--package)")
+        _apply(r, {k: v}, "--set")
+    return r.validate()
+
+
 def recipe_from_dict(d: dict) -> Recipe:
     r = Recipe()
     _apply(r, d, "recipe")

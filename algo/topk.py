@@ -30,6 +30,23 @@ def _check(n: int, k: int) -> None:
         raise AccllmError(f"top-k: k must lie in [0, {n}] for {n} scores, got {k}")
 
 
+KEEP_FRAC = 16      # keep ratios as Q0.16 numerators (the accelerator multiplies by them)
+
+
+def keep_q16(ratio: float) -> int:
+    """A keep ratio in (0, 1] as the Q0.16 numerator the hardware multiplies by: round(ratio * 2**16)."""
+    r = float(ratio)
+    if not 0.0 < r <= 1.0:
+        raise AccllmError(f"keep ratio must lie in (0, 1], got {ratio!r}")
+    return max(1, min(1 << KEEP_FRAC, int(np.floor(r * (1 << KEEP_FRAC) + 0.5))))
+
+
+def keep_count(keep_q: int, n: int, at_least: int = 0) -> int:
+    """How many of *n* entries a keep ratio keeps: max(at_least, (keep_q * n) >> 16), keep_q from
+    :func:`keep_q16` (so SpAtten in torch and on the accelerator take the same k)."""
+    return max(int(at_least), (int(keep_q) * int(n)) >> KEEP_FRAC)
+
+
 def topk_numpy(scores, k: int) -> np.ndarray:
     """Positions (ascending) of the k best scores; ties broken by lower position. See module doc."""
     s = np.asarray(scores)
@@ -135,5 +152,5 @@ def topk_mask(scores, k: int):
 def topk_reference(scores, k: int) -> np.ndarray:
     """Sort-based reference (for tests): stable sort by descending score, first k, ascending positions."""
     s = np.asarray(scores)
-    order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
+    order = sorted(range(len(s)), key=lambda i: (-s[i].item(), i))       # exact for 64-bit integers too
     return np.array(sorted(order[:k]), dtype=np.int64)

@@ -28,7 +28,9 @@ def add_arguments(p) -> None:
                    help="override one hardware configuration key (repeatable)")
     p.add_argument("--package", default=None, metavar="DIR",
                    help="stage 2 only: compile this existing package for --hw again (no recompression; "
-                        "e.g. after an accllm update changed the memory map) into --out (may be DIR itself)")
+                        "e.g. after an accllm update changed the memory map) into --out (may be DIR itself); "
+                        "--set may change the attention-time keys token_keep, head_keep, spatten_start_layer, "
+                        "spatten_recent (SpAtten), recorded in the package's recipe")
     add_progress_args(p)
 
 
@@ -50,12 +52,18 @@ def recompile_package(args) -> int:
         raise AccllmError(f"--package {src}: not a package directory (no manifest.json)")
     if not args.hw:
         raise AccllmError("--package needs --hw CONFIG (sim-small | u280): the configuration to compile for")
-    if args.sets or args.recipe_file or args.stop_after:
-        raise AccllmError("--package recompiles the accelerator program only: --set, --recipe-file and "
-                          "--stop-after change the compression and need a full compile (without --package)")
+    if args.recipe_file or args.stop_after:
+        raise AccllmError("--package recompiles the accelerator program only: --recipe-file and --stop-after "
+                          "change the compression and need a full compile (without --package)")
     hw = load_hw(args.hw, args.hw_sets)
+    recipe = None
+    if args.sets:
+        import json
+        from algo.recipe import apply_attention_sets, recipe_from_dict
+        man = json.loads((src / "manifest.json").read_text())
+        recipe = apply_attention_sets(recipe_from_dict(man["recipe"]), args.sets)      # checked before any work
     t = time.time()
     same = out.resolve() == src.resolve()
-    recompile(src, hw, out_dir=None if same else out, progress=not args.no_progress)
+    recompile(src, hw, out_dir=None if same else out, progress=not args.no_progress, recipe=recipe)
     print(f"compiled {src} for {hw.name} into {out}{' (in place)' if same else ''} ({time.time() - t:.1f} s)")
     return 0

@@ -552,7 +552,17 @@ class DeviceScorer:
     def new_session(self):
         self._current += 1
         self.rt.reset()
-        return {"id": self._current}
+        reads = getattr(self.rt.device, "spatten_reads", None)       # the functional model counts SpAtten's reads
+        return {"id": self._current, "reads0": dict(reads) if reads is not None else None}
+
+    def session_stats(self, session) -> dict | None:
+        """SpAtten's KV reads saved in this session (functional model only; None elsewhere)."""
+        r1 = getattr(self.rt.device, "spatten_reads", None)
+        r0 = session.get("reads0")
+        if r1 is None or r0 is None or not r1["kv_base"] - r0["kv_base"]:
+            return None
+        d = {k: r1[k] - r0[k] for k in r1}
+        return {"kv_reads_saved": 1 - d["kv"] / d["kv_base"], "attention_reads_saved": 1 - d["attn"] / d["attn_base"]}
 
     def forward(self, session, ids):
         if session["id"] != self._current:

@@ -141,7 +141,6 @@ def prefill_buckets(hw: HWConfig) -> list[int]:
 
 def check_recipe_for_hw(rec, hw: HWConfig) -> None:
     """The recipe checks that need no model: refused before any compression by compile-model --hw."""
-    from algo.recipe import _ratio_active
     if rec.kv_bits != 4:
         raise AccllmError(f"recipe kv_bits={rec.kv_bits}: the KV-cache unit stores 4-bit keys and values; use a "
                           f"recipe with kv_bits=4 (accllm, w2a8kv4)")
@@ -153,12 +152,19 @@ def check_recipe_for_hw(rec, hw: HWConfig) -> None:
         raise AccllmError("recipe kv_key_token_scale=true: a dynamic scale per key token is not computed by the "
                           "KV-cache unit yet; the accelerator runs static per-channel key constants "
                           "(kv_key_token_scale=false)")
-    if _ratio_active(rec.token_keep) or _ratio_active(rec.head_keep):
-        raise AccllmError("SpAtten token/head pruning (token_keep/head_keep < 1) is not compiled to the accelerator "
-                          "yet (the TOPK opcode is not part of ISA v1); use token_keep=1 head_keep=1")
     if rec.attention == "lambda" and rec.sink_tokens + rec.window > hw.max_context:
         raise AccllmError(f"S + W = {rec.sink_tokens + rec.window} KV slots exceed max_context={hw.max_context} of "
                           f"{hw.name}; use a smaller window (--set window=N) or a larger configuration")
+
+
+def spatten_config(rec, layers: int, heads: int):
+    """The recipe's SpAtten settings (algo.spatten.SpattenConfig) when token or head pruning is on, else None."""
+    from types import SimpleNamespace
+    from algo.recipe import _ratio_active
+    if not (_ratio_active(rec.token_keep) or _ratio_active(rec.head_keep)):
+        return None
+    from algo.spatten import config_from_recipe
+    return config_from_recipe(rec, SimpleNamespace(num_hidden_layers=layers, num_attention_heads=heads))
 
 
 def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) -> dict:
@@ -200,6 +206,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         raise AccllmError(f"S + W = {slots} KV slots exceed max_context={hw.max_context} of {hw.name}; use a smaller "
                           f"window (--set window=N) or a larger configuration")
     P = hw.weight_ports
+    sp = spatten_config(rec, L, Hq)
 
     # ---- weights: lockstep area on every port ----------------------------------------------------
     lock = _Area(0)
@@ -256,6 +263,18 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
 
     inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     rope_off = cput("rope", np.asarray(nx.rope_freq_words(inv_freq), "<u4").tobytes())
+    spt_off, spt_info = 0, None
+    if sp is not None:
+        # SpAtten: importance / pruned-flag state (written by the device; zero in the image), then the descriptor
+        st = mm.spatten_state_layout(slots, Hq)
+        state_off = cput("spatten_state", bytes(L * st["layer_bytes"]))
+        tq = [nx.keep_q16(sp.token_keep[i]) if i >= sp.start_layer else 0 for i in range(L)]
+        hq = [nx.keep_q16(sp.head_keep[i]) if i >= sp.start_layer else 0 for i in range(L)]
+        spt_off = cput("spatten", mm.pack_spatten(tq, hq, layers=L, start_layer=sp.start_layer, sink=sp.sinks, window=W,
+                                                  slots=slots, ring=int(rec.attention == "lambda"), recent=sp.recent,
+                                                  heads=Hq, kv_heads=Hkv, state_off=state_off, **st))
+        spt_info = dict(descriptor=spt_off, state=state_off, state_bytes=L * st["layer_bytes"], start_layer=sp.start_layer,
+                        recent=sp.recent, token_keep_q16=tq, head_keep_q16=hq, **st)
     kcl = mm.kconst_layout(Hkv, hd)
     for i in range(L):
         pre = f"model.layers.{i}"
@@ -278,7 +297,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
                                   rope_mode=rope_mode, ring=int(rec.attention == "lambda"), k_off=kv["layers"][i]["k_off"],
                                   v_off=kv["layers"][i]["v_off"], rope_off=rope_off, kconst_off=kco,
                                   vgroup=vgroup, kv_bits=4)
-        cput(f"{pre}.attn", hdr)
+        cput(f"{pre}.attn", hdr + mm.pack_attn_ext(spt_off))
     norm("model.norm")
 
     # ---- io layout ---------------------------------------------------------------------------------
@@ -308,8 +327,9 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
             emit(isa.Instr(isa.RMSNORM, a=h8_off, b=x_off, c=H, d=descs[f"{pre}.input_layernorm"]),
                  f"L{i} h = rmsnorm(x) -> int8")
             emit(isa.Instr(isa.MATMUL, a=qkv_off, b=h8_off, c=i, d=descs[f"{pre}.qkv"]), f"L{i} [q|k|v] = h W_qkv")
-            emit(isa.Instr(isa.ATTN, a=a8_off, b=qkv_off, c=i, d=descs[f"{pre}.attn"]),
-                 f"L{i} a = attention(q, k, v; KV cache) -> int8")
+            emit(isa.Instr(isa.ATTN, a=a8_off, b=qkv_off, c=i, d=descs[f"{pre}.attn"],
+                           flags=isa.F_SPATTEN if sp is not None else 0),
+                 f"L{i} a = attention(q, k, v; KV cache{'; SpAtten' if sp is not None else ''}) -> int8")
             emit(isa.Instr(isa.MATMUL, a=x_off, b=a8_off, c=i, d=descs[f"{pre}.o"], flags=isa.F_ACC), f"L{i} x += a W_o")
             emit(isa.Instr(isa.RMSNORM, a=h8_off, b=x_off, c=H, d=descs[f"{pre}.post_attention_layernorm"]),
                  f"L{i} h = rmsnorm(x) -> int8")
@@ -321,6 +341,8 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         emit(isa.Instr(isa.MATMUL, a=log_off, b=h8_off, c=L, d=descs["lm_head"], flags=isa.F_LOGITS),
              "logits = h W_lm_head (register flags)")
         emit(isa.Instr(isa.ARGMAX, a=arg_off, b=log_off, d=V), "token = argmax(logits of the last token)")
+        if sp is not None:
+            emit(isa.Instr(isa.TOPK, d=spt_off), "SpAtten: top-k tokens / heads of every layer for the next run")
         emit(isa.Instr(isa.END), "end")
         return ins, cm
 
@@ -374,6 +396,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         "prefill_partial": True,
         "attention": dict(kind=rec.attention, sink=S, window=W, slots=slots,
                           rope_mode=rec.rope_mode if rec.attention == "lambda" else "original"),
+        "spatten": spt_info,
         "max_position": max_position,
         "vocab_size": V,
         "eos_token_id": eos[0] if isinstance(eos, list) else eos,
@@ -390,7 +413,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     atomic_write_text(out / "memmap.json", json.dumps(memmap, indent=1))
     return {"hw": hw.to_dict(),
             "program": {"words": len(words), "entries": entries, "weight_bytes_per_port": [f["size"] for f in files.values()],
-                        "kv_bytes_per_port": kv["total"], "io_bytes": io.top, "isa_version": 1,
+                        "kv_bytes_per_port": kv["total"], "io_bytes": io.top, "isa_version": isa.VERSION,
                         "compiler_digest": compiler_digest()}}
 
 
@@ -438,10 +461,11 @@ def refresh_program(package_dir, hw: HWConfig, log=print) -> bool:
     return True
 
 
-def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False) -> Path:
+def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False, recipe=None) -> Path:
     """Compile an existing package again for *hw* (no recompression): into *out_dir* (a copy of the
     package, written atomically) or in place. Files of a previous compilation are replaced and the
-    manifest's ``files``/``hw``/``program`` updated."""
+    manifest's ``files``/``hw``/``program`` updated. *recipe*: the package's recipe with other
+    attention-time keys (algo.recipe.apply_attention_sets), recorded in the manifest."""
     import shutil
     from algo.common import atomic_directory, sha256_file
     from quant.package import load_package
@@ -457,6 +481,10 @@ def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False) -
         man = json.loads((tmp / "manifest.json").read_text())
         for f in old_hw:
             man["files"].pop(f, None)
+        if recipe is not None and recipe.to_dict() != man["recipe"]:
+            changed = {k: v for k, v in recipe.to_dict().items() if man["recipe"].get(k) != v}
+            man.setdefault("recipe_changes", []).append({"by": "compile-model --package --set", "keys": changed})
+            man["recipe"] = recipe.to_dict()
         from quant.package import Package
         upd = compile_to_dir(Package(tmp, man), hw, tmp, progress=progress)
         man.update(upd)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from algo.common import AccllmError
 
 WORD_BYTES = 16
+VERSION = 2       # 2: TOPK and the ATTN spatten flag (SpAtten token / head pruning)
 
 # --- opcodes -------------------------------------------------------------------------------------
 NOP = 0x00
@@ -45,11 +46,18 @@ ADD = 0x14        # a=dst X32, b=src X32, c=D            dst += src (saturating)
 MATMUL = 0x20     # a=dst X32, b=src X8, d=linear descriptor (lockstep weights), c=layer tag
 ATTN = 0x30       # a=dst X8, b=src X32 [q | k | v], d=attention descriptor (port-0 constants), c=layer
 ARGMAX = 0x40     # a=dst TOK, b=src X32 logits, d=V (vocabulary size)
+TOPK = 0x41       # d=SpAtten descriptor (port-0 constants): token / head selection of every layer
 
 # MATMUL flags
 F_ACC = 1 << 0      # add the result into dst (residual add), saturating to int32
 F_LOGITS = 1 << 1   # lm_head: register flags bit 0 set -> every token's row (logits [n_tokens, V]);
 #                     else bit 1 set -> the last token's row only; neither -> skipped
+# ATTN flags
+F_SPATTEN = 1 << 0  # SpAtten: skip the tokens / heads the top-k engine pruned for this layer, accumulate
+#                     token and head importance (attention descriptor word 16: the SpAtten descriptor)
+# TOPK (end of every program that uses SpAtten): per layer from the start layer, the top-k engine keeps
+# the most important older tokens and heads (cascade: a token or head pruned at layer l stays pruned at
+# layers >= l); docs/numerics.md "SpAtten"
 # ARGMAX runs only if register flags bit 1 is set; it reads the last token's logits row and writes one id.
 
 # register ``flags`` bits (hw/regmap.py argument "flags")
@@ -74,12 +82,13 @@ OPS: dict[int, OpSpec] = {
     ADD: OpSpec("ADD", ("a", "b", "c"), 0, "residual add dst += src over X32 rows (saturating)"),
     MATMUL: OpSpec("MATMUL", ("a", "b", "c", "d"), F_ACC | F_LOGITS,
                    "linear layer: X8 rows times the packed weights of the descriptor, into X32 rows"),
-    ATTN: OpSpec("ATTN", ("a", "b", "c", "d"), 0,
+    ATTN: OpSpec("ATTN", ("a", "b", "c", "d"), F_SPATTEN,
                  "attention: per token, RoPE, 4-bit KV append to the ring buffer, scores, softmax, P x V"),
     ARGMAX: OpSpec("ARGMAX", ("a", "b", "d"), 0, "index of the largest logit (lowest index on ties)"),
+    TOPK: OpSpec("TOPK", ("d",), 0, "SpAtten: top-k token and head selection of every layer (cascade)"),
 }
 BY_NAME = {s.name: op for op, s in OPS.items()}
-FLAG_NAMES = {MATMUL: {F_ACC: "acc", F_LOGITS: "logits"}}
+FLAG_NAMES = {MATMUL: {F_ACC: "acc", F_LOGITS: "logits"}, ATTN: {F_SPATTEN: "spatten"}}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ MAGIC_LIN = 0x314E494C   # 'LIN1'
 MAGIC_EMB = 0x31424D45   # 'EMB1'
 MAGIC_NRM = 0x314D524E   # 'NRM1'
 MAGIC_ATN = 0x314E5441   # 'ATN1'
+MAGIC_SPT = 0x31545053   # 'SPT1'
 
 
 def align(n: int, a: int = ALIGN) -> int:
@@ -318,6 +319,67 @@ def parse_attn_header(b: bytes) -> dict:
     if d["magic"] != MAGIC_ATN:
         raise AccllmError(f"not an attention descriptor (magic 0x{d['magic']:08x})")
     return d
+
+
+# Attention descriptor, second 64 bytes (words 16..31): word 16 = offset of the layer's SpAtten
+# descriptor in weights0 (read only by ATTN with flag spatten), the rest zero.
+ATN_EXT = struct.Struct("<" + "I" * 16)
+
+
+def pack_attn_ext(spatten_off: int = 0) -> bytes:
+    return ATN_EXT.pack(int(spatten_off), *([0] * 15))
+
+
+def parse_attn_ext(b: bytes) -> dict:
+    w = ATN_EXT.unpack(bytes(b[:64]))
+    return {"spatten_off": w[0]}
+
+
+# SpAtten descriptor (weights0): a 64-byte header, then token_keep_q[layers] and head_keep_q[layers]
+# (u32, Q0.16 keep ratios; 0 for layers before start_layer). The state it points at (writable, in weights0)
+# is per layer at state_off + l * layer_bytes: token importance [slots] (u64, saturating at 2**63 - 1),
+# token pruned flags [slots] (u8), head importance [heads] (u64), head pruned flags [heads] (u8), each part
+# 64-byte aligned at the relative offsets below (spatten_state_layout). ``sink``: the first positions SpAtten
+# never prunes (the recipe's sink_tokens; under Λ, ring = 1, also the ring's S sink slots); ``window``/``slots``/
+# ``ring``: the cache geometry (slot -> position); ``recent``: the newest tokens never pruned.
+SPT_FIELDS = ("magic", "layers", "start_layer", "sink", "window", "slots", "ring", "recent", "heads", "kv_heads",
+              "state_off", "layer_bytes", "imp_off", "dead_off", "himp_off", "hdead_off")
+SPT_HEADER = struct.Struct("<" + "I" * 16)
+
+
+def spatten_state_layout(slots: int, heads: int) -> dict:
+    imp = 0
+    dead = align(imp + 8 * slots)
+    himp = align(dead + slots)
+    hdead = align(himp + 8 * heads)
+    return dict(imp_off=imp, dead_off=dead, himp_off=himp, hdead_off=hdead, layer_bytes=align(hdead + heads))
+
+
+def pack_spatten(token_keep_q: list[int], head_keep_q: list[int], **f) -> bytes:
+    f = dict(f, magic=MAGIC_SPT)
+    L = int(f["layers"])
+    if len(token_keep_q) != L or len(head_keep_q) != L:
+        raise AccllmError(f"SpAtten descriptor needs {L} keep numerators per kind")
+    body = np.asarray(list(token_keep_q) + list(head_keep_q), "<u4").tobytes()
+    return SPT_HEADER.pack(*(int(f[k]) for k in SPT_FIELDS)) + body
+
+
+def parse_spatten(b) -> dict:
+    """The SpAtten descriptor at the start of *b* (header + the keep arrays)."""
+    b = bytes(b)
+    d = dict(zip(SPT_FIELDS, SPT_HEADER.unpack(b[:64])))
+    if d["magic"] != MAGIC_SPT:
+        raise AccllmError(f"not a SpAtten descriptor (magic 0x{d['magic']:08x})")
+    L = d["layers"]
+    arr = np.frombuffer(b[64:64 + 8 * L], "<u4").astype(np.int64)
+    if arr.size != 2 * L:
+        raise AccllmError("SpAtten descriptor truncated (keep arrays)")
+    d["token_keep_q"], d["head_keep_q"] = arr[:L], arr[L:]
+    return d
+
+
+def spatten_bytes(layers: int) -> int:
+    return 64 + 8 * layers
 
 
 def kconst_layout(kv_heads: int, head_dim: int) -> dict[str, tuple[int, int, str]]:

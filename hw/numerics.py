@@ -470,3 +470,24 @@ def softmax_q24(s, valid=None) -> np.ndarray:
 def attn_out(p, vhat) -> np.ndarray:
     """o_c = sat32(round_half_up(sum_j p_j * v_jc / 2**24)); p [n] Q8.24, vhat [n, hd] X32."""
     return sat(rshift_round(np.asarray(p, np.int64) @ np.asarray(vhat, np.int64), 24), 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# SpAtten importance and keep counts (the top-k engine, TOPK; algo/spatten.py uses the same rules)
+# --------------------------------------------------------------------------------------------------
+from algo.topk import KEEP_FRAC, keep_count, keep_q16  # noqa: E402,F401  (one rule for algo and hw)
+
+IMP_MAX = (1 << 63) - 1        # importance accumulators saturate here (unsigned 63-bit)
+
+
+def imp_add(acc, inc) -> np.ndarray:
+    """Saturating importance accumulation: min(acc + inc, IMP_MAX) for acc, inc in [0, IMP_MAX]."""
+    s = np.asarray(acc, np.int64).astype(np.uint64) + np.asarray(inc, np.int64).astype(np.uint64)
+    return np.minimum(s, np.uint64(IMP_MAX)).astype(np.int64)
+
+
+def head_norm(o) -> np.ndarray:
+    """Head importance of one query row: floor(sqrt(sum_c round_half_up(o_c / 2**8)**2)) of a head's output
+    o [..., hd] (X32, Q16.16): each term < 2**46, the sum < 2**54 for hd <= 256; the result is Q16.8."""
+    r = rshift_round(np.asarray(o, np.int64), 8)
+    return isqrt((r * r).sum(axis=-1))

@@ -235,7 +235,7 @@ class Package:
 
     def to_torch_model(self):
         """The fake-quant torch model this package describes (QLinear layers built from the packed
-        integers; float tensors from their fp16 copies)."""
+        integers; float tensors from their fp16 copies; SpAtten installed when the recipe prunes)."""
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = LlamaConfig.from_dict(dict(self.manifest["model_config"]))
         model = LlamaForCausalLM(cfg).to(torch.float32).eval()
@@ -265,6 +265,11 @@ class Package:
             setattr(model.get_submodule(parent) if parent else model, child, q)
         if self.manifest["layers"].get("lm_head", {}).get("tied_to"):
             model.lm_head.weight = model.model.embed_tokens.weight
+        from algo.recipe import _ratio_active
+        r = self.recipe
+        if _ratio_active(r.token_keep) or _ratio_active(r.head_keep):
+            from algo.spatten import install          # SpAtten is part of the recipe's attention
+            install(model, r)
         return model
 
     def cache_factory(self, model):

@@ -25,6 +25,12 @@ Per instruction, from the hardware parameters (hw/config.py):
   at min(kv_heads, P) / P of the weight rate; the score / P x V work runs on the MAC array at one slot
   per row per cycle; softmax 2 passes.
 * lm_head: like any linear layer (8-bit); embedding gather: one row.
+* SpAtten (recipes with token_keep / head_keep < 1): ATTN reads only the alive tokens of the alive KV
+  heads, and reads + writes back the layer's token importance (8 bytes per slot each way) and reads its
+  pruned flags (1 byte per slot), all on weights0 (``SPATTEN_STATE_BYTES`` per slot); TOPK streams every
+  layer's state (9 bytes per slot, 9 per head) and runs quick-select on ``TOPK_LANES`` comparators:
+  about 4 scans of the alive candidates per layer (the expected work of quick-select is ~2 n
+  comparisons for the partitions plus the pivot / output scans).
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ HBM_PEAK_BYTES_PER_S = 460.8e9      # U280: 32 pseudo-channels x 256 bit x 450 M
 FILL = 8
 RECIP_CYCLES = 32
 ISSUE = 4            # instruction fetch/decode/dispatch cycles not hidden behind the previous instruction
+SPATTEN_STATE_BYTES = 17   # per slot and layer in ATTN: importance read + write (2 x 8) and the pruned flag (1)
+TOPK_LANES = 16            # comparisons per cycle of the target top-k engine
+TOPK_SCANS = 4             # scans of the alive candidates per layer (expected quick-select work)
 
 
 @dataclass
@@ -97,18 +106,32 @@ class CycleModel:
         lay = kv_layout(1, 1, head_dim, 1, vgroup)
         return kv_heads * kept * (lay["k_slot"] + lay["v_slot"])
 
-    def attn_parts(self, heads, kv_heads, head_dim, kept, vgroup=64, T=1) -> tuple[float, float]:
+    def attn_parts(self, heads, kv_heads, head_dim, kept, vgroup=64, T=1, spatten_slots=0) -> tuple[float, float]:
         """(stream, compute): KV bytes of the kept slots; scores and P x V on the MAC array (one slot per
-        row, mac_lanes channels per cycle), softmax 2 passes, one reciprocal per head, RoPE."""
+        row, mac_lanes channels per cycle), softmax 2 passes, one reciprocal per head, RoPE. With SpAtten,
+        *kept* / *heads* / *kv_heads* are what is alive, and the importance state of *spatten_slots* slots
+        streams from weights0 (one port)."""
         hw = self.hw
         nbytes = self.kv_bytes_per_token(kv_heads, head_dim, kept, vgroup)
         # KV head h lives on weight port h % P: only min(kv_heads, P) pseudo-channels carry the KV stream
-        share = min(kv_heads, hw.weight_ports) / hw.weight_ports
-        stream = (self.stream_cycles(nbytes) - hw.hbm_latency_cycles) / share
+        share = max(min(kv_heads, hw.weight_ports), 1) / hw.weight_ports
+        stream = (self.stream_cycles(nbytes) - hw.hbm_latency_cycles) / share if nbytes else 0.0
+        stream += self.one_port_cycles(SPATTEN_STATE_BYTES * spatten_slots)
         work = heads * (2 * math.ceil(kept / hw.mac_rows) * math.ceil(head_dim / hw.mac_lanes)
                         + 2 * math.ceil(kept / hw.mac_lanes) + RECIP_CYCLES)
         rope = 2 * math.ceil((heads + kv_heads) * head_dim / hw.mac_lanes)
         return T * stream, T * (work + rope + FILL)
+
+    def one_port_cycles(self, nbytes: float) -> float:
+        """Streaming cycles of *nbytes* through one weight port (no latency)."""
+        return nbytes / (self.hw.port_bytes * self.hw.hbm_efficiency) if nbytes > 0 else 0.0
+
+    def topk_parts(self, layers: int, slots: int, heads: int, alive: list[int]) -> tuple[float, float]:
+        """(stream, compute) of TOPK: every layer's state from weights0; quick-select over the alive
+        candidates (heads included) of each selecting layer, *alive* one count per such layer."""
+        stream = self.one_port_cycles(layers * (9 * slots + 9 * heads))
+        compute = sum(TOPK_SCANS * math.ceil(n / TOPK_LANES) + FILL for n in alive) + layers
+        return stream, compute
 
     def attn_cycles(self, heads, kv_heads, head_dim, kept, vgroup=64, T=1) -> float:
         s, c = self.attn_parts(heads, kv_heads, head_dim, kept, vgroup, T)
@@ -128,7 +151,10 @@ class CycleModel:
             return 0.0, self.sfu_cycles(info["D"], passes, T)
         if k == "attn":
             return self.attn_parts(info["heads"], info["kv_heads"], info["head_dim"], info["kept"],
-                                   info.get("vgroup", 64), T=T)
+                                   info.get("vgroup", 64), T=T,
+                                   spatten_slots=min(info["pos0"] + T, info["slots"]) if info.get("spatten") else 0)
+        if k == "topk":
+            return self.topk_parts(info["layers"], info["slots"], info["heads"], info["selected"])
         if k == "embed":
             return T * info["D"] * 4 / self.bytes_per_cycle, float(T)
         if k == "argmax":
@@ -186,23 +212,55 @@ def project(shape: dict, recipe, hw: HWConfig, context: int | None = None, promp
         parts = cm.linear_parts(N, K, b, g, sp)
         per_layer[tag] = dict(N=N, K=K, bits=b, group=g, sparse=sp, bytes=by, parts=parts, cycles=max(parts))
         wbytes += by
-    attn_p = cm.attn_parts(Hq, Hkv, hd, kept, vg)
-    attn_c = max(attn_p)
-    kv_read = cm.kv_bytes_per_token(Hkv, hd, kept, vg)
+    # SpAtten (token_keep / head_keep < 1): per layer from the start layer, only the sinks, the recent tokens and
+    # the kept share of the older ones are read, by the kept heads (worst case: no two pruned heads share a KV
+    # head); the importance state adds SPATTEN_STATE_BYTES per slot and layer, TOPK 9 per slot and layer
+    from hw.compiler import spatten_config
+    from hw.numerics import keep_count, keep_q16
+    sp = spatten_config(recipe, L, Hq)
+    attn_layers = []            # (heads, kv_heads, tokens read) per layer
+    for li in range(L):
+        if sp is None or li < sp.start_layer:
+            attn_layers.append((Hq, Hkv, kept))
+            continue
+        s_ = min(sp.sinks, kept)
+        r_ = min(sp.recent, kept - s_)
+        cand = kept - s_ - r_
+        hk = keep_count(keep_q16(sp.head_keep[li]), Hq, at_least=1)
+        attn_layers.append((hk, min(Hkv, hk), s_ + r_ + keep_count(keep_q16(sp.token_keep[li]), cand)))
+    state_slots = kept if sp is not None else 0
+    attn_ps = [cm.attn_parts(h_, k_, hd, n_, vg, spatten_slots=state_slots) for h_, k_, n_ in attn_layers]
+    attn_c = max(max(p) for p in attn_ps)
+    kv_read_layers = [cm.kv_bytes_per_token(k_, hd, n_, vg) for _h, k_, n_ in attn_layers]
     kv_write = Hkv * (hd + 4 * (hd // vg))
+    state_bytes = 0
+    topk_p = None
+    if sp is not None:
+        state_bytes = L * (SPATTEN_STATE_BYTES * kept + 9 * (kept + Hq))
+        # steady state: each step one token leaves the recent window, so a layer selects among its k + 1
+        alive = []
+        for li in range(sp.start_layer, L):
+            s_ = min(sp.sinks, kept)
+            cand = kept - s_ - min(sp.recent, kept - s_)
+            alive += [min(cand, keep_count(keep_q16(sp.token_keep[li]), cand) + 1), attn_layers[li][0]]
+        topk_p = cm.topk_parts(L, kept, Hq, alive)
     sfu_c = 2 * cm.sfu_cycles(H, 4) + cm.sfu_cycles(I, 3)
-    layer_parts = [v["parts"] for v in per_layer.values()] + [attn_p, (0.0, cm.sfu_cycles(H, 4)),
-                                                              (0.0, cm.sfu_cycles(H, 4)), (0.0, cm.sfu_cycles(I, 3))]
-    layer_cycles = cm.overlapped(layer_parts) - hw.hbm_latency_cycles
+    lin_parts = [v["parts"] for v in per_layer.values()]
+    sfu_parts = [(0.0, cm.sfu_cycles(H, 4)), (0.0, cm.sfu_cycles(H, 4)), (0.0, cm.sfu_cycles(I, 3))]
+    layers_parts = [lin_parts + [ap] + sfu_parts for ap in attn_ps]
+    layer_cycles = sum(cm.overlapped(lp) - hw.hbm_latency_cycles for lp in layers_parts) / L
     hb, hg, hs = _layer_format(recipe, "lm_head")
     head_bytes = cm.linear_bytes(V, H, hb, hg, hs)
     embed_bytes = 4 * H
     head_parts = [cm.linear_parts(V, H, hb, hg, hs), (0.0, cm.sfu_cycles(H, 4)),
                   (0.0, math.ceil(V / hw.mac_lanes) + FILL)]
+    if topk_p is not None:
+        head_parts.append(topk_p)
     head_c = cm.overlapped(head_parts) - hw.hbm_latency_cycles
-    all_parts = [(embed_bytes / cm.bytes_per_cycle, 1.0)] + layer_parts * L + head_parts
+    all_parts = [(embed_bytes / cm.bytes_per_cycle, 1.0)] + [p for lp in layers_parts for p in lp] + head_parts
     total_cycles = cm.overlapped(all_parts)
-    bytes_tok = L * (wbytes + kv_read + kv_write) + head_bytes + embed_bytes
+    kv_read = sum(kv_read_layers)
+    bytes_tok = L * (wbytes + kv_write) + kv_read + state_bytes + head_bytes + embed_bytes
     clk = hw.clock_mhz * 1e6
     hbm_peak = min(hw.weight_ports * hw.port_bytes * clk, HBM_PEAK_BYTES_PER_S * hw.weight_ports / 32)
     decode_tps = clk / total_cycles
@@ -211,17 +269,22 @@ def project(shape: dict, recipe, hw: HWConfig, context: int | None = None, promp
     T = hw.max_prefill
     nblk = math.ceil(prompt / T)
     blk_parts = [cm.linear_parts(v["N"], v["K"], v["bits"], v["group"], v["sparse"], T) for v in per_layer.values()]
-    blk_parts += [cm.attn_parts(Hq, Hkv, hd, min(kept, prompt), vg, T), (0.0, 2 * cm.sfu_cycles(H, 4, T)),
-                  (0.0, cm.sfu_cycles(I, 3, T))]
-    blk = cm.overlapped([(embed_bytes * T / cm.bytes_per_cycle, T)] + blk_parts * L)
+    blk_parts += [(0.0, 2 * cm.sfu_cycles(H, 4, T)), (0.0, cm.sfu_cycles(I, 3, T))]
+    blk_attn = [cm.attn_parts(Hq, Hkv, hd, min(kept, prompt), vg, T, spatten_slots=min(state_slots, prompt))] * L
+    blk = cm.overlapped([(embed_bytes * T / cm.bytes_per_cycle, T)] + blk_parts * L + blk_attn)
     prefill_cycles = nblk * blk + head_c
     return {
         "model": shape.get("name"), "hw": hw.name, "recipe": recipe.name, "clock_mhz": hw.clock_mhz,
         "context_kept_tokens": kept, "prompt_tokens": prompt,
+        "spatten": None if sp is None else {
+            "start_layer": sp.start_layer, "tokens_read_per_layer": [n_ for _h, _k, n_ in attn_layers],
+            "heads_per_layer": [h_ for h_, _k, _n in attn_layers],
+            "note": "steady-state decode: sinks + recent + the kept share of the older tokens; KV heads read "
+                    "assume no two pruned heads share a KV head (worst case)"},
         "bytes_per_token": int(bytes_tok),
         "bytes_per_token_breakdown": {"linear_weights": int(L * wbytes), "lm_head": int(head_bytes),
-                                      "kv_read": int(L * kv_read), "kv_write": int(L * kv_write),
-                                      "embedding": embed_bytes},
+                                      "kv_read": int(kv_read), "kv_write": int(L * kv_write),
+                                      "spatten_state": int(state_bytes), "embedding": embed_bytes},
         "cycles_per_layer": int(layer_cycles),
         "cycles_per_layer_breakdown": {**{k: int(v["cycles"]) for k, v in per_layer.items()},
                                        "attention": int(attn_c), "sfu": int(sfu_c),

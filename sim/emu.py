@@ -42,6 +42,7 @@ class EmuDevice(MemoryDevice):
         self.last_error: str = ""
         self.last_cycles_rtl = 0        # cycles of the last run on the RTL as built (sim/cycle.RtlCycleModel)
         self.cycles_rtl_total = 0
+        self.spatten_reads = {"kv": 0.0, "kv_base": 0.0, "attn": 0.0, "attn_base": 0.0}
 
     # ---- memory -------------------------------------------------------------------------------
     def _dev_write(self, buf, offset, data):
@@ -128,7 +129,19 @@ class EmuDevice(MemoryDevice):
         if key in self._wcache:
             return self._wcache[key]
         try:
-            if kind == "norm":
+            if kind == "spatten":
+                head = self._view(w0, off, 64, "SpAtten descriptor")[:8].view("<u4")
+                if int(head[0]) != mm.MAGIC_SPT:
+                    raise Fault(regmap.STATUS_ADDR_RANGE, f"no SpAtten descriptor at 0x{off:x} (magic 0x{int(head[0]):08x})")
+                nl = int(head[1])
+                if not 0 < nl <= self.hw.max_layers:
+                    raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: {nl} layers")
+                val = mm.parse_spatten(self._view(w0, off, mm.spatten_bytes(nl), "SpAtten descriptor").tobytes())
+                if not (0 < val["layers"] <= self.hw.max_layers and 0 < val["slots"] <= self.hw.max_context
+                        and val["heads"] > 0 and val["start_layer"] < val["layers"]):
+                    raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: layers {val['layers']}, "
+                                                     f"slots {val['slots']}, heads {val['heads']}")
+            elif kind == "norm":
                 hdr = self._view(w0, off, 64, "norm descriptor")
                 D = int(hdr[4:8].view("<u4")[0])
                 val = mm.parse_norm(self._view(w0, off, 64 + 4 * D, "norm descriptor"))
@@ -249,6 +262,8 @@ class EmuDevice(MemoryDevice):
             return self._matmul(ins, io, wbufs, T, flags)
         if op == isa.ATTN:
             return self._attn(ins, io, wbufs, pos0, T)
+        if op == isa.TOPK:
+            return self._topk(ins, wbufs[0], pos0, T)
         if op == isa.ARGMAX:
             if not flags & isa.RF_ARGMAX:
                 return dict(kind="skip")
@@ -321,6 +336,71 @@ class EmuDevice(MemoryDevice):
             G -= z * x8[0].astype(np.int64).reshape(ng, g).sum(-1)[None, :]
         return G.T[:, :, None].astype(np.float64)
 
+    def _spatten_state(self, w0, spt, layer):
+        """Views of one layer's SpAtten state in weights0: token importance / pruned flags per slot, head
+        importance / pruned flags per query head (hw/memmap.spatten_state_layout)."""
+        base = spt["state_off"] + layer * spt["layer_bytes"]
+        n, H = spt["slots"], spt["heads"]
+        try:
+            return (self._view(w0, base + spt["imp_off"], 8 * n, "SpAtten token importance").view("<i8"),
+                    self._view(w0, base + spt["dead_off"], n, "SpAtten token flags"),
+                    self._view(w0, base + spt["himp_off"], 8 * H, "SpAtten head importance").view("<i8"),
+                    self._view(w0, base + spt["hdead_off"], H, "SpAtten head flags"))
+        except Fault as f:
+            raise Fault(regmap.STATUS_KV_REGION, str(f))
+
+    @staticmethod
+    def _slot_positions(slots, S, W, ring, last):
+        """Position held by every slot after the token at *last* was appended, and which slots hold one."""
+        sl = np.arange(slots, dtype=np.int64)
+        if ring:
+            pos = np.where(sl < S, sl, last - ((last - S) - (sl - S)) % W)
+            ok = (pos >= 0) & (pos <= last) & ((sl < S) | (pos >= S))
+        else:
+            pos = sl
+            ok = sl <= last
+        return pos, ok
+
+    def _topk(self, ins, w0, pos0, T) -> dict:
+        """TOPK: SpAtten's selection after the run (docs/numerics.md "SpAtten"), layer by layer from the start
+        layer, on the cumulative importance (sum over layers <= l) of the alive older tokens / heads."""
+        from algo.topk import topk_numpy
+        spt = self._const(w0, ins.d, "spatten")
+        L, H, S, R = spt["layers"], spt["heads"], spt["sink"], spt["recent"]
+        ring = bool(spt["ring"])
+        last = pos0 + T - 1
+        pos, ok = self._slot_positions(spt["slots"], S, spt["window"], ring, last)
+        cand = np.nonzero(ok & (pos >= S) & (pos <= last - R))[0]
+        cand = cand[np.argsort(pos[cand], kind="stable")]         # position order: ties go to the lower position
+        st = [self._spatten_state(w0, spt, li) for li in range(L)]
+        run = np.zeros(cand.size, np.int64)
+        hrun = np.zeros(H, np.int64)
+        sel = []
+        for li in range(L):
+            imp, dead, himp, hdead = st[li]
+            run = nx.imp_add(run, imp[cand])
+            hrun = nx.imp_add(hrun, himp)
+            if li < spt["start_layer"]:
+                continue
+            alive = np.nonzero(dead[cand] == 0)[0]
+            k = nx.keep_count(spt["token_keep_q"][li], cand.size)
+            if alive.size > k:
+                keep = alive[topk_numpy(run[alive], k)]
+                drop = np.setdiff1d(alive, keep)
+                for lj in range(li, L):
+                    st[lj][1][cand[drop]] = 1
+                sel.append(int(alive.size))
+            halive = np.nonzero(hdead == 0)[0]
+            kh = nx.keep_count(spt["head_keep_q"][li], H, at_least=1)
+            if halive.size > kh:
+                keep = halive[topk_numpy(hrun[halive], kh)]
+                drop = np.setdiff1d(halive, keep)
+                for lj in range(li, L):
+                    st[lj][3][drop] = 1
+                sel.append(int(halive.size))
+        return dict(kind="topk", layers=L, slots=spt["slots"], heads=H, candidates=int(cand.size), selected=sel,
+                    layer_bytes=spt["layer_bytes"])
+
     def _attn(self, ins, io, wbufs, pos0, T) -> dict:
         """The whole block at once, exactly as token-by-token processing would do it: every query sees
         the keys kept before the block (a snapshot of the ring, so evictions by later tokens of the same
@@ -390,9 +470,31 @@ class EmuDevice(MemoryDevice):
         kcodes = np.concatenate([okc, kq.transpose(1, 0, 2)], axis=1)    # [Hkv, n, hd]
         vhat = np.concatenate([nx.value_dequant(ovc, ovw, vg), nx.value_dequant(vq, vw, vg).transpose(1, 0, 2)], axis=1)
         vis = (kpos[None, :] <= pos[:, None]) & ((kpos[None, :] < S) | (kpos[None, :] > pos[:, None] - W))   # [T, n]
+        base_vis = vis
         sink_col = kpos < S
+        spt = None
+        head_alive = np.ones(Hq, bool)
+        if ins.flags & isa.F_SPATTEN:
+            ext = mm.parse_attn_ext(self._view(wbufs[0], ins.d + 64, 64, "attention descriptor (SpAtten word)"))
+            spt = self._const(wbufs[0], ext["spatten_off"], "spatten")
+            li = a["layer"]
+            if li >= spt["layers"] or spt["slots"] != slots or spt["heads"] != Hq:
+                raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor (layers {spt['layers']}, slots {spt['slots']}, "
+                                                 f"heads {spt['heads']}) does not match layer {li}'s attention")
+            imp, dead, himp, hdead = self._spatten_state(wbufs[0], spt, li)
+            if pos0 == 0:                      # a new sequence: every head alive, importance from zero
+                himp[:] = 0
+                hdead[:] = 0
+            col_alive = np.concatenate([dead[oslots] == 0, np.ones(T, bool)])
+            vis = vis & col_alive[None, :]
+            head_alive = hdead == 0
+        tok_imp = np.zeros(kpos.size, np.int64)
         out = np.zeros((T, Hq, hd), np.int64)
+        kv_alive = 0
         for h in range(Hkv):
+            if not head_alive[h * grp:(h + 1) * grp].any():
+                continue                       # every query head of this KV head pruned: its KV is not read
+            kv_alive += 1
             d = (kcodes[h] - kc["KZ"][h]).astype(np.float64)               # [n, hd], |d| <= 15
             hs = slice(h * grp, (h + 1) * grp)
             qf = nx.rshift_round(qr[:, hs] * kc["KM"][h], 16)               # [T, grp, hd], |qf| < 2**31
@@ -409,6 +511,14 @@ class EmuDevice(MemoryDevice):
             pf = p_.astype(np.float64)
             o = (pf @ hi).astype(np.int64) * 65536 + (pf @ lo).astype(np.int64)   # each < 2**41: exact
             out[:, hs] = nx.sat(nx.rshift_round(o, 24), 32)
+            if spt is not None:
+                ha = head_alive[hs]
+                out[:, hs] *= ha[None, :, None]               # a pruned head's output is 0
+                tok_imp += (p_ * ha[None, :, None]).sum(axis=(0, 1))
+        if spt is not None:
+            self._spatten_reads(vis, base_vis, head_alive, kv_alive, Hq, Hkv)
+            hn = nx.head_norm(out).sum(axis=0)                               # [Hq]
+            himp[:] = np.where(head_alive, nx.imp_add(himp, hn), himp)
         # append the block to the ring (in order; a later token overwrites an earlier one's slot)
         slot = np.where((pos < S) | (not lam), pos, S + (pos - S) % W)
         kpk = (kq[..., 0::2] | (kq[..., 1::2] << 4)).astype(np.uint8)              # [T, Hkv, hd/2]
@@ -419,10 +529,35 @@ class EmuDevice(MemoryDevice):
             Vh[h][slot, :nw] = vwb[:, h]
             Vh[h][slot, nw:wa] = 0
             Vh[h][slot, wa:] = vpk[:, h]
+        if spt is not None:
+            # importance: the kept older tokens accumulate; an appended token starts from its own column
+            # (a slot the block overwrites forgets the evicted token); later block tokens win a shared slot
+            stay = ~np.isin(oslots, slot)
+            imp[oslots[stay]] = nx.imp_add(imp[oslots[stay]], tok_imp[:oslots.size][stay])
+            for t in range(T):
+                imp[slot[t]] = tok_imp[oslots.size + t]
+                dead[slot[t]] = 0
         codes, words = nx.act_quant(out.reshape(T, Hq * hd))
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
-        return dict(kind="attn", heads=Hq, kv_heads=Hkv, head_dim=hd, kept=min(pos0 + T, slots) if lam else pos0 + T,
-                    slots=slots, vgroup=vg, pos0=pos0)
+        kept = min(pos0 + T, slots) if lam else pos0 + T
+        if spt is not None:
+            kept = int(vis[-1].sum())
+        return dict(kind="attn", heads=int(head_alive.sum()), kv_heads=kv_alive, head_dim=hd, kept=kept,
+                    slots=slots, vgroup=vg, pos0=pos0, spatten=spt is not None)
+
+    def _spatten_reads(self, vis, base_vis, head_alive, kv_alive, Hq, Hkv) -> None:
+        """KV rows read vs the same attention without SpAtten (algo.spatten.SpattenState.stats)."""
+        r = self.spatten_reads
+        nv, nb = float(vis.sum()), float(base_vis.sum())
+        r["attn"] += nv * float(head_alive.sum())
+        r["attn_base"] += nb * Hq
+        r["kv"] += nv * kv_alive
+        r["kv_base"] += nb * Hkv
+
+    def spatten_stats(self) -> dict:
+        r = self.spatten_reads
+        return {"kv_reads_saved": 1 - r["kv"] / r["kv_base"] if r["kv_base"] else 0.0,
+                "attention_reads_saved": 1 - r["attn"] / r["attn_base"] if r["attn_base"] else 0.0}
 
 
 _INT_MM = []

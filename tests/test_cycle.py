@@ -39,6 +39,23 @@ def test_more_context_costs_more():
     assert b["context_kept_tokens"] == 1028          # Λ caps the kept tokens at S + W
 
 
+def test_spatten_projection_reads_fewer_kv_bytes():
+    """SpAtten in the projection: from the start layer only sinks + recent + the kept share of the older
+    tokens are read (by the kept heads), the importance state and TOPK cost bytes, and layers before the
+    start layer read everything."""
+    shape = dict(KNOWN_CONFIGS["llama2-7b"], name="llama2-7b")
+    base = project(shape, load_recipe("accllm"), load_hw("u280"))
+    sp = project(shape, load_recipe("accllm", sets=["token_keep=0.5", "head_keep=0.5"]), load_hw("u280"))
+    b0, b1 = base["bytes_per_token_breakdown"], sp["bytes_per_token_breakdown"]
+    assert b0["spatten_state"] == 0 < b1["spatten_state"] < 0.05 * b1["kv_read"]
+    assert b1["kv_read"] < 0.5 * b0["kv_read"]
+    n = sp["spatten"]["tokens_read_per_layer"]
+    assert n[:2] == [1028, 1028] and n[2] == 4 + 128 + (1028 - 4 - 128) // 2
+    assert sp["spatten"]["heads_per_layer"][2] == 16
+    assert sp["decode_tokens_per_s"] > base["decode_tokens_per_s"]
+    assert sp["bytes_per_token"] < base["bytes_per_token"]
+
+
 def test_perf_cli_json_and_plot(tmp_path, capsys):
     from host.cli import main
     png = tmp_path / "roof.png"

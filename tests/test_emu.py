@@ -115,8 +115,12 @@ class Host:
         return code, self.dev.read_status()[1], raw.reshape(len(ids), cnt)[:, :V].astype(np.int64)
 
 
-def reference_logits(pkg, hw, ids, S=2, W=8, vg=16):
-    """Straightforward reference: token by token, Λ visibility rule, per-head loops."""
+def reference_logits(pkg, hw, ids, S=2, W=8, vg=16, sp=None, blocks=None):
+    """Straightforward reference: token by token, Λ visibility rule, per-head loops. *sp*: SpAtten
+    (dict: token_keep / head_keep Q0.16 per layer, start, sinks, recent), indexed by position like
+    algo/spatten.py (the device indexes by ring slot), deciding with the sort-based top-k after each of
+    *blocks* (token counts of the device runs)."""
+    from algo.topk import topk_reference
     c = CFG
     H, I, L, Hq, Hkv, hd = (c[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads", "num_key_value_heads", "head_dim"))
@@ -139,6 +143,11 @@ def reference_logits(pkg, hw, ids, S=2, W=8, vg=16):
     F = nx.rope_freq_words(inv)
     cache = [[] for _ in range(L)]
     out = []
+    imp = [dict() for _ in range(L)]              # layer -> {position: importance}
+    himp = [[0] * Hq for _ in range(L)]
+    pruned_at = {}                                # position -> layer it left at
+    hpruned_at = [L] * Hq
+    ends = set(np.cumsum(blocks) - 1) if blocks else set()
     for i, tok in enumerate(ids):
         x = emb[[tok]]
         for li in range(L):
@@ -156,14 +165,23 @@ def reference_logits(pkg, hw, ids, S=2, W=8, vg=16):
             vq, vw = nx.value_quant(v, vg)
             cache[li].append((i, kq, vq, vw))
             vis = [e for e in cache[li] if e[0] <= i and (e[0] < S or e[0] > i - W)]
+            if sp is not None:
+                vis = [e for e in vis if pruned_at.get(e[0], L) > li]
+                imp[li][i] = 0
             o = np.zeros((Hq, hd), np.int64)
             for hh in range(Hq):
+                if sp is not None and hpruned_at[hh] <= li:
+                    continue
                 g = hh // (Hq // Hkv)
                 s = np.array([nx.attn_scores(qc[hh] if e[0] < S else qr[hh], e[1][g][None], kc["KZ"][g],
                                              kc["KM"][g], int(kc["KSH"][g]))[0] for e in vis])
                 pr = nx.softmax_q24(s)
                 vh = np.stack([nx.value_dequant(e[2][g], e[3][g], vg) for e in vis])
                 o[hh] = nx.attn_out(pr, vh)
+                if sp is not None:
+                    for e, pe in zip(vis, pr):
+                        imp[li][e[0]] = min(imp[li][e[0]] + int(pe), nx.IMP_MAX)
+                    himp[li][hh] = min(himp[li][hh] + int(nx.head_norm(o[hh])), nx.IMP_MAX)
             a8 = nx.act_quant(o.reshape(1, -1))
             x = lin(a8, None, f"{p}.self_attn.o_proj", dst=x)
             h = norm(x, f"{p}.post_attention_layernorm")
@@ -173,6 +191,31 @@ def reference_logits(pkg, hw, ids, S=2, W=8, vg=16):
             x = lin(m8, None, f"{p}.mlp.down_proj", dst=x)
         h = norm(x, "model.norm")
         out.append(lin(h, None, "lm_head")[0])
+        if sp is not None and i in ends:          # the device's TOPK at the end of the run
+            stored = [p for p in range(i + 1) if p < S or p > i - W]
+            cand = [p for p in stored if sp["sinks"] <= p <= i - sp["recent"]]
+            run = {p: 0 for p in cand}
+            hrun = [0] * Hq
+            for li in range(L):
+                for p in cand:
+                    run[p] = min(run[p] + imp[li].get(p, 0), nx.IMP_MAX)
+                hrun = [min(a + b, nx.IMP_MAX) for a, b in zip(hrun, himp[li])]
+                if li < sp["start"]:
+                    continue
+                alive = [p for p in cand if pruned_at.get(p, L) > li]
+                k = (sp["token_keep"][li] * len(cand)) >> 16
+                if len(alive) > k:
+                    keep = {alive[j] for j in topk_reference([run[p] for p in alive], k)}
+                    for p in alive:
+                        if p not in keep:
+                            pruned_at[p] = li
+                halive = [hh for hh in range(Hq) if hpruned_at[hh] > li]
+                kh = max(1, (sp["head_keep"][li] * Hq) >> 16)
+                if len(halive) > kh:
+                    keep = {halive[j] for j in topk_reference([hrun[hh] for hh in halive], kh)}
+                    for hh in halive:
+                        if hh not in keep:
+                            hpruned_at[hh] = li
     return np.stack(out)
 
 
@@ -200,6 +243,39 @@ def test_emu_bit_exact_vs_reference_through_window_wrap(tmp_path, sparse, bits):
         assert code == 0
         got.append(lg)
     assert np.array_equal(np.concatenate(got), ref)
+
+
+@pytest.mark.parametrize("attention", ["lambda", "full"])
+def test_emu_spatten_bit_exact_vs_reference(tmp_path, attention):
+    """SpAtten on the device (ATTN.spatten + TOPK, state per ring slot) against the position-indexed
+    reference: the same logits for prefill blocks and decode steps, through the window wrap."""
+    sets = ["token_keep=0.5", "head_keep=0.5", "spatten_start_layer=0", "spatten_recent=2"]
+    if attention == "full":
+        sets.append("attention=full")
+    pkg, hw = compile_fake(tmp_path, sets=sets)
+    r = pkg.recipe
+    sp = dict(token_keep=[nx.keep_q16(r.token_keep)] * 2, head_keep=[nx.keep_q16(r.head_keep)] * 2, start=0,
+              sinks=r.sink_tokens, recent=2)
+    ids = list(np.random.default_rng(2).integers(3, 300, 16))
+    blocks = [5, 4] + [1] * 7
+    S, W = (2, 8) if attention == "lambda" else (0, 10 ** 6)
+    ref = reference_logits(pkg, hw, ids, S=S, W=W, sp=sp, blocks=blocks)
+    plain = reference_logits(pkg, hw, ids, S=S, W=W)
+    assert not np.array_equal(ref, plain)            # the pruning changes the result
+    h = Host(tmp_path, hw)
+    got, at = [], 0
+    for n in blocks:
+        code, _, lg = h.run(ids[at:at + n], flags=isa.RF_LOGITS, entry="prefill" if n > 1 else "decode")
+        assert code == 0, h.dev.last_error
+        got.append(lg)
+        at += n
+    got = np.concatenate(got)
+    assert np.array_equal(got, ref), np.abs(got - ref).max()
+    st = h.dev.spatten_stats()
+    assert 0 < st["kv_reads_saved"] < 1 and 0 < st["attention_reads_saved"] < 1
+    # a new sequence at position 0 starts with every head alive again
+    code, _, lg = h.run(ids[:5], flags=isa.RF_LOGITS, entry="prefill", position=0)
+    assert code == 0 and np.array_equal(lg, ref[:5])
 
 
 def test_argmax_and_skip(tmp_path):
@@ -259,6 +335,30 @@ def test_bad_programs_stop_with_status_and_index(tmp_path):
     assert code == regmap.STATUS_SHAPE
 
 
+def test_bad_spatten_descriptors_stop_with_status(tmp_path):
+    pkg, hw = compile_fake(tmp_path, sets=["token_keep=0.5", "spatten_start_layer=0"])
+    h = Host(tmp_path, hw)
+    dec = h.m["entries"]["decode"]
+    words = [isa.decode(h.buf["program"].read(16, 16 * (dec["offset"] + i))) for i in range(dec["length"])]
+    it = next(i for i, w in enumerate(words) if w.op == isa.TOPK)
+    ia = next(i for i, w in enumerate(words) if w.op == isa.ATTN)
+    assert words[ia].flags & isa.F_SPATTEN
+    # TOPK pointing at something that is not a SpAtten descriptor (the embedding table)
+    _patch_word(h, dec["offset"] + it, isa.encode(isa.Instr(isa.TOPK, d=h.m["descriptors"]["embed"])))
+    code, idx, _ = h.run([5])
+    assert (code, idx) == (regmap.STATUS_ADDR_RANGE, dec["offset"] + it)
+    # the spatten flag on an attention descriptor without a SpAtten descriptor (compiled without SpAtten)
+    d2 = tmp_path / "plain"
+    d2.mkdir()
+    compile_fake(d2)
+    h2 = Host(d2, hw)
+    dec2 = h2.m["entries"]["decode"]
+    w = isa.decode(h2.buf["program"].read(16, 16 * (dec2["offset"] + ia)))
+    _patch_word(h2, dec2["offset"] + ia, isa.encode(isa.Instr(w.op, w.a, w.b, w.c, w.d, isa.F_SPATTEN)))
+    code, idx, _ = h2.run([5])
+    assert (code, idx) == (regmap.STATUS_ADDR_RANGE, dec2["offset"] + ia)
+
+
 def test_position_beyond_cache_full_attention(tmp_path):
     pkg, hw = compile_fake(tmp_path, "w2a8kv4", hw_sets=["max_context=16"])
     h = Host(tmp_path, hw)
@@ -286,8 +386,8 @@ def test_compiler_refuses_what_hardware_cannot_run(tmp_path):
     from algo.common import AccllmError
     with pytest.raises(AccllmError, match="kv_bits"):
         compile_fake(tmp_path, "w2")
-    with pytest.raises(AccllmError, match="SpAtten"):
-        compile_fake(tmp_path, sets=("token_keep=0.5",))
+    with pytest.raises(AccllmError, match="spatten_start_layer"):
+        compile_fake(tmp_path, sets=("token_keep=0.5", "spatten_start_layer=2"))     # the model has 2 layers
     with pytest.raises(AccllmError, match="max_context"):
         compile_fake(tmp_path, sets=("window=5000",))
 

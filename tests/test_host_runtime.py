@@ -171,6 +171,40 @@ def test_rtl_refuses_program_with_units_missing_from_the_kernel(tiny_pkg, tmp_pa
             open_runtime(tiny_pkg, "rtl")
 
 
+def test_spatten_on_an_existing_package_emu_vs_torch(tiny_pkg, tmp_path):
+    """`compile --package --set token_keep=...` adds SpAtten without recompression; the fake-quant torch
+    model and the functional model then prune in stream mode with the same read savings and close
+    perplexities; the RTL backend refuses the program (ATTN.spatten, TOPK) before building anything."""
+    from host.backends.rtl import RtlUnsupported, missing_units
+    from host.runtime import open_runtime
+    sp = tmp_path / "sp"
+    sets = ["--set", "token_keep=0.5", "--set", "head_keep=0.5", "--set", "spatten_start_layer=0",
+            "--set", "spatten_recent=16"]
+    rc, _ = _run_cli(["compile", "--package", str(tiny_pkg), "--hw", "sim-small", "--set", "spatten_start_layer=2",
+                      "--set", "token_keep=0.5", "--out", str(sp)])
+    assert rc == 2 and not sp.exists()                  # tiny has 2 layers: refused, nothing written
+    rc, _ = _run_cli(["compile", "--package", str(tiny_pkg), "--hw", "sim-small", *sets, "--out", str(sp)])
+    assert rc == 0
+    man = json.loads((sp / "manifest.json").read_text())
+    assert man["recipe"]["token_keep"] == 0.5 and man["recipe_changes"][-1]["keys"]["head_keep"] == 0.5
+    assert json.loads((tiny_pkg / "manifest.json").read_text())["recipe"]["token_keep"] == 1.0
+    assert missing_units((sp / "program.bin").read_bytes()) == ["ATTN.spatten", "TOPK"]
+    with pytest.raises(RtlUnsupported, match="ATTN.spatten"):
+        open_runtime(sp, "rtl")
+    f = tmp_path / "t.txt"
+    f.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    res = {}
+    for backend in ([], ["--backend", "emu"]):
+        rc, out = _run_cli(["eval", "--package", str(sp), *backend, "--data", str(f), "--stream", "--length", "192",
+                            "--block", "32", "--json", "--no-progress"])
+        assert rc == 0
+        res[bool(backend)] = json.loads(out)
+    t, e = res[False], res[True]
+    assert 0.2 < t["kv"]["kv_reads_saved"] < 0.9
+    assert abs(e["kv"]["kv_reads_saved"] - t["kv"]["kv_reads_saved"]) < 1e-9
+    assert abs(e["ppl"] / t["ppl"] - 1) < 0.02, (e["ppl"], t["ppl"])
+
+
 def test_tampered_package_is_refused(tiny_pkg, tmp_path):
     from host.runtime import open_runtime
     bad = tmp_path / "bad"

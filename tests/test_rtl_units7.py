@@ -35,6 +35,12 @@ def test_topk(simulator, tmp_path):
     _run(tmp_path, simulator, TopK(256), "topk_top", "topk", env=dict(MAX_N=256))
 
 
+def test_topk_64bit_scores(tmp_path):
+    """The width SpAtten's cumulative importance needs (63-bit unsigned values, docs/numerics.md)."""
+    from hw.rtl.topk import TopK
+    _run(tmp_path, "verilator", TopK(128, width=64), "topk64_top", "topk", env=dict(MAX_N=128, WIDTH=64))
+
+
 @pytest.mark.parametrize("simulator", ["verilator"])
 def test_kvcache(simulator, tmp_path):
     from hw.rtl.kvcache import KVCacheUnit

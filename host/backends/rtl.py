@@ -69,11 +69,22 @@ class RtlUnsupported(AccllmError):
 
 
 def missing_units(program: bytes) -> list[str]:
-    """Names of the opcodes in *program* that the RTL kernel (hw.rtl.kernel.UNITS) cannot execute."""
+    """Names of the opcodes (or opcode.flag) in *program* that the RTL kernel (hw.rtl.kernel.UNITS) cannot
+    execute: no unit for the opcode, or a flag the unit does not implement (its ``FLAGS``)."""
     from hw import isa
-    from hw.rtl.kernel import UNITS
-    used = {ins.op for ins in isa.decode_program(program)}
-    return sorted(isa.OPS[op].name for op in used - set(UNITS) - {isa.END, isa.NOP})
+    from hw.rtl.kernel import UNITS, unit_flags
+    out = set()
+    for ins in isa.decode_program(program):
+        if ins.op in (isa.END, isa.NOP):
+            continue
+        if ins.op not in UNITS:
+            out.add(isa.OPS[ins.op].name)
+            continue
+        extra = ins.flags & ~unit_flags(ins.op, UNITS[ins.op])
+        for bit, name in isa.FLAG_NAMES.get(ins.op, {}).items():
+            if extra & bit:
+                out.add(f"{isa.OPS[ins.op].name}.{name}")
+    return sorted(out)
 
 
 def check_program_supported(package_dir) -> None:

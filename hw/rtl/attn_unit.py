@@ -95,6 +95,7 @@ def _align64(x):
 
 class AttnUnit(_Base):
     WRITES_WEIGHTS = True       # KV appends go to the weight ports (the kernel wires ww_data* straight)
+    FLAGS = 0                   # no SpAtten (isa.F_SPATTEN) in this unit yet: the decoder rejects the flag
 
     def elaborate(self, platform):
         cfg = self.cfg

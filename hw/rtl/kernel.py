@@ -270,6 +270,11 @@ from .attn_unit import AttnUnit  # noqa: E402
 UNITS[isa.ATTN] = AttnUnit
 
 
+def unit_flags(op: int, cls) -> int:
+    """Flag bits of *op* the unit implements: its ``FLAGS`` (default: every flag the ISA defines)."""
+    return isa.OPS[op].flags & getattr(cls, "FLAGS", isa.OPS[op].flags)
+
+
 class Kernel(wiring.Component):
     def __init__(self, cfg: HWConfig, units: dict[int, type] | None = None):
         self.cfg = cfg
@@ -346,7 +351,9 @@ class Kernel(wiring.Component):
         with m.Switch(fd["op"]):
             for op, spec in isa.OPS.items():
                 with m.Case(op):
-                    ok = (fd["flags"] & ~spec.flags) == 0
+                    # a flag this build's unit does not implement is illegal here (STATUS_BAD_OPCODE)
+                    fl = unit_flags(op, self.units[op]) if op in self.units else spec.flags
+                    ok = (fd["flags"] & ~fl) == 0
                     for fname in ("a", "b", "c", "d"):
                         if fname not in spec.fields:
                             ok = ok & (fd[fname] == 0)

@@ -1,4 +1,4 @@
-"""Top-k engine (issue 7): SpAtten-style quick-select over int32 importance scores, exactly the
+"""Top-k engine (issue 7): SpAtten-style quick-select over signed importance scores (32 or 64 bits), exactly the
 selection of algo/topk.py (element a beats b iff s[a] > s[b], or equal and a < b; the k winners are
 emitted as positions in ascending order).
 
@@ -27,18 +27,23 @@ CAND, PICK, BETTER = 0, 1, 2
 
 
 class TopK(wiring.Component):
-    def __init__(self, max_n: int):
+    """*width*: bits of the signed scores (32; 64 for SpAtten's 63-bit cumulative importance, docs/numerics.md)."""
+
+    def __init__(self, max_n: int, width: int = 32):
         if max_n <= 0:
             raise AccllmError(f"top-k engine needs max_n > 0, got {max_n}")
+        if not 2 <= width <= 64:
+            raise AccllmError(f"top-k engine score width must lie in 2..64 bits, got {width}")
         self.max_n = max_n
+        self.width = width
         super().__init__({"start": In(1), "n": In(range(max_n + 1)), "k": In(range(max_n + 1)),
-                          "i": In(stream.Signature(signed(32))), "o": Out(stream.Signature(range(max_n))),
+                          "i": In(stream.Signature(signed(width))), "o": Out(stream.Signature(range(max_n))),
                           "busy": Out(1), "error": Out(1), "rounds": Out(16)})
 
     def elaborate(self, platform):
         m = Module()
         N = self.max_n
-        m.submodules.scores = smem = memory.Memory(shape=signed(32), depth=N, init=[])
+        m.submodules.scores = smem = memory.Memory(shape=signed(self.width), depth=N, init=[])
         m.submodules.flags = fmem = memory.Memory(shape=3, depth=N, init=[])
         sw, sr = smem.write_port(), smem.read_port(domain="comb")
         fw, fr = fmem.write_port(), fmem.read_port(domain="comb")
@@ -50,7 +55,7 @@ class TopK(wiring.Component):
         seen = Signal(range(N + 1))
         idx = Signal(range(N + 1))
         piv = Signal(range(N))
-        pscore = Signal(signed(32))
+        pscore = Signal(signed(self.width))
         emitted = Signal(range(N + 1))
         mode = Signal(2)                  # UPDATE: 0 finish with better, 1 keep better, 2 take better + pivot
         m.d.comb += [sr.addr.eq(idx), fr.addr.eq(idx), fw.addr.eq(idx), sw.addr.eq(idx)]

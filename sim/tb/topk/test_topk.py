@@ -10,11 +10,12 @@ from algo.topk import topk_numpy, topk_reference
 from sim.tb.sfu.streams import Stream, pulse, reset, wait_idle
 
 MAX_N = int(os.environ.get("MAX_N", "256"))
+WIDTH = int(os.environ.get("WIDTH", "32"))
 
 
 async def select(dut, s, k, seed):
     rng = random.Random(seed)
-    si, so = Stream(dut, "i"), Stream(dut, "o")
+    si, so = Stream(dut, "i", bits=WIDTH), Stream(dut, "o")
     await pulse(dut, n=len(s), k=k)
     send = cocotb.start_soon(si.send(s, rng, 0.8))
     out = await so.recv(k, random.Random(seed + 1), 0.8, limit=64 * len(s) * (len(s).bit_length() + 4) + 100,
@@ -30,7 +31,8 @@ async def topk_cases(dut):
     rng = np.random.default_rng(7)
     n = MAX_N
     cases = [
-        ("random", rng.integers(-(1 << 31), 1 << 31, n), n // 5),
+        ("random", rng.integers(-(1 << (WIDTH - 1)), (1 << (WIDTH - 1)) - 1, n, dtype=np.int64), n // 5),
+        ("random close", (1 << (WIDTH - 2)) + rng.integers(0, 4, n, dtype=np.int64), n // 2),
         ("ties", rng.integers(-3, 3, n), n // 3),
         ("all equal", np.full(n, 42), 17),
         ("k = n", rng.integers(-100, 100, n), n),
