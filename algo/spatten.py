@@ -12,7 +12,7 @@ Semantics (what the functional model of the accelerator reproduces):
 * **Token selection** happens after every forward (a prefill block or one decode step), layer by
   layer from ``spatten_start_layer``: candidates are the stored tokens that are neither sinks
   (position < S) nor among the R most recent tokens (R = ``spatten_recent``, at most ``window``
-  under Λ); layer l keeps ``(round(token_keep[l] × 2^16) × #candidates) >> 16`` of them, the top-k by
+  under Λ); layer l keeps ``(ceil(token_keep[l] × 2^16) × #candidates) >> 16`` of them, the top-k by
   importance among those still alive at layer l (:mod:`algo.topk`: quick-select, ties → lower
   position). A token dropped at layer l is never read again by layers ≥ l (cascade), at any later
   step. So each query reads: sinks + the top-k important older tokens + the recent tokens. Under Λ
@@ -20,7 +20,7 @@ Semantics (what the functional model of the accelerator reproduces):
   *thins* the KV reads inside Λ's bounded cache.
 * **Head importance**: L2 norm of each head's attention output, summed over queries, accumulated
   across layers (cascade by head index, as in SpAtten) and steps; layer l keeps
-  ``max(1, (round(head_keep[l] × 2^16) × H) >> 16)`` heads (top-k, ties → lower head). A pruned head's output is 0
+  ``max(1, (ceil(head_keep[l] × 2^16) × H) >> 16)`` heads (top-k, ties → lower head). A pruned head's output is 0
   and its KV is not read; a KV head (GQA) is skipped only once all its query heads are pruned.
 * Decisions use only what earlier forwards saw (no peeking at the current block), so a forward
   over one whole chunk (``accllm eval`` chunks mode) prunes nothing; SpAtten is measured in

@@ -34,11 +34,13 @@ KEEP_FRAC = 16      # keep ratios as Q0.16 numerators (the accelerator multiplie
 
 
 def keep_q16(ratio: float) -> int:
-    """A keep ratio in (0, 1] as the Q0.16 numerator the hardware multiplies by: round(ratio * 2**16)."""
+    """A keep ratio in (0, 1] as the Q0.16 numerator the hardware multiplies by: ceil(ratio * 2**16).
+    Rounding up keeps (q * n) >> 16 == floor(ratio * n) for the usual ratios (tenths, quarters, thirds)
+    at every n <= 4096; rounding to nearest would give 0.2 * 5 -> 0."""
     r = float(ratio)
     if not 0.0 < r <= 1.0:
         raise AccllmError(f"keep ratio must lie in (0, 1], got {ratio!r}")
-    return max(1, min(1 << KEEP_FRAC, int(np.floor(r * (1 << KEEP_FRAC) + 0.5))))
+    return max(1, min(1 << KEEP_FRAC, int(np.ceil(r * (1 << KEEP_FRAC) - 1e-6))))
 
 
 def keep_count(keep_q: int, n: int, at_least: int = 0) -> int:

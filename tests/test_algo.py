@@ -377,3 +377,15 @@ def test_spatten_keep_curve_plot(tmp_path):
     rows = plot_keep_curve(res, str(tmp_path / "c.png"))
     assert rows == [(0.25, 20.0, 0.5), (0.5, 12.0, 0.3), (1.0, 10.0, 0.0)]
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_keep_counts_match_the_ratio_for_usual_ratios():
+    """The accelerator's fixed-point keep count ((ceil(r * 2**16) * n) >> 16, shared by algo/spatten.py and
+    the TOPK instruction) equals floor(r * n) for tenths, quarters and thirds at every n up to 4096."""
+    from algo.topk import keep_count, keep_q16
+    for r in [0.1, 0.2, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.6, 2 / 3, 0.7, 0.75, 0.8, 0.9, 1.0]:
+        q = keep_q16(r)
+        assert all(keep_count(q, n) == math.floor(r * n + 1e-9) for n in range(4097)), r
+    assert keep_count(keep_q16(0.1), 3, at_least=1) == 1
+    with pytest.raises(AccllmError, match=r"\(0, 1\]"):
+        keep_q16(0.0)

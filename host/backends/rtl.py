@@ -92,8 +92,9 @@ def check_program_supported(package_dir) -> None:
     prog = Path(package_dir) / "program.bin"
     missing = missing_units(prog.read_bytes())
     if missing:
-        raise RtlUnsupported(f"the RTL kernel has no execution unit yet for {', '.join(missing)}, which "
-                             f"{prog} uses (issue 7); run it with --backend emu")
+        raise RtlUnsupported(f"the RTL kernel does not implement {', '.join(missing)} yet (no execution unit for "
+                             f"the opcode, or OPCODE.flag: a flag its unit lacks), which {prog} uses (issue 7); run it "
+                             f"with --backend emu")
 
 
 _LIVE: "weakref.WeakSet[RtlDevice]" = weakref.WeakSet()
