@@ -202,10 +202,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         slots = W
         rope_mode = mm.ROPE_ORIGINAL
         max_position = slots
-    if slots > hw.max_context:
-        raise AccllmError(f"S + W = {slots} KV slots exceed max_context={hw.max_context} of {hw.name}; use a smaller "
-                          f"window (--set window=N) or a larger configuration")
-    P = hw.weight_ports
+    P = hw.weight_ports                  # (S + W <= max_context: check_recipe_for_hw; full: min'd above)
     sp = spatten_config(rec, L, Hq)
 
     # ---- weights: lockstep area on every port ----------------------------------------------------

@@ -219,13 +219,14 @@ def project(shape: dict, recipe, hw: HWConfig, context: int | None = None, promp
     from hw.numerics import keep_count, keep_q16
     sp = spatten_config(recipe, L, Hq)
     attn_layers = []            # (heads, kv_heads, tokens read) per layer
+    if sp is not None:          # sinks and recent tokens are always read; the older ones are the candidates
+        s_ = min(sp.sinks, kept)
+        r_ = min(sp.recent, kept - s_)
+        cand = kept - s_ - r_
     for li in range(L):
         if sp is None or li < sp.start_layer:
             attn_layers.append((Hq, Hkv, kept))
             continue
-        s_ = min(sp.sinks, kept)
-        r_ = min(sp.recent, kept - s_)
-        cand = kept - s_ - r_
         hk = keep_count(keep_q16(sp.head_keep[li]), Hq, at_least=1)
         attn_layers.append((hk, min(Hkv, hk), s_ + r_ + keep_count(keep_q16(sp.token_keep[li]), cand)))
     state_slots = kept if sp is not None else 0
@@ -240,9 +241,7 @@ def project(shape: dict, recipe, hw: HWConfig, context: int | None = None, promp
         # steady state: each step one token leaves the recent window, so a layer selects among its k + 1
         alive = []
         for li in range(sp.start_layer, L):
-            s_ = min(sp.sinks, kept)
-            cand = kept - s_ - min(sp.recent, kept - s_)
-            alive += [min(cand, keep_count(keep_q16(sp.token_keep[li]), cand) + 1), attn_layers[li][0]]
+            alive += [min(cand, attn_layers[li][2] - s_ - r_ + 1), attn_layers[li][0]]
         topk_p = cm.topk_parts(L, kept, Hq, alive)
     sfu_c = 2 * cm.sfu_cycles(H, 4) + cm.sfu_cycles(I, 3)
     lin_parts = [v["parts"] for v in per_layer.values()]
