@@ -149,10 +149,16 @@ class SpattenState:
                 self.head_pruned_at[idx[drop]] = li
 
     def stats(self) -> dict:
-        r = self.reads
-        return {"kv_reads_saved": 1 - r["kv"] / r["kv_base"] if r["kv_base"] else 0.0,
-                "attention_reads_saved": 1 - r["attn"] / r["attn_base"] if r["attn_base"] else 0.0,
+        return {**read_savings(self.reads),
                 "heads_pruned_per_layer": [int((self.head_pruned_at <= li).sum()) for li in range(self.cfg.num_layers)]}
+
+
+def read_savings(reads: dict) -> dict:
+    """``kv_reads_saved`` / ``attention_reads_saved`` from read counters {kv, kv_base, attn, attn_base} (KV rows
+    per KV head, and per query head, read vs the same attention without SpAtten); the torch model and the
+    functional model (sim/emu.py) count the same way."""
+    return {"kv_reads_saved": 1 - reads["kv"] / reads["kv_base"] if reads["kv_base"] else 0.0,
+            "attention_reads_saved": 1 - reads["attn"] / reads["attn_base"] if reads["attn_base"] else 0.0}
 
 
 def state_for(cache, cfg: SpattenConfig, device) -> SpattenState:

@@ -561,8 +561,8 @@ class DeviceScorer:
         r0 = session.get("reads0")
         if r1 is None or r0 is None or not r1["kv_base"] - r0["kv_base"]:
             return None
-        d = {k: r1[k] - r0[k] for k in r1}
-        return {"kv_reads_saved": 1 - d["kv"] / d["kv_base"], "attention_reads_saved": 1 - d["attn"] / d["attn_base"]}
+        from algo.spatten import read_savings
+        return read_savings({k: r1[k] - r0[k] for k in r1})
 
     def forward(self, session, ids):
         if session["id"] != self._current:

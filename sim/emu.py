@@ -137,8 +137,7 @@ class EmuDevice(MemoryDevice):
                 if not 0 < nl <= self.hw.max_layers:
                     raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: {nl} layers")
                 val = mm.parse_spatten(self._view(w0, off, mm.spatten_bytes(nl), "SpAtten descriptor").tobytes())
-                if not (0 < val["layers"] <= self.hw.max_layers and 0 < val["slots"] <= self.hw.max_context
-                        and val["heads"] > 0 and val["start_layer"] < val["layers"]):
+                if not (0 < val["slots"] <= self.hw.max_context and val["heads"] > 0 and val["start_layer"] < nl):
                     raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: layers {val['layers']}, "
                                                      f"slots {val['slots']}, heads {val['heads']}")
             elif kind == "norm":
@@ -398,8 +397,7 @@ class EmuDevice(MemoryDevice):
                 for lj in range(li, L):
                     st[lj][3][drop] = 1
                 sel.append(int(halive.size))
-        return dict(kind="topk", layers=L, slots=spt["slots"], heads=H, candidates=int(cand.size), selected=sel,
-                    layer_bytes=spt["layer_bytes"])
+        return dict(kind="topk", layers=L, slots=spt["slots"], heads=H, selected=sel)
 
     def _attn(self, ins, io, wbufs, pos0, T) -> dict:
         """The whole block at once, exactly as token-by-token processing would do it: every query sees
@@ -448,15 +446,8 @@ class EmuDevice(MemoryDevice):
         kq = nx.key_quant(kr, kc["RK"], kc["KS"], kc["KZ"])               # [T, Hkv, hd]
         vq, vw = nx.value_quant(v, vg)                                    # [T, Hkv, hd], [T, Hkv, hd/vg]
         # keys kept before the block: slot -> position
-        sl_all = np.arange(slots, dtype=np.int64)
-        if lam:
-            last = pos0 - 1
-            wpos = last - ((last - S) - (sl_all - S)) % W
-            opos = np.where(sl_all < S, sl_all, wpos)
-        else:
-            opos = sl_all
-        ovalid = (opos >= 0) & (opos < pos0) & ((sl_all < S) | (opos >= S))
-        oslots = sl_all[ovalid]
+        opos, ovalid = self._slot_positions(slots, S, W, lam, pos0 - 1)
+        oslots = np.nonzero(ovalid)[0]
         opos = opos[ovalid]
         kb = np.stack([k_[oslots] for k_ in Kh])
         okc = np.stack([kb & 15, kb >> 4], axis=-1).reshape(Hkv, oslots.size, hd).astype(np.int64)
@@ -555,9 +546,8 @@ class EmuDevice(MemoryDevice):
         r["kv_base"] += nb * Hkv
 
     def spatten_stats(self) -> dict:
-        r = self.spatten_reads
-        return {"kv_reads_saved": 1 - r["kv"] / r["kv_base"] if r["kv_base"] else 0.0,
-                "attention_reads_saved": 1 - r["attn"] / r["attn_base"] if r["attn_base"] else 0.0}
+        from algo.spatten import read_savings
+        return read_savings(self.spatten_reads)
 
 
 _INT_MM = []
