@@ -263,6 +263,9 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     spt_off, spt_info = 0, None
     if sp is not None:
         # SpAtten: importance / pruned-flag state (written by the device; zero in the image), then the descriptor
+        if Hq > mm.SPATTEN_MAX_HEADS:
+            raise AccllmError(f"SpAtten head pruning on the accelerator holds at most {mm.SPATTEN_MAX_HEADS} query heads "
+                              f"per layer; this model has {Hq}. Compile with token_keep = head_keep = 1 (no SpAtten)")
         st = mm.spatten_state_layout(slots, Hq)
         state_off = cput("spatten_state", bytes(L * st["layer_bytes"]))
         tq = [nx.keep_q16(sp.token_keep[i]) if i >= sp.start_layer else 0 for i in range(L)]

@@ -347,6 +347,9 @@ SPT_FIELDS = ("magic", "layers", "start_layer", "sink", "window", "slots", "ring
 SPT_HEADER = struct.Struct("<" + "I" * 16)
 
 
+SPATTEN_MAX_HEADS = 128   # query heads the kernel's SpAtten head state holds (hw/rtl/attn_unit.py)
+
+
 def spatten_state_layout(slots: int, heads: int) -> dict:
     imp = 0
     dead = align(imp + 8 * slots)

@@ -130,6 +130,8 @@ class EmuDevice(MemoryDevice):
             return self._wcache[key]
         try:
             if kind == "spatten":
+                if off % mm.ALIGN:
+                    raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: not {mm.ALIGN}-byte aligned")
                 head = self._view(w0, off, 64, "SpAtten descriptor")[:8].view("<u4")
                 if int(head[0]) != mm.MAGIC_SPT:
                     raise Fault(regmap.STATUS_ADDR_RANGE, f"no SpAtten descriptor at 0x{off:x} (magic 0x{int(head[0]):08x})")
@@ -137,9 +139,13 @@ class EmuDevice(MemoryDevice):
                 if not 0 < nl <= self.hw.max_layers:
                     raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: {nl} layers")
                 val = mm.parse_spatten(self._view(w0, off, mm.spatten_bytes(nl), "SpAtten descriptor").tobytes())
-                if not (0 < val["slots"] <= self.hw.max_context and val["heads"] > 0 and val["start_layer"] < nl):
+                if not (0 < val["slots"] <= self.hw.max_context and 0 < val["heads"] <= mm.SPATTEN_MAX_HEADS
+                        and val["start_layer"] < nl):
                     raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: layers {val['layers']}, "
-                                                     f"slots {val['slots']}, heads {val['heads']}")
+                                                     f"slots {val['slots']} (max {self.hw.max_context}), heads "
+                                                     f"{val['heads']} (max {mm.SPATTEN_MAX_HEADS})")
+                if any(val[k] % mm.ALIGN for k in ("state_off", "layer_bytes", "imp_off", "dead_off", "himp_off", "hdead_off")):
+                    raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: state offsets not {mm.ALIGN}-byte aligned")
             elif kind == "norm":
                 hdr = self._view(w0, off, 64, "norm descriptor")
                 D = int(hdr[4:8].view("<u4")[0])

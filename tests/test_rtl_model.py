@@ -116,8 +116,9 @@ def test_row_ops_bad_input(pair):
 K_OFF, V_OFF = 0x4000, 0x8000
 
 
-def _attn_desc(pair, rng, at, *, Hq, Hkv, hd, vg, S, W, slots, ring, rope_mode, magic_ok=True, kv_bits=4):
-    """Descriptor at weights0+at, RoPE words at +0x40, key constants at +0x100 (random scales)."""
+def _attn_desc(pair, rng, at, *, Hq, Hkv, hd, vg, S, W, slots, ring, rope_mode, magic_ok=True, kv_bits=4, layer=0,
+               rope_at=0x40):
+    """Descriptor at weights0+at, RoPE words at +rope_at, key constants at +0x100 (random scales)."""
     ks = rng.uniform(0.02, 0.6, (Hkv, hd)).astype(np.float16)
     kz = rng.integers(0, 16, (Hkv, hd)).astype(np.float64)
     kc = nx.key_consts(ks, kz, hd)
@@ -129,13 +130,13 @@ def _attn_desc(pair, rng, at, *, Hq, Hkv, hd, vg, S, W, slots, ring, rope_mode, 
             blob[o:o + arr.nbytes] = arr.tobytes()
     inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     rope = np.asarray(nx.rope_freq_words(inv), "<u4").tobytes()
-    hdr = bytearray(memmap.pack_attn_header(layer=0, heads=Hq, kv_heads=Hkv, head_dim=hd, sink=S, window=W, slots=slots,
-                                            rope_mode=rope_mode, ring=ring, k_off=K_OFF, v_off=V_OFF, rope_off=at + 0x40,
+    hdr = bytearray(memmap.pack_attn_header(layer=layer, heads=Hq, kv_heads=Hkv, head_dim=hd, sink=S, window=W, slots=slots,
+                                            rope_mode=rope_mode, ring=ring, k_off=K_OFF, v_off=V_OFF, rope_off=at + rope_at,
                                             kconst_off=at + 0x100, vgroup=vg, kv_bits=kv_bits))
     if not magic_ok:
         hdr[0] ^= 0xFF
     pair.upload("weights0", bytes(hdr), at)
-    pair.upload("weights0", rope, at + 0x40)
+    pair.upload("weights0", rope, at + rope_at)
     pair.upload("weights0", bytes(blob), at + 0x100)
 
 
@@ -207,4 +208,78 @@ def test_attention_linear_and_bad_input(pair):
         out = pair.run([isa.Instr(isa.NOP), isa.Instr(isa.ATTN, a=0xC000, b=0x0, c=0, d=0x3000), isa.Instr(isa.END)],
                        1, position=0)
         e = _same_all(out, what)
+        assert (e[0], e[1]) == (code, 1), what
+
+
+# --------------------------------------------------------------------------------------------------
+# ATTN.spatten: pruned tokens / heads skipped, token and head importance accumulated
+# --------------------------------------------------------------------------------------------------
+SPT_AT, STATE_AT = 0x3000, 0xC000
+
+
+def _spatten(pair, *, layers, slots, heads, S, W, ring, state_at=STATE_AT, at=SPT_AT, magic_ok=True, **over):
+    st = memmap.spatten_state_layout(slots, heads)
+    f = dict(layers=layers, start_layer=0, sink=S, window=W, slots=slots, ring=ring, recent=1, heads=heads,
+             kv_heads=1, state_off=state_at, **st)
+    f.update(over)
+    b = bytearray(memmap.pack_spatten([1 << 15] * layers, [1 << 15] * layers, **f))
+    if not magic_ok:
+        b[0] ^= 0xFF
+    pair.upload("weights0", bytes(b), at)
+    return st
+
+
+def _random_state(pair, rng, st, layer, slots, heads, p_dead=0.3, heads_dead=None):
+    """Random importance (values near 2**63 - 1 and with the top bit set included), pruned flags of any
+    byte value, into *layer*'s SpAtten state."""
+    base = STATE_AT + layer * st["layer_bytes"]
+    imp = rng.integers(0, 1 << 62, slots, dtype=np.int64)
+    imp[rng.random(slots) < 0.2] = nx.IMP_MAX - rng.integers(0, 1 << 24, 1)[0]
+    imp[0] = -5                                           # top bit set: not a value the device writes
+    dead = np.where(rng.random(slots) < p_dead, rng.integers(1, 256, slots), 0).astype(np.uint8)
+    himp = rng.integers(0, 1 << 62, heads, dtype=np.int64)
+    himp[-1] = nx.IMP_MAX - 3
+    hd_ = np.zeros(heads, np.uint8) if heads_dead is None else np.asarray(heads_dead, np.uint8)
+    pair.upload("weights0", imp.astype("<i8").tobytes(), base + st["imp_off"])
+    pair.upload("weights0", dead.tobytes(), base + st["dead_off"])
+    pair.upload("weights0", himp.astype("<i8").tobytes(), base + st["himp_off"])
+    pair.upload("weights0", hd_.tobytes(), base + st["hdead_off"])
+
+
+def test_attention_spatten_bit_exact(pair):
+    """ATTN.spatten on a Λ cache (S=2, W=8) through two window wraps and on a linear cache: random pruned
+    tokens (sinks included) and heads (one KV head with both query heads pruned: not read), importance
+    saturating at 2**63 - 1; every io byte, the KV cache and the SpAtten state compared with the functional
+    model after every run; then the descriptor errors."""
+    rng = np.random.default_rng(31)
+    Hq, Hkv, hd, vg = 4, 2, 32, 16
+    prog = [isa.Instr(isa.ATTN, flags=isa.F_SPATTEN, a=0xC000 - 0x1000, b=0x0, c=1, d=0x2000), isa.Instr(isa.END)]
+    width = (Hq + 2 * Hkv) * hd
+    for ring, S, W, slots, runs in ((1, 2, 8, 10, [(0, 3)] + [(p, 1) for p in range(3, 13)] + [(13, 9), (22, 1)]),
+                                    (0, 2, 0, 12, [(0, 4), (4, 1), (5, 1), (6, 3), (9, 1)])):
+        for p_ in range(P):
+            pair.upload(f"weights{p_}", rng.integers(0, 256, 0x8000, dtype=np.uint8), 0x4000)
+        _attn_desc(pair, rng, 0x2000, Hq=Hq, Hkv=Hkv, hd=hd, vg=vg, S=S, W=W, slots=slots, ring=ring,
+                   rope_mode=memmap.ROPE_CACHE, layer=1, rope_at=0x80)
+        pair.upload("weights0", memmap.pack_attn_ext(SPT_AT), 0x2040)
+        st = _spatten(pair, layers=3, slots=slots, heads=Hq, S=S, W=W, ring=ring)
+        for i, (pos, T) in enumerate(runs):
+            hdead = [0, 0, 0, 0] if i % 3 == 0 else ([1, 1, 0, 0] if i % 3 == 1 else [0, 1, 0, 1])
+            _random_state(pair, rng, st, 1, slots, Hq, heads_dead=hdead)
+            _fresh_io(pair, rng)
+            _qkv(pair, rng, T, width, 1 << 19)
+            e = _same_all(pair.run(prog, T, position=pos), f"ATTN.spatten ring={ring} pos={pos} T={T}")
+            assert e[0] == regmap.STATUS_OK, (ring, pos, T, e[:2])
+    bad = {
+        "SpAtten magic": (dict(magic_ok=False), regmap.STATUS_ADDR_RANGE),
+        "layer 1 of a 1-layer descriptor": (dict(layers=1), regmap.STATUS_SHAPE),
+        "slots differ": (dict(slots=11), regmap.STATUS_SHAPE),
+        "unaligned state": (dict(state_at=STATE_AT + 8), regmap.STATUS_SHAPE),
+        "heads beyond the head state": (dict(heads=memmap.SPATTEN_MAX_HEADS + 1), regmap.STATUS_SHAPE),
+    }
+    for what, (kw, code) in bad.items():
+        args = dict(layers=3, slots=slots, heads=Hq, S=S, W=W, ring=0)
+        args.update(kw)
+        _spatten(pair, **args)
+        e = _same_all(pair.run([isa.Instr(isa.NOP)] + prog, 1, position=0), what)
         assert (e[0], e[1]) == (code, 1), what

@@ -12,6 +12,8 @@ Streams: ``q`` (hd values, then hd more when ``remap``), ``c`` (per channel ``KM
 per loaded query), ``k`` (n x hd key codes, token-major, the order hw.rtl.kvcache.KVAddr emits,
 ``lanes`` codes per item, channel c + i in bits 4i..4i+3), ``v`` (n x hd elements code | word << 4,
 ``lanes`` per item, 36 bits each), ``o`` (hd outputs, one per item). The first ``ns`` tokens use the second query.
+``pt_*`` show every probability once, with its token index, as the softmax produces it (SpAtten's
+token importance, hw/rtl/attn_unit.py).
 Integer sums are exact (|s| < 2**43 before the shift; the P×V accumulator is 64-bit).
 """
 from __future__ import annotations
@@ -41,7 +43,9 @@ class AttentionCore(wiring.Component):
         super().__init__({"start": In(1), "n": In(range(max_n + 1)), "ns": In(range(max_n + 1)), "remap": In(1),
                           "hd": In(range(max_hd + 1)), "ksh": In(signed(8)),
                           "q": In(i32_stream()), "c": In(stream.Signature(20)), "k": In(stream.Signature(4 * lanes)),
-                          "v": In(stream.Signature(36 * lanes)), "o": Out(i32_stream()), "busy": Out(1)})
+                          "v": In(stream.Signature(36 * lanes)), "o": Out(i32_stream()), "busy": Out(1),
+                          # SpAtten tap: each probability as softmax emits it (Q8.24, index into the k stream)
+                          "pt_valid": Out(1), "pt_idx": Out(range(max_n + 1)), "pt_val": Out(32)})
 
     def elaborate(self, platform):
         m = Module()
@@ -155,7 +159,8 @@ class AttentionCore(wiring.Component):
                     with m.Else():
                         m.d.sync += [acc.eq(total), c.eq(c + L)]
             with m.State("PCOL"):
-                m.d.comb += [self.busy.eq(1), sm.o.ready.eq(1), p_w.en.eq(sm.o.valid), p_w.data.eq(sm.o.payload)]
+                m.d.comb += [self.busy.eq(1), sm.o.ready.eq(1), p_w.en.eq(sm.o.valid), p_w.data.eq(sm.o.payload),
+                             self.pt_valid.eq(sm.o.valid), self.pt_idx.eq(j), self.pt_val.eq(sm.o.payload)]
                 with m.If(sm.o.valid):
                     m.d.sync += j.eq(j + 1)
                     with m.If(j + 1 == n):

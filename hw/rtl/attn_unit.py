@@ -35,18 +35,36 @@ kv_bits 4. Scores and P x V take LANES = 16 channels per cycle: the K area strea
 codes; each V record (its group words first, padded to 8 bytes, hw/memmap.kv_layout) streams the same
 way: the group words (two per item) into a small buffer, then the codes 16 per cycle. Per kept slot and
 query head: hd/16 + ceil(hd/vgroup / 2) + hd/16 cycles.
+
+SpAtten (flag ``spatten``, docs/numerics.md "SpAtten", the same rules as sim/emu.py): the descriptor's
+word 16 points at the SpAtten descriptor (checked like emu: magic -> STATUS_ADDR_RANGE; layers, slots,
+heads (<= memmap.SPATTEN_MAX_HEADS), start layer, 64-byte alignment of the state, layer / slots / heads
+not those of this attention -> STATUS_SHAPE; state past the 4 GiB offset space -> STATUS_KV_REGION).
+At the start the layer's pruned flags come on chip (1 bit per slot), and the head state (cleared at
+position 0). Per token the appended slot is marked alive and "appended" (its importance restarts), then
+one scan of slots 0..n-1 lists the alive slots and their runs of consecutive slots: the K and V areas
+are read run by run (a pruned slot costs no read), the core gets only alive slots (a pruned one leaves
+the softmax), and every probability the softmax emits is added to its slot's on-chip importance sum.
+A pruned query head outputs zeros without reading K/V (so a KV head whose query heads are all pruned is
+not read); an alive head's outputs also feed sum((o >> 8, rounded)^2) and the isqrt of that (27
+cycles) adds to the head's sum. At the end the layer's importance row is read, updated (appended slot:
+its new sum; a slot held before the block: the saturating add; any other: unchanged) and written back,
+with the appended slots' pruned flags cleared (byte strobes), the head importance (alive heads: the
+saturating add) and, at position 0, the cleared head flags. Extra cost per token: n cycles for the scan,
+one read burst per run and per query head 27 + a few cycles; per instruction about 2.2 x slots + 2 x heads
+cycles plus the row bursts.
 """
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Mux, Signal
+from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw import memmap, regmap
+from hw import isa, memmap, regmap
 
 from .attention import AttentionCore
 from .kvcache import KeyQuant, ValueQuant
-from .sfu import ActQuant, Divider, RoPE
+from .sfu import ActQuant, Divider, ISqrt, RoPE, rsr_c
 from .units import _Base, _end64
 
 MAX_HD = 128          # largest head dimension of this build (Llama-2-7B: 128)
@@ -95,7 +113,7 @@ def _align64(x):
 
 class AttnUnit(_Base):
     WRITES_WEIGHTS = True       # KV appends go to the weight ports (the kernel wires ww_data* straight)
-    FLAGS = 0                   # no SpAtten (isa.F_SPATTEN) in this unit yet: the decoder rejects the flag
+    FLAGS = isa.F_SPATTEN       # ATTN.spatten: see the module doc, "SpAtten"
 
     def elaborate(self, platform):
         cfg = self.cfg
@@ -132,6 +150,20 @@ class AttnUnit(_Base):
         gw_w, (gw_r,) = mem("gwords", 64, MAX_HD // 32)    # the group words of the V record being read, 2 per row
         out_depth = -(-(64 + H) // Wb) + 1
         out_w, (out_r,) = mem("obuf", W, out_depth, 1, 8)
+        # SpAtten (ATTN.spatten): per slot of the layer a pruned flag + "appended by this instruction"
+        # flag and the importance accumulated by this instruction (after the read-add the new row value);
+        # per token the alive slots (list, for the probability tap) and their runs (start, length) for
+        # the K/V bursts; per query head the stored importance and this instruction's sum of head norms
+        NC = cfg.max_context
+        nb_ = (NC + 1).bit_length()
+        sp_w, (sp_r,) = mem("sp_flags", 2, NC)
+        acc_w, (acc_r,) = mem("sp_acc", 64, NC)
+        lst_w, (lst_r,) = mem("sp_list", nb_, NC)
+        run_w, (run_r,) = mem("sp_runs", 2 * nb_, NC)
+        MH = memmap.SPATTEN_MAX_HEADS
+        himp_w, (himp_r,) = mem("sp_himp", 64, MH)
+        hsum_w, (hsum_r,) = mem("sp_hsum", 64, MH)
+        m.submodules.isq = isq = ISqrt(27)
 
         # ---- descriptor
         hdr = Signal(512)
@@ -140,6 +172,23 @@ class AttnUnit(_Base):
         ring = hw_["ring"] != 0
         cache_rope = (hw_["rope_mode"] == memmap.ROPE_CACHE) & ring
         vg = hw_["vgroup"]
+        sp_on = Signal()        # ATTN.spatten
+        spt_off = Signal(32)
+        shdr = Signal(512)
+        sf = {name: shdr[32 * i: 32 * i + 32] for i, name in enumerate(memmap.SPT_FIELDS)}
+        st_base = Signal(64)    # this layer's SpAtten state
+        m.d.comb += st_base.eq(self.weights0 + sf["state_off"] + hw_["layer"] * sf["layer_bytes"])
+        hdead = Signal(MH)      # pruned query heads
+        na = Signal(nb_)        # alive slots of the token (the core's n)
+        nsa = Signal(nb_)       # ... of them sinks
+        nruns = Signal(nb_)
+        ri = Signal(nb_)        # run being read
+        rs_, rl_ = Signal(nb_), Signal(nb_)     # run being built
+        sq = Signal(56)         # head norm: sum of squares
+        wi = Signal(32)         # row writer: item
+        wk = Signal(range(W // 8 + 1))          # row writer: item within the beat
+        wbuf = Signal(W)
+        wstrb = Signal(Wb)
         S = Signal(32)          # effective sink count (0 for the linear cache)
         Wn = Signal(32)         # effective window
         m.d.comb += [S.eq(Mux(ring, S_, 0)), Wn.eq(Mux(ring, W_, slots))]
@@ -257,13 +306,31 @@ class AttnUnit(_Base):
                 m.d.comb += [bu.skip.eq(lo), bu.count.eq(count), bu.start.eq(wcmd_ready)]
             return wcmd_ready
 
+        # the K/V areas are read as runs of consecutive slots: one run 0..n-1, or under SpAtten the runs of alive slots
+        r_start, r_len, r_cnt = Signal(nb_), Signal(nb_), Signal(nb_)
+        m.d.comb += [run_r.addr.eq(ri), r_start.eq(Mux(sp_on, run_r.data[:nb_], 0)),
+                     r_len.eq(Mux(sp_on, run_r.data[nb_:], n)), r_cnt.eq(Mux(sp_on, nruns, 1))]
+
+        def imp_add(x, y):
+            """numerics.imp_add: the 64-bit wrapping sum, then saturated at IMP_MAX (unsigned)."""
+            s64 = Signal(64, name=f"impsum{len(imp_sites)}")
+            imp_sites.append(s64)
+            m.d.comb += s64.eq(x + y)
+            return Mux(s64[63], (1 << 63) - 1, s64)
+        imp_sites = []
+
+        # probability tap (default: the core's PCOL): importance of the slot behind alive index pt_idx
+        m.d.comb += [lst_r.addr.eq(core.pt_idx), acc_r.addr.eq(lst_r.data), acc_w.addr.eq(lst_r.data),
+                     acc_w.data.eq(acc_r.data + core.pt_val), acc_w.en.eq(core.pt_valid & sp_on)]
+
         # RoPE frequencies / constants
         m.d.comb += [rope.n.eq(hd), f_r.addr.eq(fi), rope.f.payload.eq(f_r.data),
                      rk_r.addr.eq(cc), ks_r.addr.eq(cc), kz_r1.addr.eq(cc), km_r.addr.eq(cc), kz_r2.addr.eq(cc),
                      kq.c.payload.eq(Cat(rk_r.data, ks_r.data, kz_r1.data)),
                      core.c.payload.eq(Cat(km_r.data, kz_r2.data)),
                      vq.group.eq(vg), aq.n.eq(DQ),
-                     core.n.eq(n), core.ns.eq(Mux(ring, Mux(n < S, n, S), 0)), core.remap.eq(cache_rope),
+                     core.n.eq(Mux(sp_on, na, n)), core.ns.eq(Mux(sp_on, nsa, Mux(ring, Mux(n < S, n, S), 0))),
+                     core.remap.eq(cache_rope),
                      core.hd.eq(hd), core.ksh.eq(ksh)]
         with m.If(rope.f.valid & rope.f.ready):
             m.d.sync += fi.eq(fi + 1)
@@ -298,7 +365,8 @@ class AttnUnit(_Base):
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), status.eq(0), cnt.eq(0)]
+                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), status.eq(0), cnt.eq(0),
+                                 sp_on.eq((f["flags"] & isa.F_SPATTEN) != 0)]
                     m.next = "BEGIN"
             with m.State("BEGIN"):
                 with m.If((T == 0) | (T > cfg.max_prefill)):
@@ -362,7 +430,98 @@ class AttnUnit(_Base):
                     m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
                     m.next = "DONE"
                 with m.Else():
-                    m.d.sync += [t.eq(0), sec.eq(0), esz.eq(4), bsel.eq(0), acc.eq(0), ei.eq(0), wsel.eq(0)]
+                    m.d.sync += [t.eq(0), sec.eq(0), esz.eq(4), bsel.eq(0), acc.eq(0), ei.eq(0), wsel.eq(0), cnt.eq(0)]
+                    m.next = "CONST_CMD"
+                    with m.If(sp_on):
+                        m.next = "SX_CMD"
+
+            # ---- SpAtten: descriptor word 16 -> the SpAtten descriptor -> checks -> this layer's state
+            with m.State("SX_CMD"):
+                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d + 64),
+                             self.w_cmd0.payload.beats.eq(1)]
+                with m.If(self.w_cmd0.ready):
+                    m.next = "SX_RX"
+            with m.State("SX_RX"):
+                m.d.comb += self.w_data0.ready.eq(1)
+                with m.If(self.w_data0.valid):
+                    m.d.sync += spt_off.eq(self.w_data0.payload[:32])
+                    m.next = "SPT_CMD"
+            with m.State("SPT_CMD"):
+                with m.If(spt_off[:6] != 0):
+                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
+                    m.next = "DONE"
+                with m.Else():
+                    m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + spt_off),
+                                 self.w_cmd0.payload.beats.eq(64 // Wb)]
+                    with m.If(self.w_cmd0.ready):
+                        m.next = "SPT_RX"
+            with m.State("SPT_RX"):
+                m.d.comb += self.w_data0.ready.eq(1)
+                with m.If(self.w_data0.valid):
+                    m.d.sync += [shdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data0.payload)
+                                 if 64 // Wb > 1 else shdr.eq(self.w_data0.payload), cnt.eq(cnt + 1)]
+                    with m.If(cnt == 64 // Wb - 1):
+                        m.next = "SPT_CHECK"
+            with m.State("SPT_CHECK"):
+                L_ = sf["layers"]
+                aligned = ((sf["state_off"] | sf["layer_bytes"] | sf["imp_off"] | sf["dead_off"] | sf["himp_off"]
+                            | sf["hdead_off"])[:6] == 0)
+                with m.If(sf["magic"] != memmap.MAGIC_SPT):
+                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
+                    m.next = "DONE"
+                with m.Elif((L_ == 0) | (L_ > cfg.max_layers) | (sf["slots"] == 0) | (sf["slots"] > cfg.max_context)
+                            | (sf["heads"] == 0) | (sf["heads"] > MH) | (sf["start_layer"] >= L_) | ~aligned
+                            | (hw_["layer"] >= L_) | (sf["slots"] != slots) | (sf["heads"] != Hq)):
+                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
+                    m.next = "DONE"
+                with m.Elif(_end64(sf["state_off"], (hw_["layer"] + 1) * sf["layer_bytes"])):
+                    m.d.sync += status.eq(regmap.STATUS_KV_REGION)
+                    m.next = "DONE"
+                with m.Else():
+                    m.d.sync += ci.eq(0)
+                    m.next = "SINIT0"
+            with m.State("SINIT0"):
+                with m.If(w_read(st_base + sf["dead_off"], slots)):
+                    m.next = "SINIT"
+            with m.State("SINIT"):
+                # pruned flags in, appended flags and importance sums cleared
+                m.d.comb += [bu.o.ready.eq(1), sp_w.addr.eq(ci), sp_w.data.eq(bu.o.payload != 0), sp_w.en.eq(bu.o.valid),
+                             acc_w.addr.eq(ci), acc_w.data.eq(0), acc_w.en.eq(bu.o.valid)]
+                with m.If(bu.o.valid):
+                    m.d.sync += ci.eq(ci + 1)
+                with m.If(~bu.busy):
+                    m.d.sync += ci.eq(0)
+                    with m.If(self.position == 0):      # a new sequence: every head alive, importance from zero
+                        m.d.sync += hdead.eq(0)
+                        m.next = "HCLR"
+                    with m.Else():
+                        m.next = "HDEAD0"
+            with m.State("HCLR"):
+                m.d.comb += [himp_w.addr.eq(ci), himp_w.data.eq(0), himp_w.en.eq(1),
+                             hsum_w.addr.eq(ci), hsum_w.data.eq(0), hsum_w.en.eq(1)]
+                m.d.sync += ci.eq(ci + 1)
+                with m.If(ci + 1 == Hq):
+                    m.next = "CONST_CMD"
+            with m.State("HDEAD0"):
+                with m.If(w_read(st_base + sf["hdead_off"], Hq)):
+                    m.next = "HDEAD"
+            with m.State("HDEAD"):
+                m.d.comb += bu.o.ready.eq(1)
+                with m.If(bu.o.valid):
+                    m.d.sync += [hdead.bit_select(ci[:MH.bit_length()], 1).eq(bu.o.payload != 0), ci.eq(ci + 1)]
+                with m.If(~bu.busy):
+                    m.d.sync += ci.eq(0)
+                    m.next = "HIMP0"
+            with m.State("HIMP0"):
+                with m.If(w_read(st_base + sf["himp_off"], Hq << 3, words=True)):
+                    m.next = "HIMP"
+            with m.State("HIMP"):
+                m.d.comb += [bw.o.ready.eq(1), himp_w.addr.eq(ci), himp_w.data.eq(bw.o.payload), himp_w.en.eq(bw.o.valid),
+                             hsum_w.addr.eq(ci), hsum_w.data.eq(0), hsum_w.en.eq(bw.o.valid)]
+                with m.If(bw.o.valid):
+                    m.d.sync += ci.eq(ci + 1)
+                with m.If(~bw.busy):
+                    m.d.sync += ci.eq(0)
                     m.next = "CONST_CMD"
 
             # ---- constant loads: sec 0 = RoPE frequencies (once), 1..5 = RK, KS, KZ, KM, KSH of head h
@@ -432,6 +591,33 @@ class AttnUnit(_Base):
                     m.next = "TOK2"
             with m.State("TOK2"):
                 m.d.sync += [n.eq(Mux(p + 1 < slots, p + 1, slots)), sec.eq(1), esz.eq(4), wsel.eq(0)]
+                m.next = "CONST_CMD"
+                with m.If(sp_on):
+                    # the appended slot: alive, and its importance restarts (the evicted token's is forgotten)
+                    m.d.comb += [sp_w.addr.eq(slot), sp_w.data.eq(0b10), sp_w.en.eq(1),
+                                 acc_w.addr.eq(slot), acc_w.data.eq(0), acc_w.en.eq(1)]
+                    m.d.sync += [ci.eq(0), na.eq(0), nsa.eq(0), nruns.eq(0), rl_.eq(0)]
+                    m.next = "BUILD"
+            with m.State("BUILD"):
+                # slots 0..n-1 in order: the alive ones into the list, consecutive ones into runs
+                alive = ~sp_r.data[0]
+                m.d.comb += sp_r.addr.eq(ci)
+                with m.If(alive):
+                    m.d.comb += [lst_w.addr.eq(na), lst_w.data.eq(ci), lst_w.en.eq(1)]
+                    m.d.sync += [na.eq(na + 1), nsa.eq(nsa + (ci < S))]
+                    with m.If((rl_ != 0) & (rs_ + rl_ == ci)):
+                        m.d.sync += rl_.eq(rl_ + 1)
+                    with m.Else():
+                        with m.If(rl_ != 0):
+                            m.d.comb += [run_w.addr.eq(nruns), run_w.data.eq(Cat(rs_, rl_)), run_w.en.eq(1)]
+                            m.d.sync += nruns.eq(nruns + 1)
+                        m.d.sync += [rs_.eq(ci), rl_.eq(1)]
+                m.d.sync += ci.eq(ci + 1)
+                with m.If(ci + 1 == n):
+                    m.next = "BUILD_END"
+            with m.State("BUILD_END"):
+                m.d.comb += [run_w.addr.eq(nruns), run_w.data.eq(Cat(rs_, rl_)), run_w.en.eq(1)]   # rl_ >= 1: p's own slot
+                m.d.sync += [nruns.eq(nruns + 1), ci.eq(0)]
                 m.next = "CONST_CMD"
 
             # ---- key append: k_h -> RoPE(p) -> key quant -> nibbles -> record -> write
@@ -518,11 +704,16 @@ class AttnUnit(_Base):
 
             # ---- query head g: q -> RoPE -> core (twice under the cache-position rule)
             with m.State("Q0"):
-                with m.If(io_read(src_row + ((g * hd) << 2), hd)):
-                    m.d.comb += [rope.start.eq(1), rope.pos.eq(Mux(second, Mux(p < slots - 1, p, slots - 1), p)),
-                                 core.start.eq(~second)]
-                    m.d.sync += [fi.eq(0), cc.eq(0), ci.eq(0)]
-                    m.next = "QLOAD"
+                m.d.sync += sq.eq(0)
+                with m.If(sp_on & hdead.bit_select(g[:MH.bit_length()], 1)):
+                    m.d.sync += ci.eq(0)
+                    m.next = "QZERO"
+                with m.Else():
+                    with m.If(io_read(src_row + ((g * hd) << 2), hd)):
+                        m.d.comb += [rope.start.eq(1), rope.pos.eq(Mux(second, Mux(p < slots - 1, p, slots - 1), p)),
+                                     core.start.eq(~second)]
+                        m.d.sync += [fi.eq(0), cc.eq(0), ci.eq(0)]
+                        m.next = "QLOAD"
             with m.State("QLOAD"):
                 rope_from_io()
                 m.d.comb += [core.q.valid.eq(rope.o.valid), core.q.payload.eq(rope.o.payload), rope.o.ready.eq(core.q.ready),
@@ -534,18 +725,23 @@ class AttnUnit(_Base):
                             m.d.sync += second.eq(1)
                             m.next = "Q0"
                         with m.Else():
-                            m.d.sync += [second.eq(0), wsel.eq(hp)]
+                            m.d.sync += [second.eq(0), wsel.eq(hp), ri.eq(0)]
                             m.next = "KRD0"
             with m.State("KRD0"):
-                with m.If(w_read(k_base, n * k_slot, words=True)):
+                with m.If(w_read(k_base + r_start * k_slot, r_len * k_slot, words=True)):
                     m.next = "KRD"
             with m.State("KRD"):
                 # 64-bit items = 16 codes each (channel order, low nibble first) -> core.k, LANES per cycle
                 m.d.comb += [core.k.valid.eq(bw.o.valid), core.k.payload.eq(bw.o.payload), bw.o.ready.eq(core.k.ready)]
                 with m.If(~bw.busy):
-                    m.next = "VRD0"
+                    with m.If(ri + 1 < r_cnt):
+                        m.d.sync += ri.eq(ri + 1)
+                        m.next = "KRD0"
+                    with m.Else():
+                        m.d.sync += ri.eq(0)
+                        m.next = "VRD0"
             with m.State("VRD0"):
-                with m.If(w_read(v_base, n * v_slot, words=True)):
+                with m.If(w_read(v_base + r_start * v_slot, r_len * v_slot, words=True)):
                     m.d.sync += [cnt.eq(0), ci.eq(0), cc.eq(0), js.eq(0)]
                     m.next = "VWORDS"
             with m.State("VWORDS"):
@@ -570,26 +766,54 @@ class AttnUnit(_Base):
                         m.d.sync += [cnt.eq(0), cc.eq(cc + 1)]
                     with m.If(ci + LANES == hd):
                         m.d.sync += [cnt.eq(0), ci.eq(0), cc.eq(0), js.eq(js + 1)]
-                        with m.If(js + 1 == n):
-                            m.next = "QOUT"
-                        with m.Else():
+                        with m.If(js + 1 != r_len):
                             m.next = "VWORDS"
+                        with m.Elif(ri + 1 < r_cnt):
+                            m.d.sync += ri.eq(ri + 1)
+                            m.next = "VRD0"
+                        with m.Else():
+                            m.next = "QOUT"
+            def next_head():
+                m.d.sync += g.eq(g + 1)
+                with m.If(gi + 1 < grp):
+                    m.d.sync += [gi.eq(gi + 1), ci.eq(0)]
+                    m.next = "Q0"
+                with m.Elif(h + 1 < Hkv):
+                    m.d.sync += [h.eq(h + 1), hp.eq(Mux(hp == P - 1, 0, hp + 1)), hl.eq(hl + (hp == P - 1)),
+                                 sec.eq(1), esz.eq(4), wsel.eq(0)]
+                    m.next = "CONST_CMD"
+                with m.Else():
+                    m.d.sync += [ci.eq(0)]
+                    m.next = "RESULT"
+
             with m.State("QOUT"):
                 m.d.comb += [aq.i.valid.eq(core.o.valid), aq.i.payload.eq(core.o.payload), core.o.ready.eq(aq.i.ready)]
+                r8 = Signal(signed(25))
+                sq_next = Signal(56)
+                m.d.comb += [r8.eq(rsr_c(core.o.payload, 8)), sq_next.eq(sq + r8 * r8)]
                 with m.If(core.o.valid & core.o.ready):
+                    m.d.sync += [ci.eq(ci + 1), sq.eq(sq_next)]
+                    with m.If(ci + 1 == hd):
+                        with m.If(sp_on):
+                            m.next = "HNORM0"
+                        with m.Else():
+                            next_head()
+            with m.State("HNORM0"):
+                # head importance: isqrt of the sum of squares of round(o / 2**8) (numerics.head_norm)
+                m.d.comb += [isq.start.eq(1), isq.v.eq(sq)]
+                m.next = "HNORM"
+            with m.State("HNORM"):
+                m.d.comb += [hsum_r.addr.eq(g), hsum_w.addr.eq(g), hsum_w.data.eq(hsum_r.data + isq.root)]
+                with m.If(~isq.busy):
+                    m.d.comb += hsum_w.en.eq(1)
+                    next_head()
+            with m.State("QZERO"):
+                # a pruned head: output 0, no K/V read, no importance
+                m.d.comb += [aq.i.valid.eq(1), aq.i.payload.eq(0)]
+                with m.If(aq.i.ready):
                     m.d.sync += ci.eq(ci + 1)
                     with m.If(ci + 1 == hd):
-                        m.d.sync += g.eq(g + 1)
-                        with m.If(gi + 1 < grp):
-                            m.d.sync += [gi.eq(gi + 1), ci.eq(0)]
-                            m.next = "Q0"
-                        with m.Elif(h + 1 < Hkv):
-                            m.d.sync += [h.eq(h + 1), hp.eq(Mux(hp == P - 1, 0, hp + 1)), hl.eq(hl + (hp == P - 1)),
-                                         sec.eq(1), esz.eq(4), wsel.eq(0)]
-                            m.next = "CONST_CMD"
-                        with m.Else():
-                            m.d.sync += [ci.eq(0)]
-                            m.next = "RESULT"
+                        next_head()
 
             # ---- quantized output row -> obuf -> io
             with m.State("RESULT"):
@@ -631,10 +855,79 @@ class AttnUnit(_Base):
                 m.d.sync += started.eq(1)
                 with m.If(started & ~self.wr_busy):
                     with m.If(t + 1 >= T):
+                        m.d.sync += [ci.eq(0), hp.eq(0), wsel.eq(0)]
                         m.next = "DONE"
+                        with m.If(sp_on):
+                            m.next = "WB_IMP0"
                     with m.Else():
                         m.d.sync += t.eq(t + 1)
                         m.next = "TOK"
+            # ---- SpAtten state write-back (port 0): token importance (a slot appended by this instruction
+            # takes its new sum; an older one held before the block accumulates, saturating; others keep
+            # their bytes), the appended slots' pruned flags cleared, head importance, head flags at position 0
+            with m.State("WB_IMP0"):
+                with m.If(w_read(st_base + sf["imp_off"], slots << 3, words=True)):
+                    m.next = "WB_IMP"
+            with m.State("WB_IMP"):
+                old = bw.o.payload
+                m.d.comb += [bw.o.ready.eq(1), sp_r.addr.eq(ci), acc_r.addr.eq(ci), acc_w.addr.eq(ci),
+                             acc_w.data.eq(Mux(sp_r.data[1], acc_r.data, Mux(ci < self.position, imp_add(old, acc_r.data), old))),
+                             acc_w.en.eq(bw.o.valid)]
+                with m.If(bw.o.valid):
+                    m.d.sync += ci.eq(ci + 1)
+                with m.If(~bw.busy):
+                    m.next = "WB_IMP_CMD"
+
+            def row_writer(name, addr, count, e, item, nxt):
+                """Write *count* items of *e* bits (item(wi) -> (value, strobe)) to *addr* (beat-aligned)."""
+                per = W // e
+                beats = Signal(32, name=f"{name.lower()}_beats")
+                m.d.comb += beats.eq(((count * (e // 8)) + Wb - 1) >> lgWb)
+                with m.State(f"{name}_CMD"):
+                    m.d.comb += [ww_valid.eq(1), ww_addr.eq(addr), ww_beats.eq(beats)]
+                    with m.If(ww_ready):
+                        m.d.sync += [wi.eq(0), wk.eq(0), wbuf.eq(0), wstrb.eq(0)]
+                        m.next = f"{name}_FILL"
+                with m.State(f"{name}_FILL"):
+                    val, stb = item(wi)
+                    m.d.sync += [wbuf.word_select(wk[:max(1, (per - 1).bit_length())], e).eq(val),
+                                 wstrb.word_select(wk[:max(1, (per - 1).bit_length())], e // 8).eq(Mux(stb, (1 << (e // 8)) - 1, 0)),
+                                 wi.eq(wi + 1), wk.eq(wk + 1)]
+                    with m.If((wk + 1 == per) | (wi + 1 == count)):
+                        m.next = f"{name}_SEND"
+                with m.State(f"{name}_SEND"):
+                    m.d.comb += [wwd_valid.eq(1), wwd_data.eq(wbuf), wwd_strb.eq(wstrb)]
+                    with m.If(wwd_ready):
+                        m.d.sync += [wk.eq(0), wbuf.eq(0), wstrb.eq(0), started.eq(0)]
+                        m.next = f"{name}_FILL"
+                        with m.If(wi == count):
+                            m.next = f"{name}_WAIT"
+                with m.State(f"{name}_WAIT"):
+                    m.d.sync += started.eq(1)
+                    with m.If(started & ~ww_busy):
+                        m.next = nxt
+
+            def imp_item(i):
+                m.d.comb += acc_r.addr.eq(i)
+                return acc_r.data, 1
+
+            def dead_item(i):
+                m.d.comb += sp_r.addr.eq(i)
+                return 0, sp_r.data[1]
+
+            def himp_item(i):
+                m.d.comb += [himp_r.addr.eq(i), hsum_r.addr.eq(i)]
+                return Mux(hdead.bit_select(i[:MH.bit_length()], 1), himp_r.data, imp_add(himp_r.data, hsum_r.data)), 1
+
+            row_writer("WB_IMP", st_base + sf["imp_off"], slots, 64, imp_item, "WB_DEAD_CMD")
+            row_writer("WB_DEAD", st_base + sf["dead_off"], slots, 8, dead_item, "WB_HIMP_CMD")
+            row_writer("WB_HIMP", st_base + sf["himp_off"], Hq, 64, himp_item, "WB_HDEAD")
+            with m.State("WB_HDEAD"):
+                m.next = "DONE"
+                with m.If(self.position == 0):
+                    m.next = "WB_HDEAD_CMD"
+            row_writer("WB_HDEAD", st_base + sf["hdead_off"], Hq, 8, lambda i: (0, 1), "DONE")
+
             with m.State("DONE"):
                 m.d.comb += self.done.eq(1)
                 m.next = "IDLE"
