@@ -381,6 +381,26 @@ class RtlCycleModel:
             total += kv_heads * per_kv + heads * (per_q + n * (hd / 8 + v_words_bytes(hd, vgroup) / 8)) - 125
         return total
 
+    def attn_spatten(self, heads, alive_heads, kv_heads, hd, vgroup, slots, pos0, alive, runs) -> float:
+        """ATTN.spatten (hw/rtl/attn_unit.py): per token the slot scan, only the *alive[t]* slots read in
+        *runs[t]* bursts by the alive query heads (isqrt of the head norm each), zeros for pruned heads; per
+        instruction the state in and out (flags, importance rows, head state). Fitted on sim-small (ATTN
+        alone, hd 32..128, 4/8 heads, 0..70 % pruned slots, 0..4 pruned heads, T 1..4): within 3 %."""
+        from hw.memmap import v_words_bytes
+        L, Wb = self.hw.hbm_latency_cycles, self.hw.port_bytes
+        per_kv = 7 * L + 14.2 * hd + 31
+        per_q = 4 * L + 5.3 * hd + 145
+        total = 2 * L + 251 - 274
+        for t, (n, r) in enumerate(zip(alive, runs)):
+            total += (kv_heads * per_kv + alive_heads * (per_q + n * (hd / 8 + v_words_bytes(hd, vgroup) / 8)
+                                                         + (r - 1) * (2 * L + 6) + 29 - 183)
+                      + (heads - alive_heads) * (hd + 23) - 125 + min(pos0 + t + 1, slots) + 2 + 831)
+        total += (2 * L + 8) + (L + slots + 2)                                    # descriptors, flags in
+        total += (heads + 1 - 184) if pos0 == 0 else (2 * L + 2 * heads + 4)
+        total += ((L + slots + 2) + (slots + math.ceil(8 * slots / Wb) + L + 3) + (slots + math.ceil(slots / Wb) + L + 3)
+                  + (heads + math.ceil(8 * heads / Wb) + L + 3) + ((heads + L + 4) if pos0 == 0 else 1))
+        return total
+
     def instr_cycles(self, ins, info: dict, T: int) -> float:
         k = info.get("kind")
         L = self.hw.hbm_latency_cycles
@@ -391,6 +411,9 @@ class RtlCycleModel:
                                bool(ins.flags & isa.F_ACC))
         if k == "sfu":
             return self.row_op(ins.op, info["D"], T)
+        if k == "attn" and info.get("alive") is not None:
+            return self.attn_spatten(info["all_heads"], info["heads"], info["all_kv_heads"], info["head_dim"],
+                                     info["vgroup"], info["slots"], info["pos0"], info["alive"], info["runs"])
         if k == "attn":
             return self.attn(info["heads"], info["kv_heads"], info["head_dim"], info.get("vgroup", 64),
                              info["slots"], info.get("pos0", 0), T)

@@ -537,10 +537,19 @@ class EmuDevice(MemoryDevice):
         codes, words = nx.act_quant(out.reshape(T, Hq * hd))
         self._x8_write(io, ins.a, codes, words, "ATTN dst")
         kept = min(pos0 + T, slots) if lam else pos0 + T
-        if spt is not None:
-            kept = int(vis[-1].sum())
-        return dict(kind="attn", heads=int(head_alive.sum()), kv_heads=kv_alive, head_dim=hd, kept=kept,
+        info = dict(kind="attn", heads=int(head_alive.sum()), kv_heads=kv_alive, head_dim=hd, kept=kept,
                     slots=slots, vgroup=vg, pos0=pos0, spatten=spt is not None)
+        if spt is not None:
+            info["kept"] = int(vis[-1].sum())
+            # for the RTL cycle model: per token the alive slots it reads and their runs of consecutive slots
+            cslot = np.concatenate([oslots, slot])
+            alive, runs = [], []
+            for t in range(T):
+                sl = np.sort(cslot[vis[t]])
+                alive.append(int(sl.size))
+                runs.append(int(1 + np.count_nonzero(np.diff(sl) != 1)) if sl.size else 0)
+            info.update(alive=alive, runs=runs, all_heads=Hq, all_kv_heads=Hkv)
+        return info
 
     def _spatten_reads(self, vis, base_vis, head_alive, kv_alive, Hq, Hkv) -> None:
         """KV rows read vs the same attention without SpAtten (algo.spatten.SpattenState.stats)."""
