@@ -355,6 +355,12 @@ def spatten_state_layout(slots: int, heads: int) -> dict:
     return dict(imp_off=imp, dead_off=dead, himp_off=himp, hdead_off=hdead, layer_bytes=align(hdead + heads))
 
 
+def spatten_max_heads(max_hidden: int) -> int:
+    """Query heads a SpAtten descriptor may have (the TOPK unit's on-chip head buffers): heads * head_dim <=
+    max_hidden with head_dim >= 16 (the attention unit's smallest head dimension)."""
+    return max_hidden // 16
+
+
 def pack_spatten(token_keep_q: list[int], head_keep_q: list[int], **f) -> bytes:
     f = dict(f, magic=MAGIC_SPT)
     L = int(f["layers"])

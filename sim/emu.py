@@ -367,6 +367,14 @@ class EmuDevice(MemoryDevice):
         spt = self._const(w0, ins.d, "spatten")
         L, H, S, R = spt["layers"], spt["heads"], spt["sink"], spt["recent"]
         ring = bool(spt["ring"])
+        # limits of the TOPK unit (hw/rtl/topk_unit.py): on-chip head buffers, the ring geometry of the
+        # attention unit (slots = S + W, W > 0), 64-bit importance items at 8-byte aligned offsets
+        Wr = spt["window"]
+        if H > mm.spatten_max_heads(self.hw.max_hidden) or (ring and (Wr == 0 or spt["slots"] != S + Wr)):
+            raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{ins.d:x}: heads {H}, ring S={S} W={Wr} "
+                                             f"slots {spt['slots']}")
+        if any(spt[k] % 8 for k in ("state_off", "layer_bytes", "imp_off", "himp_off")):
+            raise Fault(regmap.STATUS_KV_REGION, f"SpAtten state at 0x{ins.d:x}: importance offsets not multiples of 8")
         last = pos0 + T - 1
         pos, ok = self._slot_positions(spt["slots"], S, spt["window"], ring, last)
         cand = np.nonzero(ok & (pos >= S) & (pos <= last - R))[0]

@@ -268,6 +268,8 @@ from .units import UNITS as _ROW_UNITS  # noqa: E402  (issue 7: EMBED, RMSNORM, 
 UNITS.update(_ROW_UNITS)
 from .attn_unit import AttnUnit  # noqa: E402
 UNITS[isa.ATTN] = AttnUnit
+from .topk_unit import TopkUnit  # noqa: E402
+UNITS[isa.TOPK] = TopkUnit
 
 
 def unit_flags(op: int, cls) -> int:
