@@ -358,6 +358,12 @@ def spatten_state_layout(slots: int, heads: int) -> dict:
     return dict(imp_off=imp, dead_off=dead, himp_off=himp, hdead_off=hdead, layer_bytes=align(hdead + heads))
 
 
+def spatten_max_heads(max_hidden: int) -> int:
+    """Query heads a SpAtten descriptor may have (the on-chip head state of the ATTN and TOPK units):
+    SPATTEN_MAX_HEADS, and heads * head_dim <= max_hidden with head_dim >= 16 (the attention unit's smallest)."""
+    return min(SPATTEN_MAX_HEADS, max_hidden // 16)
+
+
 def pack_spatten(token_keep_q: list[int], head_keep_q: list[int], **f) -> bytes:
     f = dict(f, magic=MAGIC_SPT)
     L = int(f["layers"])

@@ -139,11 +139,11 @@ class EmuDevice(MemoryDevice):
                 if not 0 < nl <= self.hw.max_layers:
                     raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: {nl} layers")
                 val = mm.parse_spatten(self._view(w0, off, mm.spatten_bytes(nl), "SpAtten descriptor").tobytes())
-                if not (0 < val["slots"] <= self.hw.max_context and 0 < val["heads"] <= mm.SPATTEN_MAX_HEADS
-                        and val["start_layer"] < nl):
+                mh = mm.spatten_max_heads(self.hw.max_hidden)
+                if not (0 < val["slots"] <= self.hw.max_context and 0 < val["heads"] <= mh and val["start_layer"] < nl):
                     raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: layers {val['layers']}, "
                                                      f"slots {val['slots']} (max {self.hw.max_context}), heads "
-                                                     f"{val['heads']} (max {mm.SPATTEN_MAX_HEADS})")
+                                                     f"{val['heads']} (max {mh})")
                 if any(val[k] % mm.ALIGN for k in ("state_off", "layer_bytes", "imp_off", "dead_off", "himp_off", "hdead_off")):
                     raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{off:x}: state offsets not {mm.ALIGN}-byte aligned")
             elif kind == "norm":
@@ -373,6 +373,10 @@ class EmuDevice(MemoryDevice):
         spt = self._const(w0, ins.d, "spatten")
         L, H, S, R = spt["layers"], spt["heads"], spt["sink"], spt["recent"]
         ring = bool(spt["ring"])
+        # the ring geometry of the attention unit (slots = S + W, W > 0; hw/rtl/topk_unit.py)
+        Wr = spt["window"]
+        if ring and (Wr == 0 or spt["slots"] != S + Wr):
+            raise Fault(regmap.STATUS_SHAPE, f"SpAtten descriptor at 0x{ins.d:x}: ring S={S} W={Wr} slots {spt['slots']}")
         last = pos0 + T - 1
         pos, ok = self._slot_positions(spt["slots"], S, spt["window"], ring, last)
         cand = np.nonzero(ok & (pos >= S) & (pos <= last - R))[0]

@@ -144,20 +144,58 @@ def test_emu_and_rtl_identical_tokens_on_icarus(tiny_pkg):
     assert (r["rtl"]["logits"] == r["emu"]["logits"]).all(), "final logits differ between rtl (icarus) and emu"
 
 
-def test_emu_and_rtl_identical_past_the_window(tmp_path):
-    """Λ ring buffer on the RTL: tiny with S=2 sinks and a W=8 window decodes 20 tokens past a 4-token
-    prompt, so the window wraps twice; tokens and final logits equal emu's."""
+@pytest.fixture(scope="module")
+def tiny_w8_pkg(tmp_path_factory):
+    """tiny, accllm recipe with S=2 sinks and a W=8 window (so a short run wraps the ring)."""
     if not _has_command("build-rtl"):
         pytest.skip("`accllm build-rtl` is not in this checkout yet")
     from host import cli
-    out = tmp_path / "tiny-w8"
+    out = tmp_path_factory.mktemp("w8") / "tiny-w8"
     rc = cli.compile_model_main(["--model", "tiny", "--recipe", "accllm", "--hw", "sim-small", "--out", str(out),
                                  "--no-progress", "--set", "calib_samples=4", "--set", "calib_seqlen=128",
                                  "--set", "sink_tokens=2", "--set", "window=8"])
     assert rc == 0
-    r = _emu_vs_rtl(out, [101, 2034, 318, 257], 20)
+    return out
+
+
+def test_emu_and_rtl_identical_past_the_window(tiny_w8_pkg):
+    """Λ ring buffer on the RTL: tiny with S=2 sinks and a W=8 window decodes 20 tokens past a 4-token
+    prompt, so the window wraps twice; tokens and final logits equal emu's."""
+    r = _emu_vs_rtl(tiny_w8_pkg, [101, 2034, 318, 257], 20)
     assert r["rtl"]["tokens"] == r["emu"]["tokens"]
     assert (r["rtl"]["logits"] == r["emu"]["logits"]).all()
+
+
+def test_spatten_emu_and_rtl_identical_past_the_window(tiny_w8_pkg, tmp_path):
+    """SpAtten on the RTL (ATTN.spatten + TOPK, issue 7's top-k engine): the W=8 package plus token_keep 0.5,
+    head_keep 0.5 from layer 0 (`compile --package --set`), a 12-token prompt in one prefill block, then
+    decode through the window wraps; every step prunes tokens and heads; tokens, final logits and the
+    SpAtten state (importance, pruned flags) equal emu's."""
+    import numpy as np
+    from host.backends.rtl import missing_units
+    from host.runtime import open_runtime
+    sp = tmp_path / "sp"
+    rc, _ = _run_cli(["compile", "--package", str(tiny_w8_pkg), "--hw", "sim-small", "--set", "token_keep=0.5",
+                      "--set", "head_keep=0.5", "--set", "spatten_start_layer=0", "--set", "spatten_recent=2",
+                      "--out", str(sp)])
+    assert rc == 0
+    assert missing_units((sp / "program.bin").read_bytes()) == []
+    spm = json.loads((sp / "memmap.json").read_text())["spatten"]
+    prompt = [101, 2034, 318, 257, 1996, 3007, 1997, 2605, 2003, 3000, 1010, 1996]
+    res = {}
+    for backend in ("emu", "rtl"):
+        with open_runtime(sp, backend) as rt:
+            toks = list(rt.generate(prompt, 12, stop_at_eos=False))
+            logits = np.asarray(rt.feed([toks[-1]], want="logits"))
+            state = rt.buffers["weights0"].download(spm["state_bytes"], spm["state"])
+            res[backend] = dict(tokens=toks, logits=logits, state=np.frombuffer(state, np.uint8))
+    assert res["rtl"]["tokens"] == res["emu"]["tokens"]
+    assert (res["rtl"]["logits"] == res["emu"]["logits"]).all()
+    assert (res["rtl"]["state"] == res["emu"]["state"]).all(), "SpAtten state differs between rtl and emu"
+    # the run did prune: some token and some head flags are set in the last layer
+    lay = spm["layer_bytes"]
+    last = res["emu"]["state"][lay:2 * lay]
+    assert last[spm["dead_off"]:spm["dead_off"] + 8].any() and last[spm["hdead_off"]:spm["hdead_off"] + 4].any()
 
 
 def test_rtl_refuses_program_with_units_missing_from_the_kernel(tiny_pkg, tmp_path):
@@ -174,9 +212,8 @@ def test_rtl_refuses_program_with_units_missing_from_the_kernel(tiny_pkg, tmp_pa
 def test_spatten_on_an_existing_package_emu_vs_torch(tiny_pkg, tmp_path):
     """`compile --package --set token_keep=...` adds SpAtten without recompression; the fake-quant torch
     model and the functional model then prune in stream mode with the same read savings and close
-    perplexities; the RTL backend refuses the program (ATTN.spatten, TOPK) before building anything."""
-    from host.backends.rtl import RtlUnsupported, missing_units
-    from host.runtime import open_runtime
+    perplexities; the RTL kernel has every unit the program needs (ATTN.spatten, TOPK)."""
+    from host.backends.rtl import missing_units
     sp = tmp_path / "sp"
     sets = ["--set", "token_keep=0.5", "--set", "head_keep=0.5", "--set", "spatten_start_layer=0",
             "--set", "spatten_recent=16"]
@@ -188,9 +225,7 @@ def test_spatten_on_an_existing_package_emu_vs_torch(tiny_pkg, tmp_path):
     man = json.loads((sp / "manifest.json").read_text())
     assert man["recipe"]["token_keep"] == 0.5 and man["recipe_changes"][-1]["keys"]["head_keep"] == 0.5
     assert json.loads((tiny_pkg / "manifest.json").read_text())["recipe"]["token_keep"] == 1.0
-    assert missing_units((sp / "program.bin").read_bytes()) == ["TOPK"]
-    with pytest.raises(RtlUnsupported, match="TOPK"):
-        open_runtime(sp, "rtl")
+    assert missing_units((sp / "program.bin").read_bytes()) == []
     f = tmp_path / "t.txt"
     f.write_text("the quick brown fox jumps over the lazy dog. " * 100)
     res = {}

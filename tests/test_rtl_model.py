@@ -283,3 +283,96 @@ def test_attention_spatten_bit_exact(pair):
         _spatten(pair, **args)
         e = _same_all(pair.run([isa.Instr(isa.NOP)] + prog, 1, position=0), what)
         assert (e[0], e[1]) == (code, 1), what
+
+
+# --------------------------------------------------------------------------------------------------
+# TOPK: SpAtten's cascade token / head selection over the state in weights0
+# --------------------------------------------------------------------------------------------------
+TK_SPT_AT, TK_STATE = 0x1000, 0x2000
+
+
+def _kq(r):
+    return nx.keep_q16(r) if r > 0 else 0
+
+
+def _topk_spatten(pair, rng, *, L, S, W, slots, ring, R, H, start, tq, hq, flags=True, magic=memmap.MAGIC_SPT, **over):
+    """SpAtten descriptor at weights0+TK_SPT_AT, its state at TK_STATE: random importances (ties, values a step
+    below 2**63 - 1 that saturate the running sums) and, with *flags*, random pruned flags (any non-zero byte)."""
+    lay = memmap.spatten_state_layout(slots, H)
+    f = dict(layers=L, start_layer=start, sink=S, window=W, slots=slots, ring=ring, recent=R, heads=H, kv_heads=1,
+             state_off=TK_STATE, **lay)
+    f.update(over)
+    b = bytearray(memmap.pack_spatten([_kq(r) for r in tq], [_kq(r) for r in hq], **f))
+    b[0:4] = int(magic).to_bytes(4, "little")
+    pair.upload("weights0", bytes(b), TK_SPT_AT)
+    for li in range(L):
+        base = TK_STATE + li * lay["layer_bytes"]
+        imp = rng.integers(0, 1 << 24, slots).astype(np.int64)
+        imp[rng.random(slots) < 0.3] = 777                                     # ties
+        big = rng.random(slots) < 0.2
+        imp[big] = nx.IMP_MAX - rng.integers(0, 1 << 20, int(big.sum()))        # sums saturate
+        himp = rng.integers(0, 1 << 24, H).astype(np.int64)
+        himp[rng.random(H) < 0.3] = nx.IMP_MAX
+        pair.upload("weights0", imp.astype("<i8").tobytes(), base + lay["imp_off"])
+        pair.upload("weights0", himp.astype("<i8").tobytes(), base + lay["himp_off"])
+        if flags:
+            dead = (rng.random(slots) < 0.2) * rng.integers(1, 256, slots)
+            pair.upload("weights0", dead.astype(np.uint8), base + lay["dead_off"])
+            pair.upload("weights0", (rng.random(H) < 0.25).astype(np.uint8), base + lay["hdead_off"])
+    return lay
+
+
+def test_topk_bit_exact(pair):
+    """Λ ring (S=2, W=8, recent 1 and 2) through the window wrap, then a linear cache; start layer 0 and 1;
+    keep ratios with k < alive, k >= alive, k = 0, and a head keep that leaves one head. Every io and weights
+    byte (importance, flags, the bytes around them) compared with the functional model after each run;
+    flags accumulate from run to run and are re-randomized every other run."""
+    rng = np.random.default_rng(31)
+    for p_ in range(P):
+        pair.upload(f"weights{p_}", rng.integers(0, 256, 1 << 16, dtype=np.uint8))
+    prog = [isa.Instr(isa.TOPK, d=TK_SPT_AT), isa.Instr(isa.END)]
+    ring = dict(S=2, W=8, slots=10, ring=1, H=6, L=3)
+    runs = [  # (geometry, pos, T, recent, start, token keep, head keep)
+        (ring, 0, 3, 1, 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        (ring, 3, 1, 1, 0, (0.5, 0.6, 0.5), (0.5, 0.1, 0.5)),
+        (ring, 7, 2, 2, 0, (1.0, 0.5, 0.3), (1.0, 1.0, 0.1)),
+        (ring, 9, 1, 1, 1, (0.0, 0.7, 0.5), (0.0, 0.5, 0.5)),
+        (ring, 12, 1, 2, 0, (0.5, 0.5, 0.25), (0.3, 0.3, 0.3)),
+        (ring, 15, 4, 1, 2, (0.0, 0.0, 0.5), (0.0, 0.0, 0.1)),
+        (ring, 22, 1, 1, 0, (0.1, 1.0, 0.5), (0.5, 0.5, 1.0)),
+        (ring, 40, 3, 2, 1, (0.0, 0.5, 0.5), (0.0, 0.5, 0.5)),
+    ]
+    lin = dict(S=1, W=0, slots=48, ring=0, H=5, L=2)
+    runs += [(lin, 10, 4, 1, 0, (0.5, 0.3), (0.5, 0.5)),
+             (lin, 44, 1, 2, 1, (0.0, 0.4), (0.0, 0.1)),
+             (lin, 60, 2, 1, 0, (0.75, 0.5), (1.0, 0.5))]
+    cycles = []
+    for i, (g, pos, T, R, start, tq, hq) in enumerate(runs):
+        _topk_spatten(pair, rng, R=R, start=start, tq=tq, hq=hq, flags=(i % 2 == 0), **g)
+        out = pair.run(prog, T, position=pos)
+        e = _same_all(out, f"TOPK ring={g['ring']} pos={pos} T={T}")
+        assert e[0] == regmap.STATUS_OK, (pos, T, e[:2])
+        cycles.append(out["rtl"][4])
+    print("TOPK cycles (RTL, whole program):", cycles)
+
+
+def test_topk_bad_descriptor(pair):
+    """Bad SpAtten descriptors stop TOPK with emu's status code at its index."""
+    rng = np.random.default_rng(32)
+    g = dict(S=2, W=8, slots=10, ring=1, H=6, L=3, R=1, tq=(0.5,) * 3, hq=(0.5,) * 3)
+    bad = {
+        "magic": (dict(magic=0x12345678), regmap.STATUS_ADDR_RANGE),
+        "start_layer >= layers": (dict(start=3), regmap.STATUS_SHAPE),
+        "heads beyond max_hidden // 16": (dict(heads=memmap.spatten_max_heads(CFG.max_hidden) + 1), regmap.STATUS_SHAPE),
+        "ring slots != S + W": (dict(slots=11), regmap.STATUS_SHAPE),
+        "importance offset not 64-byte aligned": (dict(imp_off=8), regmap.STATUS_SHAPE),
+    }
+    prog = [isa.Instr(isa.NOP), isa.Instr(isa.TOPK, d=TK_SPT_AT), isa.Instr(isa.END)]
+    for what, (kw, code) in bad.items():
+        kw = dict(kw)
+        args = dict(g, start=kw.pop("start", 0))
+        if "slots" in kw:
+            args["slots"] = kw.pop("slots")
+        _topk_spatten(pair, rng, **args, **kw)
+        e = _same_all(pair.run(prog, 1, position=20), what)
+        assert (e[0], e[1]) == (code, 1), what

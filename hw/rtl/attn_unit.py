@@ -38,7 +38,7 @@ query head: hd/16 + ceil(hd/vgroup / 2) + hd/16 cycles.
 
 SpAtten (flag ``spatten``, docs/numerics.md "SpAtten", the same rules as sim/emu.py): the descriptor's
 word 16 points at the SpAtten descriptor (checked like emu: magic -> STATUS_ADDR_RANGE; layers, slots,
-heads (<= memmap.SPATTEN_MAX_HEADS), start layer, 64-byte alignment of the state, layer / slots / heads
+heads (<= memmap.spatten_max_heads), start layer, 64-byte alignment of the state, layer / slots / heads
 not those of this attention -> STATUS_SHAPE; state past the 4 GiB offset space -> STATUS_KV_REGION).
 At the start the layer's pruned flags come on chip (1 bit per slot), and the head state (cleared at
 position 0). Per token the appended slot is marked alive and "appended" (its importance restarts), then
@@ -160,7 +160,7 @@ class AttnUnit(_Base):
         acc_w, (acc_r,) = mem("sp_acc", 64, NC)
         lst_w, (lst_r,) = mem("sp_list", nb_, NC)
         run_w, (run_r,) = mem("sp_runs", 2 * nb_, NC)
-        MH = memmap.SPATTEN_MAX_HEADS
+        MH = memmap.spatten_max_heads(cfg.max_hidden)
         himp_w, (himp_r,) = mem("sp_himp", 64, MH)
         hsum_w, (hsum_r,) = mem("sp_hsum", 64, MH)
         m.submodules.isq = isq = ISqrt(27)

@@ -268,6 +268,8 @@ from .units import UNITS as _ROW_UNITS  # noqa: E402  (issue 7: EMBED, RMSNORM, 
 UNITS.update(_ROW_UNITS)
 from .attn_unit import AttnUnit  # noqa: E402
 UNITS[isa.ATTN] = AttnUnit
+from .topk_unit import TopkUnit  # noqa: E402
+UNITS[isa.TOPK] = TopkUnit
 
 
 def unit_flags(op: int, cls) -> int:
@@ -372,17 +374,21 @@ class Kernel(wiring.Component):
                          rd.data.ready.eq(fetch_take)]
         # Read data payloads go to every unit unconditionally (only valid/ready are switched), and the
         # weight-port write payloads come straight from the one unit that writes weight ports (units
-        # say so with WRITES_WEIGHTS): on a 32-port u280 build a 512-bit gate or multiplexer per unit
-        # and port costs tens of thousands of LUTs.
+        # say so with WRITES_WEIGHTS, and name the ports in WRITE_PORTS unless they write every port; a
+        # port with two writers gets a multiplexer): on a 32-port u280 build a 512-bit gate or multiplexer
+        # per unit and port costs tens of thousands of LUTs.
         writers = [op for op in ops if getattr(units[op], "WRITES_WEIGHTS", False)]
+
+        def port_writers(p):        # units that write weight port p (WRITE_PORTS: default every port)
+            return [op for op in writers if p in getattr(units[op], "WRITE_PORTS", range(P))]
         for op in ops:
             u = units[op]
             m.d.comb += u.rd_data.payload.eq(rd.data.payload)
             for p in range(P):
                 m.d.comb += getattr(u, f"w_data{p}").payload.eq(wrd[p].data.payload)
-        if len(writers) == 1:
-            for p in range(P):
-                m.d.comb += wwr[p].data.payload.eq(getattr(units[writers[0]], f"ww_data{p}").payload)
+        for p in range(P):
+            if len(port_writers(p)) == 1:
+                m.d.comb += wwr[p].data.payload.eq(getattr(units[port_writers(p)[0]], f"ww_data{p}").payload)
         for i, op in enumerate(ops):
             u = units[op]
             with m.If(active == i + 1):
@@ -403,7 +409,7 @@ class Kernel(wiring.Component):
                     m.d.comb += [wwr[p].cmd.valid.eq(wc.valid), wwr[p].cmd.payload.eq(wc.payload),
                                  wc.ready.eq(wwr[p].cmd.ready), wwr[p].data.valid.eq(wd.valid),
                                  wd.ready.eq(wwr[p].data.ready)]
-                    if len(writers) > 1 and op in writers:
+                    if len(port_writers(p)) > 1 and op in port_writers(p):
                         m.d.comb += wwr[p].data.payload.eq(wd.payload)
 
         with m.FSM():
