@@ -86,6 +86,33 @@ def topk_numpy(scores, k: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def topk_rounds(scores, k: int) -> list[tuple[int, int]]:
+    """The rounds :func:`topk_numpy` takes (the RTL engine, hw/rtl/topk.py, takes the same): per round
+    (pivot index, candidates left). None for k == 0 or k == n. For cycle models."""
+    s = np.asarray(scores)
+    n = s.shape[0]
+    _check(n, k)
+    out: list[tuple[int, int]] = []
+    if k == 0 or k == n:
+        return out
+    cand = np.arange(n, dtype=np.int64)
+    need = int(k)
+    while need > 0:
+        p = int(cand[len(cand) // 2])
+        out.append((p, int(cand.size)))
+        cs = s[cand]
+        better = (cs > s[p]) | ((cs == s[p]) & (cand < p))
+        nb = int(better.sum())
+        if nb >= need:
+            if nb == need:
+                break
+            cand = cand[better]
+            continue
+        need -= nb + 1
+        cand = cand[~better & (cand != p)]
+    return out
+
+
 def topk_torch(scores, k: int):
     """Torch version of :func:`topk_numpy` (same set, same order), on the tensor's device."""
     import torch

@@ -155,6 +155,8 @@ class CycleModel:
                                    spatten_slots=min(info["pos0"] + T, info["slots"]) if info.get("spatten") else 0)
         if k == "topk":
             return self.topk_parts(info["layers"], info["slots"], info["heads"], info["selected"])
+        if k == "topk":
+            return self.topk(info)
         if k == "embed":
             return T * info["D"] * 4 / self.bytes_per_cycle, float(T)
         if k == "argmax":
@@ -401,6 +403,27 @@ class RtlCycleModel:
                   + (heads + math.ceil(8 * heads / Wb) + L + 3) + ((heads + L + 4) if pos0 == 0 else 1))
         return total
 
+    def topk(self, info: dict) -> float:
+        """TOPK (hw/rtl/topk_unit.py) from the functional model's account of the run (``info["steps"]``: per
+        layer from the start layer, tokens then heads: candidates n, alive, k, the quick-select rounds
+        (pivot index, candidates left) and whether any flag is written). Coefficients fitted on sim-small
+        (36 random runs: Λ and linear caches, 1..4 layers, 0..117 candidates, 1..16 heads): within 7.1 %;
+        a burst costs about the read latency + 13."""
+        L = self.hw.hbm_latency_cycles
+        burst = L + 13
+        total = 390.0
+        segs = info.get("segments", 1) if info.get("candidates", 0) else 0
+        total += info["layers"] * ((segs + 1) * (burst + 2) + 0.63 * (info.get("candidates", 0) + info["heads"]))
+        for j, st in enumerate(info.get("steps", [])):
+            if st["n"] == 0:
+                continue
+            total += (segs if j % 2 == 0 else 1) * (burst - 2) + 1.41 * st["n"]
+            if st["alive"] > st["k"]:
+                total += -66 + 5.04 * st["alive"] + sum(0.95 * (p + 2 * n) + 40 for p, n in st["rounds"])
+            if st["write"]:
+                total += -21 + 1.83 * st["n"]
+        return total
+
     def instr_cycles(self, ins, info: dict, T: int) -> float:
         k = info.get("kind")
         L = self.hw.hbm_latency_cycles
@@ -417,6 +440,8 @@ class RtlCycleModel:
         if k == "attn":
             return self.attn(info["heads"], info["kv_heads"], info["head_dim"], info.get("vgroup", 64),
                              info["slots"], info.get("pos0", 0), T)
+        if k == "topk":
+            return self.topk(info)
         if k == "embed":
             return 2 * L + 10 + T * (2 * L + 20 + info["D"] * 4 / self.hw.port_bytes)
         if k == "argmax":

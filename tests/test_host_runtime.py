@@ -186,11 +186,18 @@ def test_spatten_emu_and_rtl_identical_past_the_window(tiny_w8_pkg, tmp_path):
     for backend in ("emu", "rtl"):
         with open_runtime(sp, backend) as rt:
             toks = list(rt.generate(prompt, 12, stop_at_eos=False))
+            rtl0 = getattr(rt.device, "cycles_rtl_total", 0)
             logits = np.asarray(rt.feed([toks[-1]], want="logits"))
             state = rt.buffers["weights0"].download(spm["state_bytes"], spm["state"])
-            res[backend] = dict(tokens=toks, logits=logits, state=np.frombuffer(state, np.uint8))
+            res[backend] = dict(tokens=toks, logits=logits, state=np.frombuffer(state, np.uint8),
+                                step_cycles=rt._last_cycles, model_step_cycles=rt.device.cycles_rtl_total - rtl0
+                                if backend == "emu" else None)
     assert res["rtl"]["tokens"] == res["emu"]["tokens"]
     assert (res["rtl"]["logits"] == res["emu"]["logits"]).all()
+    # the as-built cycle model (ATTN.spatten, TOPK terms) against the kernel's cycle register, one decode step
+    measured, predicted = res["rtl"]["step_cycles"], res["emu"]["model_step_cycles"]
+    print(f"SpAtten decode step: {measured} cycles (RTL), {predicted} (RtlCycleModel)")
+    assert measured > 0 and abs(measured / predicted - 1) < 0.10, (measured, predicted)
     assert (res["rtl"]["state"] == res["emu"]["state"]).all(), "SpAtten state differs between rtl and emu"
     # the run did prune: some token and some head flags are set in the last layer
     lay = spm["layer_bytes"]
