@@ -49,8 +49,10 @@ def keep_count(keep_q: int, n: int, at_least: int = 0) -> int:
     return max(int(at_least), (int(keep_q) * int(n)) >> KEEP_FRAC)
 
 
-def topk_numpy(scores, k: int) -> np.ndarray:
-    """Positions (ascending) of the k best scores; ties broken by lower position. See module doc."""
+def topk_numpy(scores, k: int, rounds: list | None = None) -> np.ndarray:
+    """Positions (ascending) of the k best scores; ties broken by lower position. See module doc.
+    *rounds*, if given, gets (pivot index, candidates left) of every quick-select round — the rounds the
+    RTL engine (hw/rtl/topk.py) takes too, for its cycle model."""
     s = np.asarray(scores)
     if s.ndim != 1:
         raise AccllmError(f"top-k: scores must be 1-D, got shape {s.shape}")
@@ -69,6 +71,8 @@ def topk_numpy(scores, k: int) -> np.ndarray:
     need = int(k)
     while need > 0:
         p = cand[len(cand) // 2]
+        if rounds is not None:
+            rounds.append((int(p), int(cand.size)))
         ps = s[p]
         cs = s[cand]
         better = (cs > ps) | ((cs == ps) & (cand < p))
@@ -84,33 +88,6 @@ def topk_numpy(scores, k: int) -> np.ndarray:
         need -= len(b) + 1
         cand = cand[~better & (cand != p)]
     return np.sort(np.concatenate(picked))
-
-
-def topk_rounds(scores, k: int) -> list[tuple[int, int]]:
-    """The rounds :func:`topk_numpy` takes (the RTL engine, hw/rtl/topk.py, takes the same): per round
-    (pivot index, candidates left). None for k == 0 or k == n. For cycle models."""
-    s = np.asarray(scores)
-    n = s.shape[0]
-    _check(n, k)
-    out: list[tuple[int, int]] = []
-    if k == 0 or k == n:
-        return out
-    cand = np.arange(n, dtype=np.int64)
-    need = int(k)
-    while need > 0:
-        p = int(cand[len(cand) // 2])
-        out.append((p, int(cand.size)))
-        cs = s[cand]
-        better = (cs > s[p]) | ((cs == s[p]) & (cand < p))
-        nb = int(better.sum())
-        if nb >= need:
-            if nb == need:
-                break
-            cand = cand[better]
-            continue
-        need -= nb + 1
-        cand = cand[~better & (cand != p)]
-    return out
 
 
 def topk_torch(scores, k: int):

@@ -369,7 +369,7 @@ class EmuDevice(MemoryDevice):
     def _topk(self, ins, w0, pos0, T) -> dict:
         """TOPK: SpAtten's selection after the run (docs/numerics.md "SpAtten"), layer by layer from the start
         layer, on the cumulative importance (sum over layers <= l) of the alive older tokens / heads."""
-        from algo.topk import topk_numpy, topk_rounds
+        from algo.topk import topk_numpy
         spt = self._const(w0, ins.d, "spatten")
         L, H, S, R = spt["layers"], spt["heads"], spt["sink"], spt["recent"]
         ring = bool(spt["ring"])
@@ -382,44 +382,37 @@ class EmuDevice(MemoryDevice):
         cand = np.nonzero(ok & (pos >= S) & (pos <= last - R))[0]
         cand = cand[np.argsort(pos[cand], kind="stable")]         # position order: ties go to the lower position
         st = [self._spatten_state(w0, spt, li) for li in range(L)]
-        run = np.zeros(cand.size, np.int64)
-        hrun = np.zeros(H, np.int64)
         sel = []
         # for the RTL cycle model: candidates in one or two runs of slots (the ring's rotation), and per
         # layer and kind (alive, k, quick-select rounds, any dropped so far)
         segs = 1 + int(cand.size > 1 and bool(np.any(np.diff(cand) != 1)))
         steps = []
-        tok_dropped = head_dropped = False
+        dropped = [False, False]
+
+        def select(li, kind, run, idx, keep_q, at_least):
+            """Keep the top-k alive entries of *run* (entry e is flag byte idx[e] of the layer's token
+            (kind 0) or head (kind 1) flags); flag the others in this and every later layer."""
+            flags = lambda lj: st[lj][1 + 2 * kind]          # noqa: E731
+            alive = np.nonzero(flags(li)[idx] == 0)[0]
+            k = nx.keep_count(keep_q, idx.size, at_least=at_least)
+            rounds = []
+            if alive.size > k:
+                drop = np.setdiff1d(alive, alive[topk_numpy(run[alive], k, rounds)])
+                for lj in range(li, L):
+                    flags(lj)[idx[drop]] = 1
+                sel.append(int(alive.size))
+                dropped[kind] |= drop.size > 0
+            steps.append(dict(n=int(idx.size), alive=int(alive.size), k=int(k), rounds=rounds, write=dropped[kind]))
+
+        run = np.zeros(cand.size, np.int64)
+        hrun = np.zeros(H, np.int64)
         for li in range(L):
             imp, dead, himp, hdead = st[li]
             run = nx.imp_add(run, imp[cand])
             hrun = nx.imp_add(hrun, himp)
-            if li < spt["start_layer"]:
-                continue
-            alive = np.nonzero(dead[cand] == 0)[0]
-            k = nx.keep_count(spt["token_keep_q"][li], cand.size)
-            rounds = []
-            if alive.size > k:
-                keep = alive[topk_numpy(run[alive], k)]
-                rounds = topk_rounds(run[alive], k)
-                drop = np.setdiff1d(alive, keep)
-                for lj in range(li, L):
-                    st[lj][1][cand[drop]] = 1
-                sel.append(int(alive.size))
-                tok_dropped = tok_dropped or drop.size > 0
-            steps.append(dict(n=int(cand.size), alive=int(alive.size), k=int(k), rounds=rounds, write=tok_dropped))
-            halive = np.nonzero(hdead == 0)[0]
-            kh = nx.keep_count(spt["head_keep_q"][li], H, at_least=1)
-            rounds = []
-            if halive.size > kh:
-                keep = halive[topk_numpy(hrun[halive], kh)]
-                rounds = topk_rounds(hrun[halive], kh)
-                drop = np.setdiff1d(halive, keep)
-                for lj in range(li, L):
-                    st[lj][3][drop] = 1
-                sel.append(int(halive.size))
-                head_dropped = head_dropped or drop.size > 0
-            steps.append(dict(n=H, alive=int(halive.size), k=int(kh), rounds=rounds, write=head_dropped))
+            if li >= spt["start_layer"]:
+                select(li, 0, run, cand, spt["token_keep_q"][li], 0)
+                select(li, 1, hrun, np.arange(H), spt["head_keep_q"][li], 1)
         return dict(kind="topk", layers=L, slots=spt["slots"], heads=H, selected=sel, candidates=int(cand.size),
                     segments=segs, start_layer=int(spt["start_layer"]), steps=steps)
 
