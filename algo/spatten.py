@@ -50,6 +50,15 @@ class SpattenConfig:
     num_layers: int
     num_heads: int
 
+    def state_for(self, cache, device) -> "SpattenState":
+        """The session's SpAtten state, kept on its cache (made on first use). algo.attention reaches
+        it through the config it finds on each layer, so it needs no import of this module."""
+        st = getattr(cache, "accllm_spatten_state", None)
+        if st is None:
+            st = SpattenState(self, device)
+            cache.accllm_spatten_state = st
+        return st
+
 
 def _per_layer(v, L: int, key: str) -> list[float]:
     vals = v if isinstance(v, list) else [v] * L
@@ -159,14 +168,6 @@ def read_savings(reads: dict) -> dict:
     functional model (sim/emu.py) count the same way."""
     return {"kv_reads_saved": 1 - reads["kv"] / reads["kv_base"] if reads["kv_base"] else 0.0,
             "attention_reads_saved": 1 - reads["attn"] / reads["attn_base"] if reads["attn_base"] else 0.0}
-
-
-def state_for(cache, cfg: SpattenConfig, device) -> SpattenState:
-    st = getattr(cache, "accllm_spatten_state", None)
-    if st is None:
-        st = SpattenState(cfg, device)
-        cache.accllm_spatten_state = st
-    return st
 
 
 def install(model, recipe) -> dict:

@@ -104,8 +104,7 @@ def _decode_run(pkg, backend: str, prompt: list[int], tokens: int) -> dict:
 
 def _bench_rtl(args) -> dict:
     if args.model is None and args.package is None:
-        from hw.build_rtl import bench_rtl
-        return bench_rtl(args)
+        return _bench_rtl_matmul(args)
     import numpy as np
     from pathlib import Path
     _defaults(args, "tiny", 16, 8)
@@ -136,6 +135,76 @@ def _bench_rtl(args) -> dict:
                      "_architecture_model: sim/cycle.CycleModel (the target design with prefetch and SFU lanes, "
                      "what accllm perf projects; not what this RTL does yet); sim_cycles_per_s: simulated cycles "
                      "per wall-clock second of the decode steps (host calls included)")}
+
+
+def _bench_rtl_matmul(args) -> dict:
+    """Weight-stream efficiency and cycles of a large matrix-vector MATMUL on the RTL (Verilator),
+    against the cycle model (sim/cycle.py); plus the DMA's steady-state read efficiency."""
+    import tempfile
+
+    from pathlib import Path
+
+    from hw.build_rtl import KERNEL_NAME, cached_verilog, kernel_source
+    from hw.config import load_hw
+    from hw.rtl.tops import DmaTop, to_verilog
+    from sim.cycle import CycleModel
+    from sim.toolchain import run_cocotb
+    cfg = load_hw(args.hw)
+    if cfg.weight_ports > 4:
+        raise AccllmError(f"bench rtl simulates the whole kernel; {cfg.name} has {cfg.weight_ports} weight ports, "
+                          "too many for a simulation here (use --hw sim-small)")
+    from sim import tb as _tb
+    tb = Path(_tb.__file__).resolve().parent
+    out: dict = {"backend": "rtl", "hw": cfg.name, "simulator": "verilator"}
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        metrics = td / "metrics.json"
+        env = {"RTL_METRICS": str(metrics), "ACCLLM_HW": cfg.name}
+        t = time.time()
+        run_cocotb(simulator="verilator", toplevel=KERNEL_NAME, sources=[kernel_source(cfg)], test_module="test_kernel",
+                   test_dir=tb / "kernel", name=f"{KERNEL_NAME}-{cfg.name}", extra_env=env, results_dir=td,
+                   testcase="stream_efficiency")
+        out["kernel_seconds"] = round(time.time() - t, 1)
+        k = json.loads(metrics.read_text())
+        dv = cached_verilog("dma_top", cfg, lambda: to_verilog(DmaTop(cfg.port_width_bits, cfg.burst_beats,
+                                                                      cfg.outstanding_reads), "dma_top"))
+        metrics.unlink()
+        run_cocotb(simulator="verilator", toplevel="dma_top", sources=[dv], test_module="test_dma", test_dir=tb / "dma",
+                   name="dma_top", results_dir=td,
+                   extra_env={"RTL_METRICS": str(metrics), "DATA_W": str(cfg.port_width_bits),
+                              "HBM_LATENCY": str(cfg.hbm_latency_cycles), "BURST_BEATS": str(cfg.burst_beats)})
+        dm = json.loads(metrics.read_text())
+    case = k["matmul_case"]
+    cm = CycleModel(cfg)
+    parts = cm.linear_parts(case["N"], case["K"], case["bits"], case["group"], case["sparse"], case["T"])
+    arch = cm.overlapped([parts, (0.0, 1.0)])          # the MATMUL and the END of the program
+    from dataclasses import replace
+
+    from sim.cycle import RtlCycleModel
+    # the model takes the memory's real round trip: cocotbext-axi's AxiRam plus the added latency
+    # answers a few cycles later than the configured latency (the rtl backend's Verilog memory does not)
+    lat = int(k.get("read_latency_cycles", cfg.hbm_latency_cycles))
+    rm = RtlCycleModel(replace(cfg, hbm_latency_cycles=lat))
+    pred = rm.program_cycles([rm.matmul(case["N"], case["K"], case["bits"], case["group"], case["sparse"],
+                                        case["T"], False)])
+    out.update({
+        "stream_efficiency": k["kernel_stream_efficiency"],
+        "stream_efficiency_backpressure": k["kernel_stream_efficiency_backpressure"],
+        "dma_stream_efficiency": dm["stream_efficiency"],
+        "dma_stream_efficiency_backpressure": dm["stream_efficiency_backpressure"],
+        "cycles_measured": k["kernel_stream_efficiency_run_cycles"],
+        "cycles_predicted": round(pred, 1),
+        "cycles_ratio": round(k["kernel_stream_efficiency_run_cycles"] / pred, 3),
+        "cycles_predicted_architecture_model": round(arch, 1),
+        "read_latency_cycles_measured": lat,
+        "matmul": case, "hbm_latency_cycles": cfg.hbm_latency_cycles,
+        "note": ("stream_efficiency: weight-port beats per cycle from the first to the last beat of the weight "
+                 "stream (port 0, 100-cycle read latency, no back-pressure); _backpressure: 20% random stalls on "
+                 "every AXI channel. cycles_measured: the kernel's cycle register for the whole program "
+                 "(MATMUL + END); cycles_predicted: sim/cycle.RtlCycleModel (the RTL as built) for the same program; "
+                 "cycles_predicted_architecture_model: sim/cycle.CycleModel (target design with prefetch)."),
+    })
+    return out
 
 
 def _bench_emu(args) -> dict:

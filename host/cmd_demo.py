@@ -93,7 +93,7 @@ def _step(i, n, what):
 def run(args) -> int:
     from algo.common import AccllmError, atomic_write_text, cache_dir
     from algo.eval import format_table
-    from host.backends.rtl import RtlUnsupported
+    from sim.rtlsim.device import RtlUnsupported
     from host.runtime import open_runtime
 
     N = 6
@@ -180,7 +180,7 @@ def run(args) -> int:
         t0 = time.time()
         # the RTL run is cached by package, kernel sources, prompt and token count (it takes minutes)
         import hashlib
-        from host.backends.rtl import _rtl_sources_digest
+        from sim.rtlsim.device import _rtl_sources_digest
         key = hashlib.sha256(json.dumps([manifest.get("files", {}), _rtl_sources_digest(), ids, args.rtl_tokens],
                                         sort_keys=True).encode()).hexdigest()[:16]
         rtl_cache = cache_dir("demo") / f"rtl-{key}.json"
@@ -230,7 +230,7 @@ def run(args) -> int:
     #    committed report of the last synthesis (docs/resources/u280.json), marked if the design changed
     from hw.build_rtl import known_resources
     from hw.config import load_hw
-    from host.backends.rtl import _rtl_sources_digest
+    from sim.rtlsim.device import _rtl_sources_digest
     rdir = cache_dir("demo") / f"synth-u280-{_rtl_sources_digest()}"
 
     def fmt_res(r):

@@ -584,7 +584,7 @@ def open_runtime(package_dir, backend: str = "emu", *, hw=None, owner: str = "ac
                               f"run compile-model with --hw sim-small or u280")
         hw = hw_from_dict(m["hw"])
     if backend == "rtl":
-        from host.backends.rtl import check_program_supported
+        from sim.rtlsim.device import check_program_supported
         check_program_supported(package_dir)
     dev = open_device(backend, hw, **device_kw)
     try:

@@ -1,6 +1,6 @@
 """The functional model of the accelerator: executes program.bin on the packed HBM images with
 exactly the integer numerics of hw/numerics.py (docs/numerics.md), behind the register-level device
-interface of host/device.py (s_axi_control at the Vitis offsets of hw/regmap.py, buffers in HBM banks).
+interface of hw/device.py (s_axi_control at the Vitis offsets of hw/regmap.py, buffers in HBM banks).
 
 Speed: linear layers run as float32 batched matrix products over groups — exact, because every group
 sum |sum_k d*x| <= (2**b - 1) * 127 * g < 2**22 (b <= 8, g <= 128) and every partial sum is bounded by
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from host.device import MemoryDevice
+from hw.device import MemoryDevice
 from hw import isa, regmap
 from hw import memmap as mm
 from hw import numerics as nx

@@ -1,6 +1,6 @@
 """Simulation top of the ``rtl`` runtime backend: the kernel with one behavioural AXI4 memory
 (sim/hdl/axi_mem_model.v) per master port, so the simulator runs the memories at full speed and the
-host reaches them through a file backdoor ($readmemh / $writememh, host/backends/rtl_server.py).
+host reaches them through a file backdoor ($readmemh / $writememh, sim/rtlsim/server.py).
 
 The control slave (``s_axi_control_*``), ``ap_clk``, ``ap_rst_n`` and ``interrupt`` are the top's
 ports, driven by cocotbext-axi ``AxiLiteMaster`` exactly as on the card.

@@ -37,14 +37,14 @@ def _gone(pgid: int) -> bool:
 
 def test_rtl_device_registers_runs_timeout_and_close(control_rtl):
     from hw import regmap
-    from host.backends.rtl import RtlDevice
-    from host.device import DeviceBusy, DeviceError, DeviceTimeout
+    from sim.rtlsim.device import RtlDevice
+    from hw.device import DeviceBusy, DeviceError, DeviceTimeout
     hw = load_hw("sim-small")
     dev = RtlDevice(hw, rtl_dir=str(control_rtl), check_ports=False, progress=False)
     pgid = dev.proc.pid
     try:
         # one simulated memory per AXI port: buffers of a port in different banks must not alias
-        from host.device import BANK_BYTES
+        from hw.device import BANK_BYTES
         b0 = dev.alloc(100, port="m_axi_ctrl", bank=0, name="a")
         b1 = dev.alloc(100, port="m_axi_ctrl", bank=1, name="b")
         assert b0.address // BANK_BYTES == 0 and b1.address // BANK_BYTES == 1
@@ -93,7 +93,7 @@ def _holding_host(control_rtl, tmp_path, on_interrupt: str = ""):
         # `make test &`) inherits SIGINT ignored, and Ctrl-C would then never reach it
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from hw.config import load_hw
-        from host.backends.rtl import RtlDevice
+        from sim.rtlsim.device import RtlDevice
         dev = RtlDevice(load_hw("sim-small"), rtl_dir={str(control_rtl)!r}, check_ports=False, progress=False)
         print(dev.proc.pid, flush=True)
     """) + textwrap.dedent(body) + "\n")
@@ -138,6 +138,6 @@ def test_rtl_killed_host_leaves_no_simulator(control_rtl, tmp_path):
 
 
 def test_rtl_missing_verilog_is_clear(tmp_path):
-    from host.backends.rtl import RtlDevice
+    from sim.rtlsim.device import RtlDevice
     with pytest.raises(AccllmError, match="no Verilog"):
         RtlDevice(load_hw("sim-small"), rtl_dir=str(tmp_path), progress=False)

@@ -122,7 +122,7 @@ def test_emu_and_rtl_give_identical_tokens(tiny_pkg):
     the as-built cycle model within 10 % of the kernel's cycle register."""
     if not _has_command("build-rtl"):
         pytest.skip("`accllm build-rtl` (hw/rtl kernel) is not in this checkout yet")
-    from host.backends.rtl import missing_units
+    from sim.rtlsim.device import missing_units
     assert missing_units((tiny_pkg / "program.bin").read_bytes()) == []
     r = _emu_vs_rtl(tiny_pkg, "Hello", 17)
     assert len(r["rtl"]["tokens"]) == 17
@@ -172,7 +172,7 @@ def test_spatten_emu_and_rtl_identical_past_the_window(tiny_w8_pkg, tmp_path):
     decode through the window wraps; every step prunes tokens and heads; tokens, final logits and the
     SpAtten state (importance, pruned flags) equal emu's."""
     import numpy as np
-    from host.backends.rtl import missing_units
+    from sim.rtlsim.device import missing_units
     from host.runtime import open_runtime
     sp = tmp_path / "sp"
     rc, _ = _run_cli(["compile", "--package", str(tiny_w8_pkg), "--hw", "sim-small", "--set", "token_keep=0.5",
@@ -207,7 +207,7 @@ def test_spatten_emu_and_rtl_identical_past_the_window(tiny_w8_pkg, tmp_path):
 
 def test_rtl_refuses_program_with_units_missing_from_the_kernel(tiny_pkg, tmp_path):
     from hw import isa
-    from host.backends.rtl import RtlUnsupported, missing_units
+    from sim.rtlsim.device import RtlUnsupported, missing_units
     from host.runtime import open_runtime
     prog = isa.encode_program([isa.Instr(isa.ATTN, a=0, b=0, c=0, d=0), isa.Instr(isa.END)])
     with mock.patch.dict("hw.rtl.kernel.UNITS", {}, clear=True):
@@ -220,7 +220,7 @@ def test_spatten_on_an_existing_package_emu_vs_torch(tiny_pkg, tmp_path):
     """`compile --package --set token_keep=...` adds SpAtten without recompression; the fake-quant torch
     model and the functional model then prune in stream mode with the same read savings and close
     perplexities; the RTL kernel has every unit the program needs (ATTN.spatten, TOPK)."""
-    from host.backends.rtl import missing_units
+    from sim.rtlsim.device import missing_units
     sp = tmp_path / "sp"
     sets = ["--set", "token_keep=0.5", "--set", "head_keep=0.5", "--set", "spatten_start_layer=0",
             "--set", "spatten_recent=16"]
@@ -363,7 +363,7 @@ def test_rtl_verilog_generation_keeps_stdout_clean(tmp_path, monkeypatch, capsys
     """`accllm run/bench --backend rtl --json` on a fresh cache: the Verilog generation it triggers logs to
     stderr, so stdout stays one JSON document."""
     from hw.config import load_hw
-    from host.backends.rtl import ensure_rtl
+    from sim.rtlsim.device import ensure_rtl
     monkeypatch.setenv("ACCLLM_CACHE", str(tmp_path / "cache"))
     out = ensure_rtl(load_hw("sim-small"), progress=True)
     assert any(out.glob("*.v"))

@@ -13,7 +13,7 @@ import torch
 from algo.common import AccllmError
 from hw import memmap, regmap
 from hw.config import load_hw
-from host.device import DeviceBusy, DeviceTimeout, MemoryDevice
+from hw.device import DeviceBusy, DeviceTimeout, MemoryDevice
 from host.runtime import DeviceScorer, Runtime, Sampler, Sampling
 
 V = 16

@@ -198,7 +198,7 @@ def test_xrt_bad_input(hw, tmp_path):
 
 def test_xrt_timeout_leaves_device_reusable(hw, tmp_path):
     from host.cmd_package_xo import port_banks
-    from host.device import DeviceTimeout
+    from hw.device import DeviceTimeout
     dev, px = _device(hw, tmp_path, finish=False)
     banks = {p: lo for p, (lo, hi) in port_banks(hw).items()}
     for a in regmap.arguments(hw):

@@ -1,4 +1,4 @@
-"""Device backends behind host/device.py: ``emu`` (the functional model, sim/emu.py), ``rtl``
+"""Device backends behind hw/device.py: ``emu`` (the functional model, sim/emu.py), ``rtl``
 (the generated Verilog under Verilator through cocotb, in a subprocess) and ``xrt`` (an Alveo card
 through pyxrt). ``open_device(name, hw, ...)`` is the one way the runtime gets a device."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def open_device(backend: str, hw, *, xclbin: str | None = None, device_index: in
             raise AccllmError(f"the functional model (sim/emu.py) is not available: {e}") from None
         return EmuDevice(hw, **kw)
     if backend == "rtl":
-        from .rtl import RtlDevice
+        from sim.rtlsim.device import RtlDevice
         return RtlDevice(hw, rtl_dir=rtl_dir, simulator=simulator, **kw)
     if backend == "xrt":
         from .xrt import XrtDevice

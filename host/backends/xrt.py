@@ -30,7 +30,7 @@ import numpy as np
 
 from algo.common import AccllmError
 from hw import regmap
-from host.device import Device, DeviceTimeout
+from hw.device import Device, DeviceTimeout
 
 KERNEL_NAME = "accllm_kernel"
 

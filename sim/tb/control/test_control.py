@@ -7,7 +7,7 @@ from cocotb.triggers import ClockCycles, RisingEdge
 
 from hw import regmap
 from hw.config import load_hw
-from sim.tb.rtlcommon.axi_mem import control_master
+from sim.rtlsim.axi_mem import control_master
 from sim.tb.rtlcommon.bench import start_clock_and_reset
 
 CFG = load_hw("sim-small")

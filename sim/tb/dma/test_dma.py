@@ -6,7 +6,7 @@ import random
 import cocotb
 from cocotb.triggers import FallingEdge, RisingEdge
 
-from sim.tb.rtlcommon.axi_mem import axi_ram
+from sim.rtlsim.axi_mem import axi_ram
 from sim.tb.rtlcommon.bench import record, start_clock_and_reset, wait_for
 
 DATA_W = int(os.environ.get("DATA_W", "256"))

@@ -11,7 +11,7 @@ from cocotb.triggers import ClockCycles, RisingEdge
 
 from hw import isa, memmap, numerics, regmap
 from hw.config import load_hw
-from sim.tb.rtlcommon.axi_mem import axi_ram, control_master
+from sim.rtlsim.axi_mem import axi_ram, control_master
 from sim.tb.rtlcommon.bench import record, start_clock_and_reset
 
 CFG = load_hw(os.environ.get("ACCLLM_HW", "sim-small"), [x for x in os.environ.get("ACCLLM_HW_SET", "").split(",") if x])

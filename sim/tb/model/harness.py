@@ -38,7 +38,7 @@ class DevicePair:
     """Emu + RTL devices with the same buffers. Sizes in bytes."""
 
     def __init__(self, cfg: HWConfig, io_bytes=1 << 16, w_bytes=1 << 16, prog_bytes=4096, rtl=None):
-        from host.backends.rtl import RtlDevice
+        from sim.rtlsim.device import RtlDevice
         from sim.emu import EmuDevice
         self.cfg = cfg
         self.devs = {"emu": EmuDevice(cfg), "rtl": rtl or RtlDevice(cfg, rtl_dir=str(rtl_dir(cfg)), progress=False)}

@@ -1,6 +1,6 @@
 """cocotb test module that turns the simulated kernel into a device server (the ``rtl`` backend).
 
-Runs inside the simulator (Verilator or Icarus, launched by host/backends/rtl_sim.py). It connects
+Runs inside the simulator (Verilator or Icarus, launched by sim/rtlsim/launch.py). It connects
 to the Unix socket in ``$ACCLLM_RTL_SOCK`` and serves the host's calls until the host says ``quit``
 or the socket closes (the host died): the simulation then ends.
 
@@ -67,7 +67,7 @@ def _ports(dut) -> list[str]:
 
 def _ram(dut, prefix, latency):
     try:
-        from sim.tb.rtlcommon.axi_mem import axi_ram
+        from sim.rtlsim.axi_mem import axi_ram
         return axi_ram(dut, prefix, BANK_BYTES, latency)
     except ImportError:
         from cocotbext.axi import AxiBus, AxiRam

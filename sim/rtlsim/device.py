@@ -1,7 +1,7 @@
 """``rtl`` backend: the generated Verilog under Verilator (or Icarus) through cocotb, in a separate
 process driven over a local Unix socket by the same calls as the card: register reads/writes on
 ``s_axi_control`` (cocotbext-axi AxiLiteMaster), buffer contents in AxiRam models on every AXI4
-master port. See rtl_server.py (inside the simulator) and rtl_sim.py (the child process).
+master port. See server.py (inside the simulator) and launch.py (the child process).
 
 The child runs in its own process group; ``close()`` (also on Ctrl-C, at exit, or when the object is
 collected) asks it to quit and then kills the whole group, so no simulator is left behind. If the host
@@ -23,9 +23,9 @@ import weakref
 from pathlib import Path
 
 from algo.common import AccllmError, cache_dir
-from host.device import Device
+from hw.device import Device
 
-from .rtl_server import recv_msg, send_msg
+from .server import recv_msg, send_msg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,23 +44,14 @@ def ensure_rtl(hw, progress: bool = True) -> Path:
     out = cache_dir("rtl-kernel") / f"{hw.name}-{key}"
     if out.is_dir() and any(out.glob("*.v")):
         return out
-    from hw.config import PRESETS
-    from host import cli
-    if "build-rtl" not in {c[0] for c in cli.COMMANDS}:
-        raise AccllmError("the rtl backend needs `accllm build-rtl` (hw/rtl), which is not in this checkout")
-    argv = ["build-rtl", "--hw", hw.name, "--out", str(out)]
-    preset = PRESETS.get(hw.name, {})
-    for k, v in hw.to_dict().items():
-        if k in preset and preset[k] != v:
-            argv += ["--hw-set", f"{k}={v}"]
+    from hw.build_rtl import build
     if progress:
-        print(f"[rtl] generating Verilog: accllm {' '.join(argv)}", file=sys.stderr, flush=True)
-    a = cli.build_parser().parse_args(argv)
+        print(f"[rtl] generating the Verilog of the {hw.name} kernel into {out}", file=sys.stderr, flush=True)
     import contextlib
-    with contextlib.redirect_stdout(sys.stderr):     # build-rtl's log must not mix into a --json stdout
-        rc = a._module.run(a)
-    if rc or not any(out.glob("*.v")):
-        raise AccllmError(f"`accllm {' '.join(argv)}` did not produce Verilog (exit {rc})")
+    with contextlib.redirect_stdout(sys.stderr):     # the build's log must not mix into a --json stdout
+        build(hw, out, log=lambda *a: print(*a, file=sys.stderr, flush=True) if progress else None)
+    if not any(out.glob("*.v")):
+        raise AccllmError(f"generating the Verilog of the {hw.name} kernel left no Verilog in {out}")
     return out
 
 
@@ -93,7 +84,7 @@ def check_program_supported(package_dir) -> None:
     missing = missing_units(prog.read_bytes())
     if missing:
         raise RtlUnsupported(f"the RTL kernel does not implement {', '.join(missing)} yet (no execution unit for "
-                             f"the opcode, or OPCODE.flag: a flag its unit lacks), which {prog} uses (issue 7); run it "
+                             f"the opcode, or OPCODE.flag: a flag its unit lacks), which {prog} uses; run it "
                              f"with --backend emu")
 
 
@@ -139,7 +130,7 @@ class RtlDevice(Device):
         self.mem = mem or os.environ.get("ACCLLM_RTL_MEM") or self._default_mem(rtl, hw)
         if self.mem not in ("hdl", "cocotb"):
             raise AccllmError(f"rtl memory model {self.mem!r}: use hdl or cocotb (ACCLLM_RTL_MEM)")
-        cmd = [sys.executable, "-m", "host.backends.rtl_sim", "--sock", path, "--rtl", str(rtl),
+        cmd = [sys.executable, "-m", "sim.rtlsim.launch", "--sock", path, "--rtl", str(rtl),
                "--simulator", simulator, "--period-ns", f"{period_ns:g}", "--latency", str(lat),
                "--mem", self.mem, "--weight-ports", str(hw.weight_ports), "--width", str(hw.port_width_bits)]
         env = dict(os.environ)
@@ -191,7 +182,7 @@ class RtlDevice(Device):
         """bank * BANK_BYTES + an offset that is unique per AXI port: the simulation has one memory per
         port and ignores the bank bits, so buffers of one port in different banks (program in bank 0,
         kv in bank 1 on m_axi_ctrl) must not share offsets."""
-        from host.device import ALIGN, BANK_BYTES
+        from hw.device import ALIGN, BANK_BYTES
         nxt = self.__dict__.setdefault("_port_next", {})
         off = nxt.get(port, ALIGN)            # offset 0 is never a buffer (an unset pointer)
         limit = BANK_BYTES

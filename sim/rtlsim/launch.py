@@ -1,8 +1,8 @@
 """Child process of the ``rtl`` backend: builds (cached) and runs the kernel's Verilog under the
-simulator with host/backends/rtl_server.py as the cocotb test, which serves the host over a Unix
-socket. Started by host/backends/rtl.py in its own process group; not meant to be run by hand.
+simulator with sim/rtlsim/server.py as the cocotb test, which serves the host over a Unix
+socket. Started by sim/rtlsim/device.py in its own process group; not meant to be run by hand.
 
-    python -m host.backends.rtl_sim --sock PATH --rtl DIR [--simulator verilator] [--toplevel accllm_kernel]
+    python -m sim.rtlsim.launch --sock PATH --rtl DIR [--simulator verilator] [--toplevel accllm_kernel]
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                 "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
                 "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING")})
     print("[rtl] simulator started", flush=True)
-    runner.test(hdl_toplevel=top, test_module="host.backends.rtl_server", build_dir=bdir,
+    runner.test(hdl_toplevel=top, test_module="sim.rtlsim.server", build_dir=bdir,
                 test_dir=Path(a.sock).parent, extra_env=env,
                 results_xml=Path(a.sock).parent / "results.xml")
     return 0
