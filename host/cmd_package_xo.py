@@ -199,19 +199,6 @@ def run(args) -> int:
 
 
 def _build_rtl(hw, dst: Path) -> None:
-    """Run `accllm build-rtl` for *hw* into *dst*."""
-    from hw.config import PRESETS
-    from host import cli
-    if "build-rtl" not in {c[0] for c in cli.COMMANDS}:
-        raise AccllmError("`accllm build-rtl` is not available in this checkout; pass --rtl DIR with the "
-                          "Verilog and kernel.xml")
-    argv = ["build-rtl", "--hw", hw.name, "--out", str(dst)]
-    preset = PRESETS.get(hw.name, {})
-    sets = [f"{k}={v}" for k, v in hw.to_dict().items() if k in preset and preset[k] != v]
-    for s in sets:
-        argv += ["--hw-set", s]
-    parser = cli.build_parser()
-    a = parser.parse_args(argv)
-    rc = a._module.run(a)
-    if rc:
-        raise AccllmError(f"`accllm {' '.join(argv)}` failed (exit {rc})")
+    """The kernel's Verilog, kernel.xml and regmap.json for *hw* into *dst* (what `accllm build-rtl` writes)."""
+    from hw.build_rtl import build
+    build(hw, dst)

@@ -1,4 +1,4 @@
-"""Stream drivers for the issue-7 unit benches (Amaranth ``stream`` ports flattened as
+"""Stream drivers for the RTL unit benches (Amaranth ``stream`` ports flattened as
 ``<name>__valid`` / ``__ready`` / ``__payload``; clock ``clk``, reset ``rst``)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """cocotb bench of the special-function unit (hw.rtl.sfu.SFU) against hw/numerics.py: every output
-element must be identical (random rows and the edge cases of issue 7), with random stalls on
+element must be identical (random rows and the numerics' edge cases), with random stalls on
 every stream."""
 import os
 import random
