@@ -84,3 +84,21 @@ def atomic_directory(final: str | os.PathLike):
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to standard output inside the block to standard error instead: Python's
+    prints, C libraries and child processes alike (file descriptor 1 is pointed at 2), so a command
+    whose --json document goes to stdout afterwards prints nothing else there."""
+    import sys
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -5,6 +5,7 @@ JSON with --json) and, if it needs options of its own, add them in ``add_argumen
 by every backend, so give them backend-neutral names or document which backend reads them)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -241,8 +242,10 @@ def run(args) -> int:
     import importlib
     if args.backend not in BACKENDS:
         raise AccllmError(f"unknown backend {args.backend!r} for bench; available: {', '.join(BACKENDS)}")
+    from algo.common import stdout_to_stderr
     mod, fn = BACKENDS[args.backend].split(":")
-    res = getattr(importlib.import_module(mod), fn)(args)
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():    # --json: one document on stdout
+        res = getattr(importlib.import_module(mod), fn)(args)
     if args.json:
         print(json.dumps(res, indent=1))
     else:

@@ -208,11 +208,13 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise AccllmError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        import math
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise AccllmError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise AccllmError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):      # NaN fails here too
             raise AccllmError(f"top-p must be in (0, 1], got {self.top_p}")
 
     @property

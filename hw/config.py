@@ -81,16 +81,34 @@ def load_hw(name: str, sets: list[str] | None = None) -> HWConfig:
     return cfg
 
 
+# accepted ranges of the numeric keys (inclusive); every key must also have its declared type
+RANGES: dict[str, tuple[float, float]] = {
+    "clock_mhz": (1.0, 1000.0), "weight_ports": (1, 32), "mac_rows": (1, 4096), "mac_lanes": (1, 4096),
+    "max_hidden": (1, 1 << 20), "max_context": (1, 1 << 24), "max_prefill": (1, 1 << 16), "max_layers": (1, 1024),
+    "hbm_latency_cycles": (0, 100_000), "hbm_efficiency": (0.01, 1.0), "outstanding_reads": (1, 256),
+    "burst_beats": (1, 256),
+}
+
+
 def validate(cfg: HWConfig) -> None:
+    import math
+    for f in fields(HWConfig):
+        v = getattr(cfg, f.name)
+        if f.name in ("name", "extra"):
+            continue
+        if f.type == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise AccllmError(f"hardware key {f.name} takes a finite number, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int):
+            raise AccllmError(f"hardware key {f.name} takes an integer, got {v!r}")
+        if f.name in RANGES:
+            lo, hi = RANGES[f.name]
+            if not lo <= v <= hi:
+                raise AccllmError(f"hardware key {f.name} must lie in [{lo:g}, {hi:g}], got {v!r}")
     if cfg.port_width_bits not in (256, 512):
         raise AccllmError(f"port_width_bits must be 256 or 512, got {cfg.port_width_bits}")
-    for k in ("weight_ports", "mac_rows", "mac_lanes", "max_hidden", "max_context", "max_prefill", "max_layers"):
-        if getattr(cfg, k) <= 0:
-            raise AccllmError(f"hardware key {k} must be positive, got {getattr(cfg, k)}")
     if cfg.scale_bits not in (8, 16):
         raise AccllmError(f"scale_bits must be 8 or 16, got {cfg.scale_bits}")
-    if cfg.weight_ports > 32:
-        raise AccllmError(f"weight_ports={cfg.weight_ports}: the U280 has 32 HBM pseudo-channels")
 
 
 def hw_from_dict(d: dict) -> HWConfig:

@@ -1,0 +1,62 @@
+"""Bad input gets one clear line, never a traceback or a silently wrong figure; --json output is one document."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from algo.common import AccllmError
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("clock_mhz=0", "clock_mhz must lie in"),
+    ("clock_mhz=-5", "clock_mhz must lie in"),
+    ("clock_mhz=nan", "finite number"),
+    ("hbm_efficiency=0", "hbm_efficiency must lie in"),
+    ("hbm_efficiency=1.5", "hbm_efficiency must lie in"),
+    ("weight_ports=33", "weight_ports must lie in"),
+    ("burst_beats=0", "burst_beats must lie in"),
+    ("outstanding_reads=-1", "outstanding_reads must lie in"),
+    ("port_width_bits=128", "256 or 512"),
+    ("mac_rows=2.5", "takes a number"),
+])
+def test_hardware_overrides_out_of_range_are_refused(setting, words):
+    from hw.config import load_hw
+    with pytest.raises(AccllmError, match=words):
+        load_hw("u280", [setting])
+
+
+def test_hardware_config_from_a_manifest_is_type_checked():
+    from hw.config import PRESETS, hw_from_dict
+    d = dict(PRESETS["sim-small"])
+    hw_from_dict(d)
+    for key, bad in (("weight_ports", True), ("clock_mhz", "100"), ("max_context", 2048.0)):
+        with pytest.raises(AccllmError, match=key):
+            hw_from_dict({**d, key: bad})
+
+
+def test_perf_with_a_zero_clock_is_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "host.cli", "perf", "--model", "llama2-7b", "--hw", "u280",
+                        "--hw-set", "clock_mhz=0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "clock_mhz must lie in" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(temperature=-0.5), dict(top_p=float("nan")), dict(top_p=0.0)])
+def test_sampling_settings_out_of_range_are_refused(kw):
+    from host.runtime import Sampling
+    with pytest.raises(AccllmError):
+        Sampling(**kw)
+
+
+def test_stdout_to_stderr_covers_child_processes(capfd):
+    from algo.common import stdout_to_stderr
+    with stdout_to_stderr():
+        print("from python")
+        subprocess.run([sys.executable, "-c", "print('from a child')"], check=True)
+    print(json.dumps({"ok": 1}))
+    cap = capfd.readouterr()
+    assert json.loads(cap.out) == {"ok": 1}
+    assert "from python" in cap.err and "from a child" in cap.err
