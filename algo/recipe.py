@@ -63,6 +63,28 @@ def _non_negative(v):
     return None if isinstance(v, int) and v >= 0 else f"must be a non-negative integer, got {v!r}"
 
 
+def _check_type(f, v) -> None:
+    """The value of recipe key *f* has the type of its default: true/false for flags (not 0/1), a whole
+    number for integer keys (not 2.0 or true), a finite number for real keys, a list of names for lists."""
+    import math
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        ok, what = isinstance(v, bool), "true or false"
+    elif isinstance(default, int) and f.type != "Any":
+        ok, what = isinstance(v, int) and not isinstance(v, bool), "an integer"
+    elif isinstance(default, float) or f.type == "Any":
+        nums = v if f.type == "Any" and isinstance(v, list) else [v]
+        ok = bool(nums) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                for x in nums)
+        what = "a finite number" + (" or a list of them" if f.type == "Any" else "")
+    elif isinstance(default, list):
+        ok, what = isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"
+    else:
+        ok, what = isinstance(v, str), "a string"
+    if not ok:
+        raise AccllmError(f"recipe key {f.name} takes {what}, got {v!r}")
+
+
 @dataclass
 class Recipe:
     name: str = _key("custom", "preset name this recipe started from")
@@ -142,6 +164,7 @@ class Recipe:
     def validate(self) -> "Recipe":
         for f in fields(self):
             v = getattr(self, f.name)
+            _check_type(f, v)
             choices, check = f.metadata.get("choices"), f.metadata.get("check")
             if choices is not None and v not in choices:
                 raise AccllmError(f"recipe key {f.name}={v!r} is not accepted; choose one of "

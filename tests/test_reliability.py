@@ -60,3 +60,25 @@ def test_stdout_to_stderr_covers_child_processes(capfd):
     cap = capfd.readouterr()
     assert json.loads(cap.out) == {"ok": 1}
     assert "from python" in cap.err and "from a child" in cap.err
+
+
+@pytest.mark.parametrize("text, words", [
+    ("weight_bits = 2.0", "weight_bits takes an integer"),
+    ("high_precision_layers = 5", "high_precision_layers takes a list of names"),
+    ("window = true", "window takes an integer"),
+    ("act_order = 5", "act_order takes true or false"),
+    ("smooth_alpha = nan", "smooth_alpha takes a finite number"),
+    ("token_keep = false", "token_keep takes a finite number"),
+])
+def test_recipe_file_values_of_the_wrong_type_are_refused(tmp_path, text, words):
+    from algo.recipe import load_recipe
+    f = tmp_path / "r.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(AccllmError, match=words):
+        load_recipe("accllm", recipe_file=str(f))
+
+
+def test_every_preset_passes_the_type_check():
+    from algo.recipe import PRESETS, load_recipe
+    for name in PRESETS:
+        load_recipe(name)
