@@ -58,8 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every cleanup (temporary directories, simulators) runs
+    as it does for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _run(mod, args) -> int:
+    import signal
+    import threading
     from algo.common import AccllmError
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _setup_runtime()
         return int(mod.run(args) or 0)
@@ -69,6 +82,9 @@ def _run(mod, args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,3 +82,23 @@ def test_every_preset_passes_the_type_check():
     from algo.recipe import PRESETS, load_recipe
     for name in PRESETS:
         load_recipe(name)
+
+
+def test_sigterm_during_compile_leaves_no_partial_directory(tmp_path):
+    """SIGTERM is cleaned up like Ctrl-C: the temporary package directory beside --out is removed."""
+    import signal
+    import time
+    out = tmp_path / "pkg"
+    p = subprocess.Popen([sys.executable, "-m", "host.cli", "compile", "--model", "tiny", "--recipe", "w2a8kv4",
+                          "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not any(x.name.endswith(".partial")
+                                                                  for x in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert p.poll() is None, "the compile ended before its temporary directory appeared"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert "terminated" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
