@@ -521,6 +521,8 @@ class Runtime:
             tok = out if isinstance(out, int) else sampler(out)
             st.new_tokens += 1
             st.decode_s = time.perf_counter() - t1
+            # kept current after every step, so an interrupted generation reports what it did
+            st.decode_cycles = None if st.cycles is None else st.cycles - st.prefill_cycles
             yield tok
         st.decode_s = time.perf_counter() - t1
         st.decode_cycles = None if st.cycles is None else st.cycles - st.prefill_cycles

@@ -238,3 +238,20 @@ def test_bad_input(pkg):
     (d / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(AccllmError, match="format_version 99"):
         Runtime(d, dev, verify=False)
+
+
+def test_interrupted_generation_keeps_true_cycle_statistics(pkg):
+    """Ctrl-C in the middle of decoding: the statistics count the runs that completed (100 cycles per
+    token on the stand-in device), not zero."""
+    d, W, hw = pkg
+    dev = ToyStandInDevice(hw)
+    dev.interrupt_at = 4                  # the prefill run + 3 decode runs complete, the 5th is interrupted
+    rt = Runtime(d, dev, verify=False)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for tok in rt.generate([1, 2], 20, stop_at_eos=False):
+            got.append(tok)
+    st = rt.stats
+    rt.close()
+    assert len(got) == 4 and st.runs == 4
+    assert st.prefill_cycles == 200 and st.decode_cycles == 300

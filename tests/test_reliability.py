@@ -102,3 +102,4 @@ def test_sigterm_during_compile_leaves_no_partial_directory(tmp_path):
     assert p.returncode == 143, err[-2000:]
     assert "terminated" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
