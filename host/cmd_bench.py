@@ -51,7 +51,15 @@ def _cached_package(model: str, recipe: str, hw: str):
     from algo.models import load_model  # noqa: F401  (validates the name early below)
     key = hashlib.sha256(f"{model}|{recipe}|{hw}".encode()).hexdigest()[:16]
     d = Path(cache_dir("bench")) / f"{Path(model).name}-{recipe}-{hw}-{key}"
-    if not (d / "memmap.json").is_file():
+    usable = (d / "memmap.json").is_file()
+    if usable:
+        from quant.package import read_manifest
+        try:
+            read_manifest(d)
+        except AccllmError as e:
+            print(f"the cached package {d} is unusable ({e}); compiling it again", file=sys.stderr)
+            usable = False
+    if not usable:
         print(f"compiling {model} ({recipe}) for {hw} into {d} (once) ...", file=sys.stderr)
         r = subprocess.run([sys.executable, "-c", "import sys; from host.cli import compile_model_main; "
                             "sys.exit(compile_model_main(sys.argv[1:]))", "--model", model, "--recipe", recipe,

@@ -468,7 +468,7 @@ def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False, r
     attention-time keys (algo.recipe.apply_attention_sets), recorded in the manifest."""
     import shutil
     from algo.common import atomic_directory, sha256_file
-    from quant.package import load_package
+    from quant.package import load_package, write_manifest
     src = Path(package_dir)
     pkg = load_package(src)
     target = Path(out_dir) if out_dir else src
@@ -490,5 +490,5 @@ def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False, r
         man.update(upd)
         for n in program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]:
             man["files"][n] = sha256_file(tmp / n)
-        atomic_write_text(tmp / "manifest.json", json.dumps(man, indent=1))
+        write_manifest(tmp, man)
     return target

@@ -115,10 +115,10 @@ def step_write(ctx: BuildContext):
 
 
 def step_finalize(ctx: BuildContext):
-    from .package import MANIFEST
+    from .package import write_manifest
     for name in ctx.extra_files:
         ctx.manifest["files"][name] = sha256_file(ctx.tmp / name)
-    (ctx.tmp / MANIFEST).write_text(json.dumps(ctx.manifest, indent=1))
+    write_manifest(ctx.tmp, ctx.manifest)
     os.chmod(ctx.tmp, 0o755)                       # mkdtemp made it private
     for f in ctx.tmp.iterdir():
         os.chmod(f, 0o644)

@@ -6,12 +6,17 @@ and the manifest's ``tensors``/``layers``/``footprint``; :func:`write_package_fi
 a directory (the build flow wraps it in ``algo.common.atomic_directory``); :func:`add_files` lets a
 later stage (the hw compiler) add files and their sha256 to an existing package atomically.
 
-Reading: :func:`load_package` verifies ``format``, ``format_version`` and the sha256 of every file
-(a missing, truncated or tampered file is refused naming it) and returns a :class:`Package`.
+Reading: :func:`load_package` verifies ``format``, ``format_version``, the manifest's own digest
+(``manifest_sha256``: sha256 of the canonical JSON of every other field, so an edit of manifest.json is
+refused like a tampered weight file), the types and ranges of the fields the tools read, and the sha256
+of every file (a missing, truncated or tampered file is refused naming it), and returns a :class:`Package`.
+Manifests are written only through :func:`manifest_text` / :func:`write_manifest`, which set the digest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,15 +24,37 @@ import numpy as np
 import torch
 from torch import nn
 
-from algo.common import AccllmError, atomic_write_bytes, sha256_file
+from algo.common import AccllmError, atomic_write_bytes, atomic_write_text, sha256_file
 
 from .pack import decode_24, encode_24, pack_bits, packed_nbytes, unpack_bits
 from .qlinear import QLinear
 
 FORMAT = "accllm-package"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # 2: manifest_sha256 covers the manifest itself
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
+DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(man: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of every field but the digest itself."""
+    body = {k: v for k, v in man.items() if k != DIGEST_KEY}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError as e:
+        raise AccllmError(f"{MANIFEST}: a value is not finite ({e})") from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_text(man: dict) -> str:
+    """The text of manifest.json for *man*, with its digest set (also in *man*)."""
+    man[DIGEST_KEY] = manifest_digest(man)
+    return json.dumps(man, indent=1)
+
+
+def write_manifest(directory: str | os.PathLike, man: dict) -> None:
+    """Write *directory*/manifest.json atomically, with its digest."""
+    atomic_write_text(Path(directory) / MANIFEST, manifest_text(man))
 
 
 def tool_version() -> str:
@@ -149,7 +176,7 @@ def write_package_files(directory: str | os.PathLike, tensors: dict, manifest: d
     files = dict(manifest.get("files") or {})
     files[WEIGHTS] = sha256_file(d / WEIGHTS)
     manifest["files"] = files
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+    write_manifest(d, manifest)
 
 
 def add_files(directory: str | os.PathLike, files: dict[str, bytes], manifest_updates: dict | None = None) -> None:
@@ -163,7 +190,7 @@ def add_files(directory: str | os.PathLike, files: dict[str, bytes], manifest_up
         atomic_write_bytes(d / fname, data)
         man.setdefault("files", {})[fname] = sha256_file(d / fname)
     man.update(manifest_updates or {})
-    atomic_write_bytes(d / MANIFEST, json.dumps(man, indent=1).encode())
+    write_manifest(d, man)
 
 
 class Package:
@@ -294,12 +321,64 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         man = json.loads(mf.read_text())
     except ValueError as e:
         raise AccllmError(f"package {d}: {MANIFEST} is not valid JSON ({e}); tampered or truncated") from None
+    if not isinstance(man, dict):
+        raise AccllmError(f"package {d}: {MANIFEST} is not a JSON object; tampered or truncated")
     if man.get("format") != FORMAT:
         raise AccllmError(f"package {d}: {MANIFEST} format is {man.get('format')!r}, expected {FORMAT!r}")
-    if man.get("format_version") != FORMAT_VERSION:
-        raise AccllmError(f"package {d}: {MANIFEST} format_version {man.get('format_version')!r} is not "
-                          f"supported; this accllm reads format_version {FORMAT_VERSION}")
+    fv = man.get("format_version")
+    if isinstance(fv, bool) or fv != FORMAT_VERSION:
+        raise AccllmError(f"package {d}: {MANIFEST} format_version {fv!r} is not supported; this accllm reads "
+                          f"format_version {FORMAT_VERSION} (recompile the package with compile-model)")
+    digest = man.get(DIGEST_KEY)
+    try:
+        ok = digest == manifest_digest(man)
+    except AccllmError:
+        ok = False
+    if not ok:
+        raise AccllmError(f"package {d}: {MANIFEST} was changed after it was written ({DIGEST_KEY} "
+                          f"{'is missing' if digest is None else 'does not match its content'}); restore it or "
+                          f"recompile the package")
+    check_manifest_schema(man, where=f"package {d}: {MANIFEST}")
     return man
+
+
+# (section, key) -> (type, low, high); checked whenever the section is present
+_SCHEMA = {
+    ("model_config", "hidden_size"): (int, 1, 1 << 20), ("model_config", "intermediate_size"): (int, 1, 1 << 22),
+    ("model_config", "num_hidden_layers"): (int, 1, 4096), ("model_config", "num_attention_heads"): (int, 1, 4096),
+    ("model_config", "num_key_value_heads"): (int, 1, 4096), ("model_config", "vocab_size"): (int, 1, 1 << 24),
+    ("model_config", "max_position_embeddings"): (int, 1, 1 << 30),
+    ("model_config", "rms_norm_eps"): (float, 1e-12, 1e-2), ("model_config", "rope_theta"): (float, 1.0, 1e12),
+}
+
+
+def check_manifest_schema(man: dict, where: str = MANIFEST) -> None:
+    """Types, ranges and consistency of the manifest fields the tools read."""
+    for key, kind in (("recipe", dict), ("model_config", dict), ("tensors", dict), ("layers", (dict, list)),
+                      ("files", dict), ("hw", dict), ("source", dict)):
+        if key in man and not isinstance(man[key], kind):
+            raise AccllmError(f"{where}: {key!r} must be a JSON object, got {type(man[key]).__name__}")
+    for (sec, key), (kind, lo, hi) in _SCHEMA.items():
+        if sec not in man or key not in man[sec] or man[sec][key] is None:
+            continue
+        v = man[sec][key]
+        good = not isinstance(v, bool) and (isinstance(v, int) if kind is int else
+                                            isinstance(v, (int, float)) and math.isfinite(v))
+        if not good or not lo <= v <= hi:
+            raise AccllmError(f"{where}: {sec}.{key} = {v!r} is not accepted ({kind.__name__} in [{lo:g}, {hi:g}])")
+    mc = man.get("model_config", {})
+    if mc.get("hidden_size") and mc.get("num_attention_heads") and mc["hidden_size"] % mc["num_attention_heads"]:
+        raise AccllmError(f"{where}: model_config.hidden_size {mc['hidden_size']} is not a multiple of "
+                          f"num_attention_heads {mc['num_attention_heads']}")
+    for fname, digest in man.get("files", {}).items():
+        if not isinstance(fname, str) or "/" in fname or not isinstance(digest, str) or len(digest) != 64:
+            raise AccllmError(f"{where}: files entry {fname!r} must map a plain file name to a sha256 hex digest")
+    if "recipe" in man:
+        from algo.recipe import recipe_from_dict
+        try:
+            recipe_from_dict(man["recipe"])
+        except AccllmError as e:
+            raise AccllmError(f"{where}: {e}") from None
 
 
 def load_package(directory: str | os.PathLike) -> Package:

@@ -258,7 +258,7 @@ def test_tampered_package_is_refused(tiny_pkg, tmp_path):
     with pytest.raises(AccllmError, match=victim.name):
         open_runtime(bad, "emu")
     m = json.loads((tiny_pkg / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 99
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(AccllmError, match="format_version"):
         open_runtime(bad, "emu")
@@ -336,6 +336,7 @@ def test_package_of_an_older_memory_map_is_compiled_again(tiny_pkg, tmp_path):
     from algo.common import sha256_file
     from hw import memmap
     from host.runtime import open_runtime
+    from quant.package import write_manifest
     old = tmp_path / "old"
     shutil.copytree(tiny_pkg, old)
     mm = json.loads((old / "memmap.json").read_text())
@@ -344,7 +345,7 @@ def test_package_of_an_older_memory_map_is_compiled_again(tiny_pkg, tmp_path):
     man = json.loads((old / "manifest.json").read_text())
     man["files"]["memmap.json"] = sha256_file(old / "memmap.json")
     man["program"]["compiler_digest"] = "older"
-    (old / "manifest.json").write_text(json.dumps(man))
+    write_manifest(old, man)                         # as that accllm wrote it
     with pytest.raises(AccllmError, match="accllm compile --package DIR --hw CONFIG --out DIR"):
         open_runtime(old, "emu")
     rc, _ = _run_cli(["compile", "--package", str(old), "--hw", "sim-small", "--set", "window=8", "--out", str(old)])

@@ -15,6 +15,7 @@ from hw import memmap, regmap
 from hw.config import load_hw
 from hw.device import DeviceBusy, DeviceTimeout, MemoryDevice
 from host.runtime import DeviceScorer, Runtime, Sampler, Sampling
+from quant.package import FORMAT_VERSION, write_manifest
 
 V = 16
 BUCKETS = {0: 1, 4: 8, 8: 4}      # entry offset -> tokens (0 = decode)
@@ -88,9 +89,9 @@ def pkg(tmp_path):
                  "argmax_out": {"offset": 32, "dtype": "int32"}},
           "attention": {"kind": "lambda"}, "vocab_size": V, "eos_token_id": EOS}
     (tmp_path / "memmap.json").write_text(json.dumps(mm))
-    man = {"format": "accllm-package", "format_version": 1, "hw": hw.to_dict(), "source": {"spec": "toy"},
+    man = {"format": "accllm-package", "format_version": FORMAT_VERSION, "hw": hw.to_dict(), "source": {"spec": "toy"},
            "model_config": {"eos_token_id": EOS, "max_position_embeddings": 64}}
-    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    write_manifest(tmp_path, man)
     return tmp_path, W, hw
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from algo.common import AccllmError
-from quant.package import load_package
+from quant.package import FORMAT_VERSION, load_package
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["calib_samples=2", "calib_seqlen=64"]
@@ -34,7 +34,7 @@ def pkg_dir(tmp_path_factory):
 
 def test_manifest_contents(pkg_dir):
     man = json.loads((pkg_dir / "manifest.json").read_text())
-    assert man["format"] == "accllm-package" and man["format_version"] == 1
+    assert man["format"] == "accllm-package" and man["format_version"] == FORMAT_VERSION
     assert man["source"]["spec"] == "tiny" and len(man["source"]["sha256"]) == 64
     assert man["recipe"]["weight_bits"] == 2 and man["recipe"]["kv_bits"] == 4
     assert set(man["steps"]) >= {"load", "compress", "pack", "write"}   # finalize writes the manifest

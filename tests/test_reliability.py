@@ -103,3 +103,65 @@ def test_sigterm_during_compile_leaves_no_partial_directory(tmp_path):
     assert "terminated" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
+
+
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory):
+    """A small package (tiny, W2A8KV4, fast calibration) compiled through the CLI."""
+    out = tmp_path_factory.mktemp("rel") / "pkg"
+    r = subprocess.run([sys.executable, "-m", "host.cli", "compile", "--model", "tiny", "--recipe", "w2a8kv4",
+                        "--set", "calib_samples=2", "--set", "calib_seqlen=64", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("edit", [
+    ("model_config", "rms_norm_eps", 1e5), ("recipe", "kv_bits", 8), ("recipe", "window", 16),
+    ("model_config", "rope_theta", 500000.0), ("model_config", "hidden_size", 1000),
+    ("model_config", "vocab_size", 7),
+])
+def test_an_edited_manifest_is_refused(tiny_package, tmp_path, edit):
+    """Any edit of manifest.json that keeps it valid JSON is caught by its digest, with one clear line."""
+    import shutil
+    from quant.package import load_package
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_package, bad)
+    man = json.loads((bad / "manifest.json").read_text())
+    sec, key, val = edit
+    man[sec][key] = val
+    (bad / "manifest.json").write_text(json.dumps(man, indent=1))
+    with pytest.raises(AccllmError, match="manifest.json was changed after it was written"):
+        load_package(bad)
+    r = subprocess.run([sys.executable, "-m", "host.cli", "eval", "--package", str(bad), "--chunks", "1",
+                        "--ctx", "32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "changed after it was written" in r.stderr
+
+
+def test_manifest_format_version_must_be_the_integer(tiny_package, tmp_path):
+    import shutil
+    from quant.package import DIGEST_KEY, load_package, manifest_digest
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_package, bad)
+    man = json.loads((bad / "manifest.json").read_text())
+    man["format_version"] = True
+    man[DIGEST_KEY] = manifest_digest(man)              # even with a matching digest
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(AccllmError, match="format_version True is not supported"):
+        load_package(bad)
+
+
+def test_manifest_schema_is_checked_even_with_a_matching_digest(tiny_package, tmp_path):
+    import shutil
+    from quant.package import load_package, write_manifest
+    for sec, key, val, words in (("model_config", "rms_norm_eps", 1e5, "rms_norm_eps"),
+                                 ("model_config", "num_hidden_layers", True, "num_hidden_layers"),
+                                 ("recipe", "window", True, "window takes an integer")):
+        bad = tmp_path / f"bad-{key}"
+        shutil.copytree(tiny_package, bad)
+        man = json.loads((bad / "manifest.json").read_text())
+        man[sec][key] = val
+        write_manifest(bad, man)
+        with pytest.raises(AccllmError, match=words):
+            load_package(bad)
+    load_package(tiny_package)
