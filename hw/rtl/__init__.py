@@ -1,5 +1,5 @@
-"""The accelerator's RTL in Amaranth 0.5 (issue 6: kernel shell, DMA, instruction fetch/decode,
-matrix engine; issue 7 plugs further execution units into the same dispatch).
+"""The accelerator's RTL in Amaranth 0.5: the kernel shell, DMAs, instruction fetch/decode and the matrix
+engine (kernel.py), with the execution units plugged into the same dispatch (unit.py, units.py, attn_unit.py, topk_unit.py).
 
 Modules:
   axi      AXI4 / AXI4-Lite signatures, the s_axi_control slave (ap_ctrl_hs + arguments of

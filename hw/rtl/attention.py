@@ -1,4 +1,4 @@
-"""Attention flow (issue 7): one query head over the tokens the KV cache keeps — scores Q·K from
+"""Attention flow: one query head over the tokens the KV cache keeps — scores Q·K from
 4-bit keys, softmax, probabilities × dequantized 4-bit values — bit-exactly the ATTN arithmetic of
 hw/numerics.py / sim/emu.py:
 

@@ -1,4 +1,4 @@
-"""ATTN execution unit of the kernel (issue 7): per token, RoPE, 4-bit KV append into the Λ ring
+"""ATTN execution unit of the kernel: per token, RoPE, 4-bit KV append into the Λ ring
 buffer, scores over the kept tokens, softmax, probabilities x values, per-token int8 quantization
 of the attention output — bit-exactly ``sim/emu.py: EmuDevice._attn``.
 
@@ -65,7 +65,8 @@ from hw import isa, memmap, regmap
 from .attention import AttentionCore
 from .kvcache import KeyQuant, ValueQuant
 from .sfu import ActQuant, Divider, ISqrt, RoPE, rsr_c
-from .units import _Base, _end64
+from .unit import _end64
+from .units import _Base
 
 MAX_HD = 128          # largest head dimension of this build (Llama-2-7B: 128)
 MAX_VREC = MAX_HD // 2 + 4 * (MAX_HD // 16)    # V record bytes at hd = 128, vgroup = 16

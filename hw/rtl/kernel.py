@@ -31,32 +31,11 @@ from hw.config import HWConfig
 
 from .axi import XFER, ControlSlave, write_beat, ReadDMA, WriteDMA, axi4_signature, axil_signature, connect_flat, flat_members
 from .engine import BITS_SEL, OUT_WORDS, MatrixEngine, sat_const
+from .attn_unit import AttnUnit
 from .tops import vitis_domain, vitis_members
-
-
-def unit_signature(cfg: HWConfig) -> wiring.Signature:
-    W = cfg.port_width_bits
-    beat = write_beat(W)
-    members = {
-        "start": In(1), "word": In(128), "done": Out(1), "status": Out(8),
-        "position": In(32), "n_tokens": In(32), "flags": In(32),
-        "kv": In(64), "io": In(64),
-        "rd_cmd": Out(stream.Signature(XFER)), "rd_data": In(stream.Signature(W)),
-        "wr_cmd": Out(stream.Signature(XFER)), "wr_data": Out(stream.Signature(beat)), "wr_busy": In(1),
-    }
-    for p in range(cfg.weight_ports):
-        members[f"weights{p}"] = In(64)
-        members[f"w_cmd{p}"] = Out(stream.Signature(XFER))
-        members[f"w_data{p}"] = In(stream.Signature(W))
-        # write path of the weight port (the KV cache lives in the weight buffers: hw/compiler.py)
-        members[f"ww_cmd{p}"] = Out(stream.Signature(XFER))
-        members[f"ww_data{p}"] = Out(stream.Signature(beat))
-        members[f"ww_busy{p}"] = In(1)
-    return wiring.Signature(members)
-
-
-def _fields(word):
-    return dict(op=word[0:8], flags=word[8:16], c=word[16:32], a=word[32:64], b=word[64:96], d=word[96:128])
+from .topk_unit import TopkUnit
+from .unit import _fields, unit_signature
+from .units import UNITS as ROW_UNITS
 
 
 class MatmulUnit(wiring.Component):
@@ -262,14 +241,9 @@ class MatmulUnit(wiring.Component):
         return m
 
 
-# opcode -> unit class; issue 7 registers the SFU, attention/KV and top-k units here
-UNITS: dict[int, type] = {isa.MATMUL: MatmulUnit}
-from .units import UNITS as _ROW_UNITS  # noqa: E402  (issue 7: EMBED, RMSNORM, QUANT, SILUMUL, ADD, ARGMAX)
-UNITS.update(_ROW_UNITS)
-from .attn_unit import AttnUnit  # noqa: E402
-UNITS[isa.ATTN] = AttnUnit
-from .topk_unit import TopkUnit  # noqa: E402
-UNITS[isa.TOPK] = TopkUnit
+# opcode -> execution unit class (MATMUL here; EMBED, RMSNORM, QUANT, SILUMUL, ADD, ARGMAX in units.py;
+# ATTN and TOPK in attn_unit.py / topk_unit.py)
+UNITS: dict[int, type] = {isa.MATMUL: MatmulUnit, **ROW_UNITS, isa.ATTN: AttnUnit, isa.TOPK: TopkUnit}
 
 
 def unit_flags(op: int, cls) -> int:

@@ -1,4 +1,4 @@
-"""KV-cache unit (issue 7): 4-bit quantization on append, Λ ring-buffer addressing, dequantization
+"""KV-cache unit: 4-bit quantization on append, Λ ring-buffer addressing, dequantization
 on read — bit-exactly hw/numerics.py and the slot rule of sim/emu.py / hw/memmap.py.
 
 Pieces (each a ``wiring.Component``; :class:`KVCacheUnit` bundles them for the bench and the kernel):

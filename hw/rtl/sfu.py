@@ -1,4 +1,4 @@
-"""Special-function unit (issue 7): RMSNorm, per-token int8 quantization, SiLU x up, RoPE, softmax,
+"""Special-function unit: RMSNorm, per-token int8 quantization, SiLU x up, RoPE, softmax,
 residual add and argmax — bit-exactly the functions of hw/numerics.py.
 
 Every operation is a small ``wiring.Component`` with ``stream`` inputs/outputs of int32 payloads

@@ -1,4 +1,4 @@
-"""Top-k engine (issue 7): SpAtten-style quick-select over signed importance scores (32 or 64 bits), exactly the
+"""Top-k engine: SpAtten-style quick-select over signed importance scores (32 or 64 bits), exactly the
 selection of algo/topk.py (element a beats b iff s[a] > s[b], or equal and a < b; the k winners are
 emitted as positions in ascending order).
 

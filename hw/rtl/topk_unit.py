@@ -1,4 +1,4 @@
-"""TOPK execution unit of the kernel (issue 7): SpAtten's cascade token / head selection after a run,
+"""TOPK execution unit of the kernel: SpAtten's cascade token / head selection after a run,
 bit-exactly ``sim/emu.py: EmuDevice._topk`` (docs/numerics.md "SpAtten").
 
 Word: d = the SpAtten descriptor (weights0, hw/memmap.SPT_FIELDS: a 64-byte header, then the layers'
@@ -42,7 +42,8 @@ from hw import memmap, regmap
 from .attn_unit import Unpacker
 from .sfu import Divider
 from .topk import TopK
-from .units import _Base, _end64
+from .unit import _end64
+from .units import _Base
 
 IMP_MAX = (1 << 63) - 1
 

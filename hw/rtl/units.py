@@ -1,5 +1,5 @@
-"""Execution units of the kernel for the row operations (issue 7): EMBED, RMSNORM, QUANT, SILUMUL,
-ADD and ARGMAX, each a ``wiring.Component`` with the kernel's :func:`hw.rtl.kernel.unit_signature`,
+"""Execution units of the kernel for the row operations: EMBED, RMSNORM, QUANT, SILUMUL,
+ADD and ARGMAX, each a ``wiring.Component`` with the kernel's :func:`hw.rtl.unit.unit_signature`,
 wrapping the bit-exact cores of hw/rtl/sfu.py. The functional model (sim/emu.py ``_exec``) is the
 reference for what each opcode reads, computes and writes (byte for byte, also the bytes it leaves
 alone: an X8 row gets its scale word in bytes 0..3 and its codes at +64, nothing else).
@@ -31,20 +31,11 @@ from hw import isa, memmap, regmap
 from hw.config import HWConfig
 
 from .sfu import ActQuant, Argmax, EltWise, RMSNorm
+from .unit import _end64, _fields, unit_signature
 
 
 def _sig(cfg):
-    from .kernel import unit_signature
     return unit_signature(cfg)
-
-
-def _fields(word):
-    return dict(op=word[0:8], flags=word[8:16], c=word[16:32], a=word[32:64], b=word[64:96], d=word[96:128])
-
-
-def _end64(base, extent):
-    """True when [base, base + extent) runs past the 4 GiB offset space of a buffer argument."""
-    return (Cat(base, Const(0, 32)) + extent) > (1 << 32)
 
 
 def _s32(d):
