@@ -225,7 +225,7 @@ def _run_layer(layer, batches):
 
 
 @torch.no_grad()
-def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
+def prune_model(model, recipe, calib=None, progress: bool = True, tune_block=None) -> dict:
     """Prune *model* in place to ``recipe.nm``; set ``accllm_mask`` on every pruned Linear.
 
     Returns a report: method, sparsity, per-layer {shape, kept fraction, relative output error
@@ -298,6 +298,9 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
         # block-wise reconstruction of the kept weights (quant/blocktune.py) when pruning is the last
         # step that changes weights (with weight quantization, the quantizer tunes the blocks instead)
         tune = recipe.block_tune_steps > 0 and not recipe.weight_bits
+        if tune and tune_block is None:
+            raise AccllmError("block_tune_steps > 0 without weight quantization needs the block-wise reconstruction "
+                              "(tune_block=quant.blocktune.tune_block, as quant.pipeline passes it)")
         fp_batches = list(batches) if tune else None
         bar = tqdm(range(len(layers)), desc=f"prune {n}:{m} {method}", unit="layer", disable=not progress)
         for li in bar:
@@ -334,7 +337,6 @@ def prune_model(model, recipe, calib=None, progress: bool = True) -> dict:
                 src = alias.get(name, name)
                 prune_one(name, mod, Hs[src] / max(1, counts[src]))
             if tune and mods:
-                from quant.blocktune import tune_block
                 tuned[f"model.layers.{li}"] = tune_block(layer, [h for h, _ in batches], [kw for _, kw in batches],
                                                          block_targets, recipe.block_tune_steps, recipe.block_tune_lr,
                                                          seed=recipe.seed + li, tokens=recipe.block_tune_tokens)

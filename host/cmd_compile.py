@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.package:
         return recompile_package(args)
-    from quant.build import compile_model
+    from host.build import compile_model
     return compile_model(args)
 
 

@@ -434,7 +434,7 @@ def program_files() -> list[str]:
 
 
 def build_step(ctx) -> dict:
-    """compile-model step ``compile_program`` (quant/build.py): compile the package being built in
+    """compile-model step ``compile_program`` (host/build.py): compile the package being built in
     ``ctx.tmp`` for ``--hw`` (+ ``--hw-set``), add the files and record ``hw`` in the manifest."""
     from quant.package import Package
     from .config import load_hw

@@ -59,7 +59,8 @@ def prepare(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> Prepa
         timed("smooth", lambda: smooth_model(loaded.model, recipe, calib, progress=progress))
     if recipe.nm:
         from algo.prune import prune_model
-        timed("prune", lambda: prune_model(loaded.model, recipe, calib, progress=progress))
+        from quant.blocktune import tune_block
+        timed("prune", lambda: prune_model(loaded.model, recipe, calib, progress=progress, tune_block=tune_block))
     kv_hook = None
     if recipe.kv_bits:
         from quant.kv import make_kv_hook

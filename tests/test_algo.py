@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from quant.blocktune import tune_block
 from hypothesis import given, settings, strategies as st
 
 from algo.attention import check_fits, generate, make_cache_factory
@@ -137,7 +139,8 @@ def test_block_tuning_after_pruning_keeps_masks_and_helps_held_out_text():
         loaded = load_model("tiny")
         r = load_recipe("sparse24", sets=["calib_samples=16", "calib_seqlen=128", f"block_tune_steps={steps}",
                                           "block_tune_lr=0.03"])
-        reps[steps] = prune_model(loaded.model, r, calibration_batches(loaded.tokenizer, 16, 128), progress=False)
+        reps[steps] = prune_model(loaded.model, r, calibration_batches(loaded.tokenizer, 16, 128), progress=False,
+                                  tune_block=tune_block)
         assert _check_masks(loaded.model, 2, 4) == 14
         with torch.no_grad():
             errs[steps] = float(((loaded.model(input_ids=held).logits - ref) ** 2).mean())

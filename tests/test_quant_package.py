@@ -19,7 +19,7 @@ FAST = ["calib_samples=2", "calib_seqlen=64"]
 
 
 def _compile(out, recipe="w2a8kv4", sets=(), model="tiny"):
-    from quant.build import compile_model
+    from host.build import compile_model
     args = Namespace(model=model, recipe=recipe, recipe_file=None, sets=list(FAST) + list(sets), out=str(out),
                      json=True, no_progress=True, stop_after=None)
     assert compile_model(args) == 0

@@ -1,7 +1,7 @@
 """Measure quantization-aware distillation (QAT) on top of PTQ: perplexity before and after.
 
-    .venv/bin/python -m quant.qat_measure --model smollm2-135m --recipe w2 --steps 2000 --json
-    .venv/bin/python -m quant.qat_measure --recipe w2a8kv4 --steps 2000 --batch 8 --seqlen 1024 \\
+    .venv/bin/python -m host.qat_measure --model smollm2-135m --recipe w2 --steps 2000 --json
+    .venv/bin/python -m host.qat_measure --recipe w2a8kv4 --steps 2000 --batch 8 --seqlen 1024 \\
         --train-samples 2048 --out build/smollm2-w2a8kv4-qat
 
 Loads the model, applies the recipe's PTQ (quant.pipeline.prepare with qat_steps=0), evaluates
@@ -20,7 +20,7 @@ import time
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quant.qat_measure", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m host.qat_measure", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recipe", default="w2")
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         ppl_qat = perplexity_chunks(prepared.scorer(), tokens, args.ctx, args.chunks, progress=progress)["ppl"]
         if args.out:
             from argparse import Namespace
-            from quant.build import BuildContext, step_finalize, step_pack, step_write
+            from host.build import BuildContext, step_finalize, step_pack, step_write
             from algo.common import atomic_directory
             ctx = BuildContext(args=Namespace(model=args.model), recipe=recipe, loaded=loaded, prepared=prepared)
             prepared.report.setdefault("qat", rep)

@@ -60,14 +60,14 @@ def _check_shapes_early(spec: str, recipe) -> None:
         shape = model_shape(spec)
     except AccllmError:
         return       # checked again after loading
-    from .quantizers import check_group
+    from quant.quantizers import check_group
     check_group(shape["hidden_size"], recipe.group_size, f"{spec} (hidden_size)")
     check_group(shape["intermediate_size"], recipe.group_size, f"{spec} (intermediate_size, down_proj)")
 
 
 def step_load(ctx: BuildContext):
     from algo.models import load_model
-    from .quantize import check_model
+    from quant.quantize import check_model
     ctx.loaded = load_model(ctx.args.model)
     check_model(ctx.loaded.model, ctx.recipe)
     cfg = ctx.loaded.config
@@ -87,7 +87,7 @@ def _kv_hook_of(prepared):
 
 
 def step_pack(ctx: BuildContext):
-    from .package import FORMAT, FORMAT_VERSION, package_tensors, tool_version
+    from quant.package import FORMAT, FORMAT_VERSION, package_tensors, tool_version
     lm = ctx.loaded
     hook = _kv_hook_of(ctx.prepared) if ctx.recipe.kv_bits else None
     if ctx.recipe.kv_bits and hook is None:
@@ -108,14 +108,14 @@ def step_pack(ctx: BuildContext):
 
 def step_write(ctx: BuildContext):
     from safetensors.torch import save_file
-    from .package import FORMAT, FORMAT_VERSION, WEIGHTS
+    from quant.package import FORMAT, FORMAT_VERSION, WEIGHTS
     save_file(ctx.tensors, str(ctx.tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     ctx.add_file(WEIGHTS)
     return {"bytes": (ctx.tmp / WEIGHTS).stat().st_size}
 
 
 def step_finalize(ctx: BuildContext):
-    from .package import write_manifest
+    from quant.package import write_manifest
     for name in ctx.extra_files:
         ctx.manifest["files"][name] = sha256_file(ctx.tmp / name)
     write_manifest(ctx.tmp, ctx.manifest)
