@@ -1,4 +1,4 @@
-"""``accllm bench BACKEND``: benchmark a device backend (``emu`` here; the RTL helper adds ``rtl``).
+"""``accllm bench BACKEND``: benchmark a device backend (``emu``: functional-model decode speed; ``rtl``: the RTL kernel).
 
 Adding a backend: put ``"rtl": "module:function"`` into BACKENDS (function(args) -> dict, printed as
 JSON with --json) and, if it needs options of its own, add them in ``add_arguments`` (they are shared

@@ -1,4 +1,4 @@
-"""Tests of issue 4: N:M pruning, Λ-shaped attention, SpAtten, top-k (tiny model, seconds)."""
+"""Tests of the compression algorithms: N:M pruning, Λ-shaped attention, SpAtten, top-k (tiny model, seconds)."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
 """The rtl backend's plumbing (simulator subprocess, socket protocol, registers on s_axi_control,
 ap_ctrl_hs, timeout with register dump and reset, session lock, Ctrl-C, no subprocess left) on the
-RTL helper's ControlTop (s_axi_control with a stand-in execution: busy for n_tokens cycles, then
+control-slave unit top hw.rtl.tops.ControlTop (s_axi_control with a stand-in execution: busy for n_tokens cycles, then
 STATUS = position & 0xff). The whole-kernel protocol test (emu vs rtl tokens) is in
 tests/test_host_runtime.py."""
 import os

@@ -44,7 +44,7 @@ def _sources_digest():
 def tiny_pkg():
     """compile-model of tiny for sim-small (about 90 s on 2 cores), cached by the digest of the
     sources that produce it so that later test runs reuse it; a cached copy is re-verified."""
-    pytest.importorskip("sim.emu", reason="the functional model (sim/emu.py) is not in this checkout yet")
+    pytest.importorskip("sim.emu", reason="the functional model (sim/emu.py) is not available")
     from algo.common import cache_dir
     from host.runtime import load_package_verified
     out = cache_dir("test-packages") / f"tiny-accllm-sim-small-{_sources_digest()}"
@@ -117,11 +117,11 @@ def test_bench_emu_on_a_package_names_its_model(tiny_pkg):
 
 
 def test_emu_and_rtl_give_identical_tokens(tiny_pkg):
-    """Issue 7 acceptance on the tiny model (full AccLLM recipe): prefill of a prompt and 16 decode steps
+    """The whole tiny model on the RTL (full AccLLM recipe): prefill of a prompt and 16 decode steps
     on the RTL under Verilator; every token and the final logits bit-exact with the functional model;
     the as-built cycle model within 10 % of the kernel's cycle register."""
     if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` (hw/rtl kernel) is not in this checkout yet")
+        pytest.skip("`accllm build-rtl` (hw/rtl kernel) is not available")
     from sim.rtlsim.device import missing_units
     assert missing_units((tiny_pkg / "program.bin").read_bytes()) == []
     r = _emu_vs_rtl(tiny_pkg, "Hello", 17)
@@ -138,7 +138,7 @@ def test_emu_and_rtl_identical_tokens_on_icarus(tiny_pkg):
     """The whole tiny model on Icarus (the second simulator; ~100x slower than Verilator: prefill of a
     short prompt and the first token only, ~0.4M cycles): tokens and the final logits equal emu's."""
     if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` is not in this checkout yet")
+        pytest.skip("`accllm build-rtl` is not available")
     r = _emu_vs_rtl(tiny_pkg, "Hi", 1, simulator="icarus")
     assert r["rtl"]["tokens"] == r["emu"]["tokens"]
     assert (r["rtl"]["logits"] == r["emu"]["logits"]).all(), "final logits differ between rtl (icarus) and emu"
@@ -148,7 +148,7 @@ def test_emu_and_rtl_identical_tokens_on_icarus(tiny_pkg):
 def tiny_w8_pkg(tmp_path_factory):
     """tiny, accllm recipe with S=2 sinks and a W=8 window (so a short run wraps the ring)."""
     if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` is not in this checkout yet")
+        pytest.skip("`accllm build-rtl` is not available")
     from host import cli
     out = tmp_path_factory.mktemp("w8") / "tiny-w8"
     rc = cli.compile_model_main(["--model", "tiny", "--recipe", "accllm", "--hw", "sim-small", "--out", str(out),
@@ -167,7 +167,7 @@ def test_emu_and_rtl_identical_past_the_window(tiny_w8_pkg):
 
 
 def test_spatten_emu_and_rtl_identical_past_the_window(tiny_w8_pkg, tmp_path):
-    """SpAtten on the RTL (ATTN.spatten + TOPK, issue 7's top-k engine): the W=8 package plus token_keep 0.5,
+    """SpAtten on the RTL (ATTN.spatten + TOPK, the RTL top-k engine): the W=8 package plus token_keep 0.5,
     head_keep 0.5 from layer 0 (`compile --package --set`), a 12-token prompt in one prefill block, then
     decode through the window wraps; every step prunes tokens and heads; tokens, final logits and the
     SpAtten state (importance, pruned flags) equal emu's."""
@@ -320,7 +320,7 @@ def test_package_xo(tiny_pkg, tmp_path):
 def test_smollm2_emu_and_rtl_identical_tokens(tmp_path):
     pytest.importorskip("sim.emu")
     if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` is not in this checkout yet")
+        pytest.skip("`accllm build-rtl` is not available")
     from host.runtime import open_runtime
     out = tmp_path / "smollm2"
     _compile(out, "smollm2-135m", fast=False)

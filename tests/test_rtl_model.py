@@ -1,4 +1,4 @@
-"""Issue 7, kernel level: programs of the row-operation units (EMBED, RMSNORM, QUANT, SILUMUL, ADD,
+"""Kernel level: programs of the row-operation units (EMBED, RMSNORM, QUANT, SILUMUL, ADD,
 ARGMAX) on the RTL kernel under Verilator, every io byte compared with the functional model
 (sim/emu.py) on the same program and buffers; bad input gives the same status code."""
 import numpy as np

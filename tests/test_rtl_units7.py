@@ -1,4 +1,4 @@
-"""Issue 7 RTL unit benches (cocotb, Verilator by default; Icarus where fast): the special-function
+"""RTL unit benches (cocotb, Verilator by default; Icarus where fast): the special-function
 unit, the KV-cache unit, the attention flow and the top-k engine, each against hw/numerics.py /
 algo/topk.py."""
 from pathlib import Path
