@@ -127,8 +127,8 @@ def step_finalize(ctx: BuildContext):
 
 def build_steps(args) -> list[tuple[str, Callable]]:
     steps = [("load", step_load), ("compress", step_compress), ("pack", step_pack), ("write", step_write)]
-    # >>> architecture helper: when --hw is given, insert ("compile_program", <fn(ctx)>) here, before
-    # "finalize" (it may write into ctx.tmp, call ctx.add_file(name), and set ctx.manifest["hw"]).
+    # with --hw, the accelerator compile step runs here, before "finalize" (it may write into ctx.tmp,
+    # call ctx.add_file(name), and set ctx.manifest["hw"]).
     if getattr(args, "hw", None):
         from hw.compiler import build_step
         steps.append(("compile_program", build_step))
