@@ -17,11 +17,6 @@ from algo.common import AccllmError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _has_command(name):
-    from host import cli
-    return name in {c[0] for c in cli.COMMANDS}
-
-
 def _compile(out, model="tiny", fast=True):
     from host import cli
     # the accllm recipe; for the tests with a small calibration set (the recipe's structure is unchanged)
@@ -44,7 +39,6 @@ def _sources_digest():
 def tiny_pkg():
     """compile-model of tiny for sim-small (about 90 s on 2 cores), cached by the digest of the
     sources that produce it so that later test runs reuse it; a cached copy is re-verified."""
-    pytest.importorskip("sim.emu", reason="the functional model (sim/emu.py) is not available")
     from algo.common import cache_dir
     from host.runtime import load_package_verified
     out = cache_dir("test-packages") / f"tiny-accllm-sim-small-{_sources_digest()}"
@@ -120,8 +114,6 @@ def test_emu_and_rtl_give_identical_tokens(tiny_pkg):
     """The whole tiny model on the RTL (full AccLLM recipe): prefill of a prompt and 16 decode steps
     on the RTL under Verilator; every token and the final logits bit-exact with the functional model;
     the as-built cycle model within 10 % of the kernel's cycle register."""
-    if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` (hw/rtl kernel) is not available")
     from sim.rtlsim.device import missing_units
     assert missing_units((tiny_pkg / "program.bin").read_bytes()) == []
     r = _emu_vs_rtl(tiny_pkg, "Hello", 17)
@@ -137,8 +129,6 @@ def test_emu_and_rtl_give_identical_tokens(tiny_pkg):
 def test_emu_and_rtl_identical_tokens_on_icarus(tiny_pkg):
     """The whole tiny model on Icarus (the second simulator; ~100x slower than Verilator: prefill of a
     short prompt and the first token only, ~0.4M cycles): tokens and the final logits equal emu's."""
-    if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` is not available")
     r = _emu_vs_rtl(tiny_pkg, "Hi", 1, simulator="icarus")
     assert r["rtl"]["tokens"] == r["emu"]["tokens"]
     assert (r["rtl"]["logits"] == r["emu"]["logits"]).all(), "final logits differ between rtl (icarus) and emu"
@@ -147,8 +137,6 @@ def test_emu_and_rtl_identical_tokens_on_icarus(tiny_pkg):
 @pytest.fixture(scope="module")
 def tiny_w8_pkg(tmp_path_factory):
     """tiny, accllm recipe with S=2 sinks and a W=8 window (so a short run wraps the ring)."""
-    if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` is not available")
     from host import cli
     out = tmp_path_factory.mktemp("w8") / "tiny-w8"
     rc = cli.compile_model_main(["--model", "tiny", "--recipe", "accllm", "--hw", "sim-small", "--out", str(out),
@@ -281,17 +269,8 @@ def test_xrt_without_xrt_is_one_line(tiny_pkg):
 def test_package_xo(tiny_pkg, tmp_path):
     from hw import regmap
     from hw.config import load_hw
-    from hw.rtl.tops import ControlTop, to_verilog
     hw = load_hw("sim-small")
-    if _has_command("build-rtl"):
-        rtl_args = []
-    else:   # test input only: some Verilog and a kernel.xml to package
-        rtl = tmp_path / "rtl"
-        rtl.mkdir()
-        (rtl / "accllm_kernel.v").write_text(to_verilog(ControlTop(hw), "accllm_kernel"))
-        (rtl / "kernel.xml").write_text("<root versionMajor=\"1\" versionMinor=\"6\"/>\n")
-        rtl_args = ["--rtl", str(rtl)]
-    rc, out = _run_cli(["package-xo", "--package", str(tiny_pkg), "--out", str(tmp_path / "xo")] + rtl_args)
+    rc, out = _run_cli(["package-xo", "--package", str(tiny_pkg), "--out", str(tmp_path / "xo")])
     assert rc == 0
     xo = tmp_path / "xo"
     tcl = (xo / "package_xo.tcl").read_text()
@@ -318,9 +297,6 @@ def test_package_xo(tiny_pkg, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_emu_and_rtl_identical_tokens(tmp_path):
-    pytest.importorskip("sim.emu")
-    if not _has_command("build-rtl"):
-        pytest.skip("`accllm build-rtl` is not available")
     from host.runtime import open_runtime
     out = tmp_path / "smollm2"
     _compile(out, "smollm2-135m", fast=False)
