@@ -332,6 +332,20 @@ def patch_attention(model) -> int:
     return count
 
 
+def unpatch_attention(model) -> int:
+    """Undo :func:`patch_attention` (the layers' own forward again); returns how many layers were
+    patched. A patched model cannot be pickled (its forward is bound to a function of this module), so
+    a saved build step unpatches, saves and patches again."""
+    count = 0
+    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+        attn = layer.self_attn
+        if hasattr(attn, "_accllm_orig_forward"):
+            del attn.forward                       # the instance attribute patch_attention set
+            del attn._accllm_orig_forward
+            count += 1
+    return count
+
+
 def make_cache_factory(model, recipe, kv_hook=None):
     """Per-session KV cache factory for *recipe*: ``factory(config) -> transformers Cache``.
 

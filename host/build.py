@@ -1,55 +1,135 @@
-"""``compile-model``: the build flow, as FINN-style named steps.
+"""``compile-model``: the build flow, as named steps over one typed build configuration.
 
-Each step is a function ``step(ctx) -> dict | None`` over one :class:`BuildContext`; the flow times
-every step, records the process's peak RSS after it, and stores both in the manifest (``steps``).
-The package is assembled in a temporary directory beside ``--out`` and renamed into place only after
-the last step succeeded, so an interrupted build never leaves half a package.
+Steps (:data:`STEPS`, in order; a step whose recipe keys or options are off does not run):
 
-Steps (``build_steps``):
-  load      load the model (refused early if the recipe cannot apply to its shapes)
-  compress  the recipe pipeline (quant.pipeline.prepare): prune, KV calibration, weight/act quant
-  pack      packed tensors, per-layer records, footprint (quant.package.package_tensors)
-  write     weights.safetensors + manifest.json into the temporary package directory
-  [compile_program]  (hw compiler, when --hw is given: added by ``build_steps``; writes program.bin,
-                      program.lst, memmap.json into ctx.tmp and records them with ctx.add_file)
-  finalize  manifest ``steps``/``files`` complete; the directory is renamed into place
+  load          load the model (refused early if the recipe cannot apply to its shapes)
+  smooth, prune, kv-calibrate, attention, quantize
+                the recipe pipeline (quant.pipeline.COMPRESS_STEPS), one step each
+  pack          packed tensors, per-layer records, footprint; weights.safetensors
+  program       the accelerator program for --hw (program.bin, program.lst, memmap.json, hbm_w<p>.bin)
+  finalize      build_config.json, steps.json and manifest.json; the package is renamed into place
+
+Every step is timed with the process's peak RSS after it; the package's ``steps.json`` lists them.
+With ``--stop-step``, ``--start-step`` or ``--save-steps`` each finished step leaves its artefact under
+``OUT/steps/NAME/`` (the compressed model after a compression step, the packed weights after pack, the
+program files after program), written to a temporary name and renamed, so a killed build can be resumed
+from the last finished step. ``--start-step NAME`` resumes from those artefacts if they were made by the
+same build configuration and the same accllm sources; the resumed package is byte-identical to a
+one-shot build. The package itself is assembled in a temporary directory beside ``OUT`` and renamed
+into place only after the last step succeeded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from algo.common import AccllmError, atomic_directory, sha256_file
+from algo.common import AccllmError, atomic_directory, atomic_write_text, sha256_file
+
+STEPS_DIR = "steps"
+BUILD_CONFIG = "build_config.json"
+STEPS_JSON = "steps.json"
 
 
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
+def sources_digest() -> str:
+    """Hash of the accllm sources that decide a package's bytes (algo/, quant/, hw/): artefacts saved by
+    one version of them are not resumed by another."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("algo", "quant", "hw"):
+        for f in sorted((root / folder).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --- the build configuration ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides a package's bytes; saved as ``build_config.json`` in the package and
+    beside saved step artefacts (a resume is refused when it differs)."""
+    model: str
+    recipe: dict
+    hw: str | None = None
+    hw_sets: tuple[str, ...] = ()
+    sources: str = ""                 # sources_digest() of the accllm that built it
+
+    @classmethod
+    def from_args(cls, args, recipe) -> "BuildConfig":
+        return cls(model=str(args.model), recipe=recipe.to_dict(), hw=getattr(args, "hw", None) or None,
+                   hw_sets=tuple(getattr(args, "hw_sets", None) or ()), sources=sources_digest())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hw_sets"] = list(self.hw_sets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d, origin: str) -> "BuildConfig":
+        types = {"model": str, "recipe": dict, "hw": (str, type(None)), "hw_sets": list, "sources": str}
+        if not isinstance(d, dict) or set(d) != set(types):
+            raise AccllmError(f"{origin}: not a build configuration (expected the keys {', '.join(types)})")
+        for k, t in types.items():
+            if not isinstance(d[k], t) or (k == "hw_sets" and not all(isinstance(s, str) for s in d[k])):
+                raise AccllmError(f"{origin}: {k} has the wrong type ({type(d[k]).__name__})")
+        return cls(model=d["model"], recipe=d["recipe"], hw=d["hw"], hw_sets=tuple(d["hw_sets"]), sources=d["sources"])
+
+    def differences(self, other: "BuildConfig") -> list[str]:
+        out = []
+        a, b = self.to_dict(), other.to_dict()
+        for k in a:
+            if k == "recipe":
+                out += [f"recipe key {r}: {b['recipe'].get(r)!r} there, {a['recipe'].get(r)!r} now"
+                        for r in sorted(set(a["recipe"]) | set(b["recipe"])) if a["recipe"].get(r) != b["recipe"].get(r)]
+            elif a[k] != b[k]:
+                out.append(f"{'accllm sources (digest)' if k == 'sources' else k}: {b[k]!r} there, {a[k]!r} now")
+        return out
+
+
+# --- context and steps ----------------------------------------------------------------------------
+
 @dataclass
 class BuildContext:
     args: object
     recipe: object
+    config: BuildConfig
     progress: bool = True
     loaded: object = None
     prepared: object = None
-    tensors: dict = field(default_factory=dict)
+    calib: object = None
     manifest: dict = field(default_factory=dict)
-    tmp: Path | None = None          # the temporary package directory (valid from 'write' on)
-    extra_files: list = field(default_factory=list)
+    tmp: Path | None = None          # the temporary package directory
+    files: list = field(default_factory=list)      # files written into tmp (their sha256 go into the manifest)
+    records: list = field(default_factory=list)    # steps.json
+    t_step: float = 0.0
 
     def add_file(self, name: str) -> None:
-        """Record a file a step wrote into ``ctx.tmp`` (its sha256 goes into the manifest)."""
-        self.extra_files.append(name)
+        if name not in self.files:
+            self.files.append(name)
 
 
-# --- steps --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildStep:
+    name: str
+    doc: str
+    applies: Callable[[BuildContext], bool]
+    run: Callable[[BuildContext], dict | None]
+    save: Callable[["StepStore", BuildContext, Path], None] | None = None      # its artefact
+    restore: Callable[["StepStore", BuildContext, Path], None] | None = None   # the state after it
+    replayed: bool = False      # cheap and deterministic: saves no state, runs again on a resume after it
+
 
 def _check_shapes_early(spec: str, recipe) -> None:
     """Group size vs K from the model's shape, before loading weights where the shape is known."""
@@ -65,146 +145,420 @@ def _check_shapes_early(spec: str, recipe) -> None:
     check_group(shape["intermediate_size"], recipe.group_size, f"{spec} (intermediate_size, down_proj)")
 
 
-def step_load(ctx: BuildContext):
+def _load(ctx: BuildContext) -> dict:
     from algo.models import load_model
+    from quant.pipeline import Calibration, Prepared
     from quant.quantize import check_model
     ctx.loaded = load_model(ctx.args.model)
     check_model(ctx.loaded.model, ctx.recipe)
+    ctx.prepared = Prepared(ctx.loaded, ctx.recipe)
+    ctx.calib = Calibration(ctx.loaded.tokenizer, ctx.recipe)
     cfg = ctx.loaded.config
-    return {"model": ctx.args.model, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+    return {"model": ctx.args.model, "source_sha256": ctx.loaded.source_sha256,
+            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
 
 
-def step_compress(ctx: BuildContext):
-    from quant.pipeline import prepare
-    ctx.prepared = prepare(ctx.loaded, ctx.recipe, progress=ctx.progress)
-    steps = ctx.prepared.report.get("steps", {})
-    return {"substeps": {k: v.get("seconds") for k, v in steps.items()}}
+def _restore_load(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+    """The state after load is the source model: loaded again, and checked to be the same file."""
+    saved = store.record(d.name).get("source_sha256")
+    _load(ctx)
+    if saved and ctx.loaded.source_sha256 and saved != ctx.loaded.source_sha256:
+        raise AccllmError(f"--start-step: the model {ctx.args.model} changed since its steps were saved "
+                          f"(sha256 {ctx.loaded.source_sha256[:12]}…, saved {saved[:12]}…); build from the start")
 
 
-def _kv_hook_of(prepared):
-    """The KV hook quant.kv.make_kv_hook attached to the model."""
-    return getattr(prepared.loaded.model, "accllm_kv_hook", None)
+def _compress_step(cs) -> BuildStep:
+    def run(ctx):
+        return cs.run(ctx.prepared, ctx.calib, ctx.progress)
+    if cs.name == "attention":         # installs the cache factory and SpAtten: no weights change
+        return BuildStep(cs.name, cs.doc, lambda ctx: cs.applies(ctx.recipe), run, replayed=True)
+    return BuildStep(cs.name, cs.doc, lambda ctx: cs.applies(ctx.recipe), run, _save_model, _restore_model)
 
 
-def step_pack(ctx: BuildContext):
-    from quant.package import FORMAT, FORMAT_VERSION, package_tensors, tool_version
+def _save_model(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+    """The compressed model so far (pickled whole: quantizers and the KV hook are part of it)."""
+    import torch
+    from algo.attention import patch_attention, unpatch_attention
+    model = ctx.loaded.model
+    patched = unpatch_attention(model)
+    try:
+        state = {"loaded": ctx.loaded, "report": ctx.prepared.report, "patched": patched > 0,
+                 "rng": torch.get_rng_state()}
+        torch.save(state, d / "state.pt")
+    finally:
+        if patched:
+            patch_attention(model)
+
+
+def _restore_model(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+    import torch
+    from algo.attention import patch_attention
+    from quant.pipeline import Calibration, Prepared
+    # our own file, written by _save_model: a whole model needs the full unpickler
+    state = torch.load(d / "state.pt", weights_only=False)
+    ctx.loaded = state["loaded"]
+    if state["patched"]:
+        patch_attention(ctx.loaded.model)
+    ctx.prepared = Prepared(ctx.loaded, ctx.recipe, report=state["report"])
+    if "attention" in state["report"].get("steps", {}):      # the attention step set it up
+        ctx.prepared.refresh_cache_factory()
+    ctx.calib = Calibration(ctx.loaded.tokenizer, ctx.recipe)
+    torch.set_rng_state(state["rng"])
+
+
+def _pack(ctx: BuildContext) -> dict:
+    from quant.package import FORMAT, FORMAT_VERSION, WEIGHTS, package_tensors, save_weights, tool_version
     lm = ctx.loaded
-    hook = _kv_hook_of(ctx.prepared) if ctx.recipe.kv_bits else None
+    hook = ctx.prepared.kv_hook if ctx.recipe.kv_bits else None
     if ctx.recipe.kv_bits and hook is None:
-        raise AccllmError("the KV quantization hook could not be found in the prepared model's cache "
-                          "factory; cannot export its constants")
+        raise AccllmError("the prepared model has no KV quantization hook (kv-calibrate did not run); "
+                          "cannot export its constants")
     tensors, meta, layers, footprint = package_tensors(lm.model, hook)
-    ctx.tensors = tensors
-    cfg = lm.config.to_dict()
     ctx.manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": tool_version(),
         "source": {"spec": lm.spec, "path": lm.source, "sha256": lm.source_sha256},
-        "recipe": ctx.recipe.to_dict(), "model_config": cfg, "tensors": meta, "layers": layers,
-        "files": {}, "steps": {}, "footprint": footprint,
-        "quant_report": {k: v for k, v in ctx.prepared.report.items() if k != "steps"},
+        "recipe": ctx.recipe.to_dict(), "model_config": lm.config.to_dict(), "tensors": meta, "layers": layers,
+        "files": {}, "footprint": footprint,
+        # what each compression step measured (errors per layer, calibration, block tuning)
+        "quant_report": {**ctx.prepared.report.get("steps", {}),
+                         **{k: v for k, v in ctx.prepared.report.items() if k != "steps"}},
     }
-    return {"tensors": len(tensors), "bits_per_weight_blocks": footprint["bits_per_weight_blocks"]}
-
-
-def step_write(ctx: BuildContext):
-    from safetensors.torch import save_file
-    from quant.package import FORMAT, FORMAT_VERSION, WEIGHTS
-    save_file(ctx.tensors, str(ctx.tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    save_weights(tensors, ctx.tmp / WEIGHTS)
     ctx.add_file(WEIGHTS)
-    return {"bytes": (ctx.tmp / WEIGHTS).stat().st_size}
+    return {"tensors": len(tensors), "bytes": (ctx.tmp / WEIGHTS).stat().st_size,
+            "bits_per_weight_blocks": footprint["bits_per_weight_blocks"]}
 
 
-def step_finalize(ctx: BuildContext):
+def _save_files(names: Callable[[BuildContext], list[str]], manifest_keys: Callable[[BuildContext], list[str]]):
+    def save(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+        for n in names(ctx):
+            _link_or_copy(ctx.tmp / n, d / n)
+        part = {k: ctx.manifest[k] for k in manifest_keys(ctx) if k in ctx.manifest}
+        atomic_write_text(d / "manifest_part.json", json.dumps({"files": names(ctx), "manifest": part}, indent=1))
+
+    def restore(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+        part = json.loads((d / "manifest_part.json").read_text())
+        for n in part["files"]:
+            _link_or_copy(d / n, ctx.tmp / n)
+            ctx.add_file(n)
+        ctx.manifest.update(part["manifest"])
+    return save, restore
+
+
+def _program_names(ctx: BuildContext) -> list[str]:
+    from hw.compiler import program_files
+    from hw.config import load_hw
+    hw = load_hw(ctx.args.hw, getattr(ctx.args, "hw_sets", None))
+    return program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]
+
+
+def _program(ctx: BuildContext) -> dict:
+    from hw.compiler import compile_to_dir
+    from hw.config import load_hw
+    from quant.package import Package
+    hw = load_hw(ctx.args.hw, getattr(ctx.args, "hw_sets", None))
+    upd = compile_to_dir(Package(Path(ctx.tmp), ctx.manifest), hw, ctx.tmp, progress=ctx.progress)
+    ctx.manifest.update(upd)
+    ctx.manifest["_program_keys"] = sorted(upd)
+    for n in _program_names(ctx):
+        ctx.add_file(n)
+    return {"hw": hw.name, "words": upd["program"]["words"],
+            "weight_bytes": sum(upd["program"]["weight_bytes_per_port"])}
+
+
+def _finalize(ctx: BuildContext) -> dict:
     from quant.package import write_manifest
-    for name in ctx.extra_files:
+    ctx.manifest.pop("_program_keys", None)
+    atomic_write_text(ctx.tmp / BUILD_CONFIG, json.dumps(ctx.config.to_dict(), indent=1) + "\n")
+    ctx.add_file(BUILD_CONFIG)
+    # finalize's own record covers the work up to here (the rest is writing two small files)
+    ctx.records.append(_record("finalize", ctx.t_step, None)[0])
+    atomic_write_text(ctx.tmp / STEPS_JSON, json.dumps(ctx.records, indent=1) + "\n")
+    ctx.add_file(STEPS_JSON)
+    for name in ctx.files:
         ctx.manifest["files"][name] = sha256_file(ctx.tmp / name)
     write_manifest(ctx.tmp, ctx.manifest)
     os.chmod(ctx.tmp, 0o755)                       # mkdtemp made it private
     for f in ctx.tmp.iterdir():
-        os.chmod(f, 0o644)
-    return {"files": len(ctx.manifest["files"]) + 1}
+        if f.is_file():
+            os.chmod(f, 0o644)
+    return None
 
 
-def build_steps(args) -> list[tuple[str, Callable]]:
-    steps = [("load", step_load), ("compress", step_compress), ("pack", step_pack), ("write", step_write)]
-    # with --hw, the accelerator compile step runs here, before "finalize" (it may write into ctx.tmp,
-    # call ctx.add_file(name), and set ctx.manifest["hw"]).
-    if getattr(args, "hw", None):
-        from hw.compiler import build_step
-        steps.append(("compile_program", build_step))
-    steps.append(("finalize", step_finalize))
-    return steps
+_pack_save, _pack_restore = _save_files(lambda ctx: ["weights.safetensors"],
+                                        lambda ctx: ["format", "format_version", "tool_version", "source", "recipe",
+                                                     "model_config", "tensors", "layers", "files", "footprint",
+                                                     "quant_report"])
+_program_save, _program_restore = _save_files(_program_names, lambda ctx: ctx.manifest.get("_program_keys", []) + ["_program_keys"])
 
 
-# --- driver --------------------------------------------------------------------------------------
+def _steps() -> tuple[BuildStep, ...]:
+    from quant.pipeline import COMPRESS_STEPS
+    return (BuildStep("load", "load the model and check that the recipe applies to it", lambda ctx: True, _load,
+                      lambda store, ctx, d: None, _restore_load),
+            *[_compress_step(cs) for cs in COMPRESS_STEPS],
+            BuildStep("pack", "packed low-bit tensors and per-layer records: weights.safetensors",
+                      lambda ctx: True, _pack, _pack_save, _pack_restore),
+            BuildStep("program", "the accelerator program for --hw: program.bin, program.lst, memmap.json, "
+                      "hbm_w<p>.bin", lambda ctx: bool(getattr(ctx.args, "hw", None)), _program,
+                      _program_save, _program_restore),
+            BuildStep("finalize", "build_config.json, steps.json, manifest.json; the package is renamed into place",
+                      lambda ctx: True, _finalize))
 
-def _summary(ctx: BuildContext, out: Path, total_s: float) -> list[tuple[str, str]]:
+
+STEPS: tuple[BuildStep, ...] = _steps()
+STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
+
+
+def describe_steps() -> str:
+    w = max(len(n) for n in STEP_NAMES)
+    return "\n".join(f"  {s.name:<{w}}  {s.doc}" for s in STEPS)
+
+
+def _record(name: str, t0: float, info: dict | None) -> dict:
+    """One entry of steps.json; the step's facts (*info*) stay in its saved step.json and, for the
+    compression steps, in the manifest's quant_report."""
+    rec = {"name": name, "seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
+    return rec, {**(info or {}), **rec}
+
+
+# --- saved step artefacts -------------------------------------------------------------------------
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)                        # same file system: no second copy on disk
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class StepStore:
+    """``OUT/steps/``: the build configuration and one directory per finished step (``step.json`` and its
+    artefact), each written under a temporary name and renamed."""
+
+    def __init__(self, out: Path):
+        self.root = out / STEPS_DIR
+
+    def exists(self) -> bool:
+        return (self.root / BUILD_CONFIG).is_file()
+
+    def config(self) -> BuildConfig:
+        p = self.root / BUILD_CONFIG
+        try:
+            return BuildConfig.from_dict(json.loads(p.read_text()), str(p))
+        except (OSError, ValueError) as e:
+            raise AccllmError(f"{p}: cannot read the saved build configuration ({e})") from None
+
+    def reset(self, config: BuildConfig) -> None:
+        """Start a new set of artefacts (the old ones, all ours, are removed)."""
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+        atomic_write_text(self.root / BUILD_CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
+        os.chmod(self.root / BUILD_CONFIG, 0o644)
+
+    def has(self, name: str) -> bool:
+        return (self.root / name / "step.json").is_file()
+
+    def record(self, name: str) -> dict:
+        return json.loads((self.root / name / "step.json").read_text())
+
+    def save(self, step: BuildStep, ctx: BuildContext, record: dict) -> None:
+        final = self.root / step.name
+        tmp = self.root / f".{step.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            if step.save is not None:
+                step.save(self, ctx, tmp)
+            (tmp / "step.json").write_text(json.dumps(record, indent=1) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def drop_from(self, names: list[str]) -> None:
+        """Remove the artefacts of the steps about to run again (they would be stale)."""
+        for n in names:
+            shutil.rmtree(self.root / n, ignore_errors=True)
+
+    def size_mb(self) -> float:
+        return round(sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()) / 2**20, 1)
+
+
+# --- the output directory -------------------------------------------------------------------------
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out that compile-model could not write, or whose contents it did not write (they would
+    be replaced), before any work."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise AccllmError(f"--out {out} exists and is not a directory; give a new or empty directory, "
+                              "or an accllm package to replace")
+        entries = sorted(p.name for p in out.iterdir())
+        ours = {STEPS_DIR}
+        if (out / "manifest.json").is_file():
+            try:
+                man = json.loads((out / "manifest.json").read_text())
+                ours |= {"manifest.json", *man.get("files", {})} if man.get("format") == "accllm-package" else set()
+            except (OSError, ValueError, AttributeError):
+                pass
+        if STEPS_DIR in entries and not (out / STEPS_DIR / BUILD_CONFIG).is_file():
+            ours.discard(STEPS_DIR)
+        foreign = [e for e in entries if e not in ours]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise AccllmError(f"--out {out} holds files accllm did not write ({shown}); they would be replaced. "
+                              "Give a new or empty directory, or an accllm package to replace")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    resolved = parent.resolve()
+    if not resolved.is_dir():
+        raise AccllmError(f"--out {out}: {parent} is not a directory")
+    if any(resolved == Path(p) or Path(p) in resolved.parents for p in ("/proc", "/sys", "/dev")):
+        raise AccllmError(f"--out {out}: {resolved} is a system file system, not a place for a package")
+    if not os.access(resolved, os.W_OK | os.X_OK):
+        raise AccllmError(f"--out {out}: {resolved} is not writable")
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+def _step_index(option: str, name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name not in STEP_NAMES:
+        raise AccllmError(f"{option} {name!r}: not a build step; steps: {', '.join(STEP_NAMES)}")
+    return STEP_NAMES.index(name)
+
+
+def _summary(ctx: BuildContext, out: Path, total_s: float, store: StepStore | None) -> list[tuple[str, str]]:
     fp = ctx.manifest.get("footprint", {})
     rows = [("model", ctx.args.model), ("recipe", f"{ctx.recipe.name}: {ctx.recipe.summary()}"),
-            ("package", str(out))]
-    for name, st in ctx.manifest.get("steps", {}).items():
-        rows.append((f"step {name}", f"{st['seconds']:8.1f} s   peak RSS {st['peak_rss_mb']:8.1f} MB"))
+            ("package", str(out) if (out / "manifest.json").is_file() and ctx.records[-1]["name"] == "finalize"
+             else "(not written: stopped early)")]
+    for r in ctx.records:
+        saved = "  (saved step)" if r.get("resumed") else ""
+        rows.append((f"step {r['name']}", f"{r['seconds']:8.1f} s   peak RSS {r['peak_rss_mb']:8.1f} MB{saved}"))
     if fp:
         rows += [("bits/weight (blocks)", f"{fp['bits_per_weight_blocks']:.4f}  (codes + zeros + scales + indices)"),
                  ("bits/weight (+lm_head)", f"{fp['bits_per_weight_linear']:.4f}"),
                  ("bits/weight (all)", f"{fp['bits_per_weight_total']:.4f}  (embedding and norms included)"),
                  ("bytes (tensors)", f"{fp['bytes_total_tensors']:,}")]
+    if store is not None and store.root.exists():
+        rows.append(("step artefacts", f"{store.root} ({store.size_mb():,.1f} MB)"))
     rows += [("time", f"{total_s:.1f} s"), ("peak memory", f"{peak_rss_mb():.1f} MB")]
     return rows
 
 
 def compile_model(args) -> int:
     from host.args import recipe_from_args
-    from algo.eval import format_table
     recipe = recipe_from_args(args)                     # refused before any work
+    start = _step_index("--start-step", getattr(args, "start_step", None))
+    stop = _step_index("--stop-step", getattr(args, "stop_step", None))
+    if start is not None and stop is not None and start > stop:
+        raise AccllmError(f"--start-step {args.start_step} comes after --stop-step {args.stop_step}; "
+                          f"steps in order: {', '.join(STEP_NAMES)}")
     _check_shapes_early(args.model, recipe)
     if getattr(args, "hw", None):                       # what the accelerator cannot run: before any work
         from hw.compiler import check_recipe_for_hw
         from hw.config import load_hw
         check_recipe_for_hw(recipe, load_hw(args.hw, getattr(args, "hw_sets", None)))
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise AccllmError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
+    config = BuildConfig.from_args(args, recipe)
     progress = not getattr(args, "no_progress", False)
-    ctx = BuildContext(args=args, recipe=recipe, progress=progress)
-    steps = build_steps(args)
-    names = [n for n, _ in steps]
-    stop_after = getattr(args, "stop_after", None)
-    if stop_after and stop_after not in names:
-        raise AccllmError(f"--stop-after {stop_after!r}: not a step; steps: {', '.join(names)}")
+    ctx = BuildContext(args=args, recipe=recipe, config=config, progress=progress)
+    save = start is not None or stop is not None or bool(getattr(args, "save_steps", False))
+    store = StepStore(out) if save else None
     t_all = time.time()
-    early: dict = {}
     try:
         with atomic_directory(out) as tmp:
-            ctx.tmp = tmp
-            for name, fn in steps:
-                t0 = time.time()
-                info = fn(ctx) or {}
-                rec = {"seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb(), **info}
-                early[name] = rec
-                if "steps" in ctx.manifest:
-                    ctx.manifest["steps"] = dict(early)
-                if progress:
-                    print(f"[{name}] {rec['seconds']:.1f} s, peak RSS {rec['peak_rss_mb']:.0f} MB",
-                          file=sys.stderr, flush=True)
-                if stop_after == name and name != names[-1]:
-                    raise _Stop
-    except _Stop:
-        ctx.manifest.setdefault("steps", early)
-        print(f"stopped after step {stop_after}; no package written", file=sys.stderr)
-    return _report(ctx, out, time.time() - t_all, args)
+            ctx.tmp = Path(tmp)
+            _run_steps(ctx, store, start or 0, stop if stop is not None else len(STEPS) - 1)
+            if store is not None:
+                os.replace(store.root, ctx.tmp / STEPS_DIR)     # the artefacts stay with the package
+    except _Stopped:
+        nxt = next((s.name for s in STEPS[stop + 1:] if s.applies(ctx)), "finalize")
+        print(f"stopped after step {STEP_NAMES[stop]}; no package written; the finished steps are saved in "
+              f"{store.root}: continue with --start-step {nxt} --out {out}", file=sys.stderr)
+    return _report(ctx, out, time.time() - t_all, args, store)
 
 
-class _Stop(Exception):
+def _run_steps(ctx: BuildContext, store: StepStore | None, first: int, last: int) -> None:
+    if first > 0:
+        _resume(ctx, store, first)
+    elif store is not None:
+        store.root.parent.mkdir(parents=True, exist_ok=True)
+        store.reset(ctx.config)
+    for step in STEPS[first:last + 1]:
+        if not step.applies(ctx):
+            continue
+        ctx.t_step = time.time()
+        info = step.run(ctx)
+        if step.name != "finalize":          # finalize records itself before it writes steps.json
+            rec, full = _record(step.name, ctx.t_step, info)
+            ctx.records.append(rec)
+            if store is not None:
+                store.save(step, ctx, full)
+        rec = ctx.records[-1]
+        if ctx.progress:
+            print(f"[{step.name}] {rec['seconds']:.1f} s, peak RSS {rec['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+    if STEPS[last].name != "finalize":
+        raise _Stopped
+
+
+class _Stopped(Exception):
     pass
 
 
-def _report(ctx, out, total_s, args) -> int:
+def _resume(ctx: BuildContext, store: StepStore, first: int) -> None:
+    name = STEP_NAMES[first]
+    if not store.exists():
+        raise AccllmError(f"--start-step {name}: {store.root} holds no saved build steps; run with --stop-step "
+                          f"(or --save-steps) into the same --out first")
+    diff = ctx.config.differences(store.config())
+    if diff:
+        raise AccllmError(f"--start-step {name}: the steps saved in {store.root} were made by another build "
+                          "configuration (" + "; ".join(diff[:6]) + "); resume with the same options, or build "
+                          "from the start")
+    before = [s for s in STEPS[:first]]
+    # what ran before: every applicable step needs its saved record (load always applies)
+    for s in before:
+        if s.name == "load" or (s.name != "finalize" and s.applies(ctx)):
+            if not store.has(s.name):
+                have = [n for n in STEP_NAMES if store.has(n)]
+                raise AccllmError(f"--start-step {name}: step {s.name} has no saved artefact in {store.root} "
+                                  f"(saved: {', '.join(have) or 'none'}); start at {s.name} or earlier")
+            rec = store.record(s.name)
+            ctx.records.append({"name": rec["name"], "seconds": rec["seconds"], "peak_rss_mb": rec["peak_rss_mb"],
+                                "resumed": True})
+    ran = [s for s in before if s.name == "load" or s.applies(ctx)]
+    is_model = [s.restore in (_restore_model, _restore_load) for s in ran]
+    if STEP_NAMES.index("pack") >= first:                 # a model is needed: the newest one saved ...
+        base = max(i for i, m in enumerate(is_model) if m)
+        ran[base].restore(store, ctx, store.root / ran[base].name)
+        for s in ran[base + 1:]:                          # ... and the cheap steps after it, run again
+            if s.replayed:
+                s.run(ctx)
+    for s, m in zip(ran, is_model):                       # files of the steps after the model
+        if not m and s.restore is not None:
+            s.restore(store, ctx, store.root / s.name)
+    store.drop_from(list(STEP_NAMES[first:]))
+    if ctx.progress:
+        print(f"resuming at step {name} from {store.root} (saved: {', '.join(s.name for s in ran)})",
+              file=sys.stderr, flush=True)
+
+
+def _report(ctx, out, total_s, args, store) -> int:
     from algo.eval import format_table
     if getattr(args, "json", False):
-        print(json.dumps({"package": str(out), "recipe": ctx.recipe.to_dict(), "steps": ctx.manifest.get("steps", {}),
+        print(json.dumps({"package": str(out), "recipe": ctx.recipe.to_dict(), "steps": ctx.records,
                           "footprint": ctx.manifest.get("footprint", {}), "seconds": round(total_s, 3),
                           "peak_rss_mb": peak_rss_mb()}))
     else:
-        print(format_table(_summary(ctx, out, total_s)))
+        print(format_table(_summary(ctx, out, total_s, store)))
     return 0

@@ -1,26 +1,39 @@
 """``compile-model`` (also ``accllm compile``): model → compressed package (→ accelerator program).
 
-Named build steps in the manner of FINN: each step is timed, its artefacts are saved in the
-package, and ``--stop-after STEP`` ends the flow early for inspection."""
+Named build steps in the manner of FINN (host/build.py): each step is timed, ``--stop-step`` ends the
+flow after a step with its artefacts saved under ``OUT/steps/``, ``--start-step`` resumes from them."""
 from __future__ import annotations
 
 from .args import RECIPE_EPILOG, add_model_args, add_progress_args, add_recipe_args
+from .build import describe_steps
 
 DESCRIPTION = """Compress a Llama-family model with a recipe into a package directory:
 manifest.json (format version, source model hash, recipe, tensors, sha256 of every file) and
 weights.safetensors (packed low-bit codes, zero points, scales). The package is written to a
 temporary directory and renamed into place, so an interrupted run never leaves half a package."""
-EPILOG = ("build steps: load, compress (prune / KV calibration / weight+activation quantization), pack, "
-          "write, finalize; each is timed with its peak RSS in manifest.json.\n"
-          "example: compile-model --model smollm2-135m --recipe w2a8kv4 --out build/smollm2\n\n" + RECIPE_EPILOG)
+
+EPILOG = ("build steps, in order (a step whose recipe keys or options are off does not run; each is timed "
+          "with its peak RSS in the package's steps.json):\n" + describe_steps() + "\n\n"
+          "examples:\n"
+          "  compile-model --model smollm2-135m --recipe w2a8kv4 --out build/smollm2\n"
+          "  compile-model --model tiny --recipe accllm --hw sim-small --out D --stop-step quantize\n"
+          "  compile-model --model tiny --recipe accllm --hw sim-small --out D --start-step pack\n\n"
+          + RECIPE_EPILOG)
 
 
 def add_arguments(p) -> None:
     add_model_args(p)
     add_recipe_args(p, default="w2a8kv4")
     p.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
-    p.add_argument("--stop-after", default=None, metavar="STEP",
-                   help="end the flow after this step (load, compress, pack, write, ...); writes no package")
+    p.add_argument("--stop-step", default=None, metavar="STEP",
+                   help="end the build after this step (see the list below), keeping each finished step's "
+                        "artefact under OUT/steps/; no package is written unless STEP is finalize")
+    p.add_argument("--start-step", default=None, metavar="STEP",
+                   help="resume the build at this step from the artefacts a run with --stop-step (or "
+                        "--save-steps) left under OUT/steps/; the same options are required")
+    p.add_argument("--save-steps", action="store_true",
+                   help="keep every finished step's artefact under OUT/steps/ (a killed build can then be "
+                        "resumed with --start-step); the artefacts stay in the package directory")
     p.add_argument("--hw", default=None, metavar="CONFIG",
                    help="also compile for the accelerator: sim-small | u280 (adds program.bin, program.lst, "
                         "memmap.json, hbm_w<p>.bin and 'hw' in the manifest)")
@@ -52,9 +65,9 @@ def recompile_package(args) -> int:
         raise AccllmError(f"--package {src}: not a package directory (no manifest.json)")
     if not args.hw:
         raise AccllmError("--package needs --hw CONFIG (sim-small | u280): the configuration to compile for")
-    if args.recipe_file or args.stop_after:
-        raise AccllmError("--package recompiles the accelerator program only: --recipe-file and --stop-after "
-                          "change the compression and need a full compile (without --package)")
+    if args.recipe_file or args.stop_step or args.start_step or args.save_steps:
+        raise AccllmError("--package recompiles the accelerator program only: --recipe-file, --stop-step, "
+                          "--start-step and --save-steps belong to a full compile (without --package)")
     hw = load_hw(args.hw, args.hw_sets)
     recipe = None
     if args.sets:

@@ -433,22 +433,6 @@ def program_files() -> list[str]:
     return ["program.bin", "program.lst", "memmap.json"]
 
 
-def build_step(ctx) -> dict:
-    """compile-model step ``compile_program`` (host/build.py): compile the package being built in
-    ``ctx.tmp`` for ``--hw`` (+ ``--hw-set``), add the files and record ``hw`` in the manifest."""
-    from quant.package import Package
-    from .config import load_hw
-    hw = load_hw(ctx.args.hw, getattr(ctx.args, "hw_sets", None))
-    pkg = Package(Path(ctx.tmp), ctx.manifest)
-    upd = compile_to_dir(pkg, hw, ctx.tmp, progress=getattr(ctx, "progress", True))
-    ctx.manifest.update(upd)
-    names = program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]
-    for n in names:
-        ctx.add_file(n)
-    return {"hw": hw.name, "words": upd["program"]["words"],
-            "weight_bytes": sum(upd["program"]["weight_bytes_per_port"])}
-
-
 def refresh_program(package_dir, hw: HWConfig, log=print) -> bool:
     """Compile the program of a cached package again (in place, stage 2 only, same weights) when an
     earlier version of the compiler made it (another memory map, ISA or numerics); True if it did."""

@@ -3,8 +3,8 @@
 ``make_kv_hook(model, recipe, calib, progress)`` returns a :class:`KVQuantHook`;
 ``hook(layer_idx, key_states, value_states) -> (k, v)`` fake-quantizes what is about to be written
 into the cache (shapes [B, kv_heads, T, head_dim]; keys as the cache stores them — after RoPE with
-full attention). The attention code (algo.attention.make_cache_factory, or this module's
-:func:`make_cache_factory` for full attention) calls it on every cache write, so the model attends to
+full attention). The attention code (algo.attention.make_cache_factory) calls it on every cache
+write, so the model attends to
 the quantized cache and perplexity includes the KV error.
 
 * keys, per channel, **static** (default, ``key_mode="static"``): one fp16 scale and one integer
@@ -184,18 +184,6 @@ class _Recorder:
         return k, v                          # the cache gets what it was given
 
 
-def _cache_factory_for(model, recipe, hook):
-    try:
-        from algo.attention import make_cache_factory as attn_factory
-    except ImportError:
-        attn_factory = None
-    if attn_factory is not None:
-        return attn_factory(model, recipe, hook)
-    if recipe.attention != "full":
-        raise AccllmError("recipe attention=lambda needs algo.attention (not available)")
-    return make_cache_factory(model, recipe, hook)
-
-
 @torch.no_grad()
 def make_kv_hook(model, recipe, calib: torch.Tensor | None, progress: bool = True,
                  key_mode: str = "static", max_tokens: int = 8192) -> KVQuantHook:
@@ -212,7 +200,8 @@ def make_kv_hook(model, recipe, calib: torch.Tensor | None, progress: bool = Tru
     if calib is None:
         raise AccllmError("static key quantization needs calibration data (WikiText-2 valid)")
     rec = _Recorder(L, max_tokens, hook.needs_rope)
-    factory = _cache_factory_for(model, recipe, rec)
+    from algo.attention import make_cache_factory
+    factory = make_cache_factory(model, recipe, rec)
     n = calib.shape[0]
     bar = tqdm(total=n, desc="kv calibrate", disable=not progress, leave=False)
     for i in range(n):
@@ -231,20 +220,3 @@ def make_kv_hook(model, recipe, calib: torch.Tensor | None, progress: bool = Tru
         hook.k_scale[li] = s.reshape(H, D)
         hook.k_zero[li] = z.reshape(H, D)
     return hook
-
-
-def make_cache_factory(model, recipe, kv_hook):
-    """Full-attention cache factory applying *kv_hook* on every write (used when algo.attention
-    is not present; same signature as algo.attention.make_cache_factory)."""
-    from transformers import DynamicCache
-
-    class HookedDynamicCache(DynamicCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            if kv_hook is not None:
-                key_states, value_states = kv_hook(layer_idx, key_states, value_states)
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def factory(config):
-        return HookedDynamicCache(config=config)
-
-    return factory

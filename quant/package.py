@@ -57,6 +57,13 @@ def write_manifest(directory: str | os.PathLike, man: dict) -> None:
     atomic_write_text(Path(directory) / MANIFEST, manifest_text(man))
 
 
+def save_weights(tensors: dict, path: str | os.PathLike) -> None:
+    """weights.safetensors, byte-reproducible: its metadata is one key, because safetensors writes a
+    metadata map in an order that changes from one process to the next."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format": f"{FORMAT} {FORMAT_VERSION}"})
+
+
 def tool_version() -> str:
     try:
         from importlib.metadata import version
@@ -169,10 +176,9 @@ def package_tensors(model, kv_hook=None) -> tuple[dict[str, torch.Tensor], dict,
 
 def write_package_files(directory: str | os.PathLike, tensors: dict, manifest: dict) -> None:
     """Write weights.safetensors and manifest.json (with ``files`` sha256) into *directory*."""
-    from safetensors.torch import save_file
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(d / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    save_weights(tensors, d / WEIGHTS)
     files = dict(manifest.get("files") or {})
     files[WEIGHTS] = sha256_file(d / WEIGHTS)
     manifest["files"] = files
@@ -304,8 +310,8 @@ class Package:
         r = self.recipe
         if hook is None and r.attention == "full":
             return None
-        from .kv import _cache_factory_for
-        return _cache_factory_for(model, r, hook)
+        from algo.attention import make_cache_factory
+        return make_cache_factory(model, r, hook)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

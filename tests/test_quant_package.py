@@ -21,7 +21,7 @@ FAST = ["calib_samples=2", "calib_seqlen=64"]
 def _compile(out, recipe="w2a8kv4", sets=(), model="tiny"):
     from host.build import compile_model
     args = Namespace(model=model, recipe=recipe, recipe_file=None, sets=list(FAST) + list(sets), out=str(out),
-                     json=True, no_progress=True, stop_after=None)
+                     json=True, no_progress=True)
     assert compile_model(args) == 0
 
 
@@ -37,8 +37,11 @@ def test_manifest_contents(pkg_dir):
     assert man["format"] == "accllm-package" and man["format_version"] == FORMAT_VERSION
     assert man["source"]["spec"] == "tiny" and len(man["source"]["sha256"]) == 64
     assert man["recipe"]["weight_bits"] == 2 and man["recipe"]["kv_bits"] == 4
-    assert set(man["steps"]) >= {"load", "compress", "pack", "write"}   # finalize writes the manifest
-    assert all("peak_rss_mb" in s and "seconds" in s for s in man["steps"].values())
+    steps = json.loads((pkg_dir / "steps.json").read_text())
+    assert [s["name"] for s in steps] == ["load", "kv-calibrate", "attention", "quantize", "pack", "finalize"]
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in steps)
+    cfg = json.loads((pkg_dir / "build_config.json").read_text())
+    assert cfg["model"] == "tiny" and cfg["recipe"]["weight_bits"] == 2 and cfg["hw"] is None
     q = man["tensors"]["model.layers.0.self_attn.q_proj.qweight"]
     assert q["dtype"] == "uint8" and q["bits"] == 2 and q["logical_shape"] == [128, 128] and q["shape"] == [128 * 128 // 4]
     assert man["tensors"]["model.embed_tokens.weight"]["dtype"] == "float16"
@@ -46,7 +49,7 @@ def test_manifest_contents(pkg_dir):
     fp = man["footprint"]
     # 2-bit codes + 2-bit zero + fp16 scale per 64 weights = 2 + 18/64 bits
     assert fp["bits_per_weight_blocks"] == pytest.approx(2 + 18 / 64, abs=1e-3)
-    assert set(man["files"]) == {"weights.safetensors"}
+    assert set(man["files"]) == {"weights.safetensors", "build_config.json", "steps.json"}
 
 
 def test_package_reproduces_the_fake_quant_model(pkg_dir, fresh_tiny):
