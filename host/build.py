@@ -225,8 +225,26 @@ def _pack(ctx: BuildContext) -> dict:
     }
     save_weights(tensors, ctx.tmp / WEIGHTS)
     ctx.add_file(WEIGHTS)
+    for n in _save_tokenizer(lm.tokenizer, ctx.tmp):     # the package runs from its directory alone
+        ctx.add_file(n)
     return {"tensors": len(tensors), "bytes": (ctx.tmp / WEIGHTS).stat().st_size,
             "bits_per_weight_blocks": footprint["bits_per_weight_blocks"]}
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> list[str]:
+    """The tokenizer's files (tokenizer.json and its configuration) into *directory*; their names."""
+    before = {p.name for p in directory.iterdir()}
+    tokenizer.save_pretrained(str(directory))
+    names = sorted(p.name for p in directory.iterdir() if p.name not in before and p.is_file())
+    if "tokenizer.json" not in names:
+        raise AccllmError(f"the model's tokenizer ({type(tokenizer).__name__}) wrote no tokenizer.json; "
+                          "accllm packages need a fast (tokenizers) tokenizer")
+    return names
+
+
+def _pack_names(ctx: BuildContext) -> list[str]:
+    from quant.package import WEIGHTS
+    return [n for n in ctx.files if n == WEIGHTS or n.startswith(("tokenizer", "special_tokens", "chat_template"))]
 
 
 def _save_files(names: Callable[[BuildContext], list[str]], manifest_keys: Callable[[BuildContext], list[str]]):
@@ -285,7 +303,7 @@ def _finalize(ctx: BuildContext) -> dict:
     return None
 
 
-_pack_save, _pack_restore = _save_files(lambda ctx: ["weights.safetensors"],
+_pack_save, _pack_restore = _save_files(_pack_names,
                                         lambda ctx: ["format", "format_version", "tool_version", "source", "recipe",
                                                      "model_config", "tensors", "layers", "files", "footprint",
                                                      "quant_report"])

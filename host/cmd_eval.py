@@ -57,15 +57,9 @@ def _plot_blocks(result: dict, path: str, title: str) -> None:
 
 
 def _package_tokenizer(pkg):
-    """The tokenizer of a package's source model (SmolLM2's for the built-in names and GGUFs of it)."""
-    from algo.models import smollm2_tokenizer
-    src = pkg.manifest["source"]
-    from pathlib import Path
-    p = Path(src.get("path", ""))
-    if p.is_dir():
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(p))
-    return smollm2_tokenizer()
+    """The tokenizer a package carries (older packages: their source model's)."""
+    from host.runtime import tokenizer_for
+    return tokenizer_for(pkg.dir, pkg.manifest)
 
 
 def run(args) -> int:

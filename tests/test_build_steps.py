@@ -48,6 +48,16 @@ def test_one_shot_package_records_config_and_steps(one_shot):
     assert not (one_shot / "steps").exists()           # artefacts only when asked for
 
 
+def test_package_carries_its_tokenizer(one_shot):
+    from algo.models import smollm2_tokenizer
+    from host.runtime import tokenizer_for
+    man = json.loads((one_shot / "manifest.json").read_text())
+    assert "tokenizer.json" in man["files"]
+    tok = tokenizer_for(one_shot, {"source": {"spec": "/nowhere/model"}})   # the source model is not needed
+    text = "The capital of France is Paris."
+    assert tok(text)["input_ids"] == smollm2_tokenizer()(text)["input_ids"]
+
+
 def test_stop_then_start_in_another_process_is_byte_identical(one_shot, tmp_path):
     d = tmp_path / "D"
     _build(d, "--stop-step", "quantize")
