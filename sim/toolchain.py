@@ -131,23 +131,66 @@ def build_design(simulator: str, toplevel: str, sources: list[Path], name: str, 
     return runner, bdir
 
 
+def check_results(results: Path, what: str, testcases: list[str] | tuple[str, ...] = ()) -> tuple[int, int]:
+    """Read a cocotb results XML; return (tests run, tests failed or errored).
+
+    Raises AccllmError when the file is missing, empty or not XML, when no test ran (none found, all
+    skipped, or a test filter that matched nothing) and when one of *testcases* (names asked for) is
+    not among the tests that ran: a run that checked nothing must not look like a pass.
+    """
+    from xml.etree import ElementTree
+
+    results = Path(results)
+    if not results.is_file():
+        raise AccllmError(f"no cocotb results file {results} ({what}): the simulation ended before cocotb "
+                          "wrote it (see the simulator output above)")
+    if results.stat().st_size == 0:
+        raise AccllmError(f"the cocotb results file {results} ({what}) is empty: the simulation did not finish")
+    try:
+        root = ElementTree.parse(results).getroot()
+    except ElementTree.ParseError as e:
+        raise AccllmError(f"the cocotb results file {results} ({what}) is not valid XML ({e})") from None
+    ran, failed = [], 0
+    for case in root.iter("testcase"):
+        if case.find("skipped") is not None:
+            continue
+        ran.append(case.get("name", ""))
+        failed += case.find("failure") is not None or case.find("error") is not None
+    if not ran:
+        raise AccllmError(f"no cocotb test ran ({what}); see {results}")
+    missing = [t for t in testcases if not any(n.endswith(t) for n in ran)]     # the runner's filter: ".*name$"
+    if missing:
+        raise AccllmError(f"cocotb tests asked for did not run ({what}): {', '.join(missing)}; ran: "
+                          f"{', '.join(ran)}; see {results}")
+    return len(ran), failed
+
+
 def run_cocotb(*, simulator: str, toplevel: str, sources: list[Path], test_module: str, test_dir: Path,
                name: str, extra_env: dict | None = None, parameters: dict | None = None,
                results_dir: Path | None = None, waves: bool = False, testcase: str | None = None) -> Path:
     """Build (cached) and run a cocotb test module against *sources*; return the results XML path.
 
-    Raises AccllmError if any cocotb test failed.
+    Raises AccllmError if any cocotb test failed, if no test ran (or one named in *testcase*, a
+    comma-separated list, did not), if the results file is missing or empty, or if the simulator
+    exited with an error.
     """
-    from cocotb_tools.check_results import get_results
-
     runner, bdir = build_design(simulator, toplevel, sources, name, parameters=parameters, waves=waves)
     results = (results_dir or bdir) / f"results-{test_module}.xml"
+    what = f"{test_module} on {toplevel}, {simulator}"
     env = dict(extra_env or {})
     pythonpath = [str(test_dir), str(Path(__file__).resolve().parents[1])]
     env["PYTHONPATH"] = os.pathsep.join(pythonpath + [os.environ.get("PYTHONPATH", "")])
-    runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=bdir, test_dir=test_dir,
-                extra_env=env, results_xml=results, waves=waves, testcase=testcase)
-    total, failed = get_results(results)
+    wanted = [t.strip() for t in (testcase or "").split(",") if t.strip()]
+    exit_code = 0
+    try:
+        runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=bdir, test_dir=test_dir,
+                    extra_env=env, results_xml=results, waves=waves, testcase=testcase)
+    except SystemExit as e:            # the runner exits on a failing simulator (or, under pytest, on failures)
+        exit_code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    total, failed = check_results(results, what, wanted)
     if failed:
         raise AccllmError(f"{failed} of {total} cocotb tests failed ({simulator}, {toplevel}); see {results}")
+    if exit_code:
+        raise AccllmError(f"the simulator exited with status {exit_code} ({what}) although its {total} cocotb "
+                          f"test(s) passed; see {results}")
     return results

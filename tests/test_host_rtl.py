@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -76,9 +77,11 @@ def test_rtl_device_registers_runs_timeout_and_close(control_rtl):
     assert _gone(pgid), "simulator process group still alive after close()"
 
 
-def _holding_host(control_rtl, tmp_path, on_interrupt: str = ""):
+def _holding_host(control_rtl, tmp_path, on_interrupt: str = "", deadline_s: float = 600.0):
     """A host process that starts a run that never ends on the control kernel and waits in wait();
-    returns (process, the simulator's process group) once the simulation is running."""
+    returns (process, the simulator's process group) once the host has sent the simulator its wait
+    request (it prints "waiting" then), i.e. the simulation of the run is going on and the host is
+    blocked on the reply. *deadline_s* covers the host's start-up, including a Verilator build."""
     body = f"""
         with dev.session("holding host"):
             dev.set_arg("n_tokens", 2**31)
@@ -93,24 +96,45 @@ def _holding_host(control_rtl, tmp_path, on_interrupt: str = ""):
         # `make test &`) inherits SIGINT ignored, and Ctrl-C would then never reach it
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from hw.config import load_hw
+        import sim.rtlsim.device as rtl_device
         from sim.rtlsim.device import RtlDevice
         dev = RtlDevice(load_hw("sim-small"), rtl_dir={str(control_rtl)!r}, check_ports=False, progress=False)
         print(dev.proc.pid, flush=True)
+        _send = rtl_device.send_msg
+        def send_and_tell(sock, hdr, data=b""):
+            _send(sock, hdr, data)
+            if hdr.get("op") == "wait":       # the request is out: the host now blocks on the reply
+                print("waiting", flush=True)
+        rtl_device.send_msg = send_and_tell
     """) + textwrap.dedent(body) + "\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env, cwd=REPO)
-    pgid = int(p.stdout.readline())
-    time.sleep(1.0)                      # inside wait(): the simulation is running
-    return p, pgid
+    lines, waiting = [], threading.Event()
+
+    def read_until_waiting():               # stops at "waiting": the rest is left to communicate()
+        for line in p.stdout:
+            lines.append(line.strip())
+            if lines[-1] == "waiting":
+                break
+        waiting.set()                       # also at EOF: the host ended early
+
+    threading.Thread(target=read_until_waiting, daemon=True).start()
+    if not waiting.wait(deadline_s) or lines[-1:] != ["waiting"]:
+        p.kill()
+        _, err = p.communicate(timeout=30)
+        pytest.fail(f"the holding host did not reach wait() within {deadline_s:g} s (exit {p.returncode}, "
+                    f"output {lines}):\n{err[-3000:]}")
+    return p, int(lines[0])
 
 
 def _wait_gone(pgid: int, seconds: float) -> bool:
-    for _ in range(int(seconds * 10)):
-        if _gone(pgid):
-            return True
-        time.sleep(0.1)
-    return _gone(pgid)
+    deadline = time.monotonic() + seconds
+    while not _gone(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_rtl_ctrl_c_leaves_no_subprocess(control_rtl, tmp_path):

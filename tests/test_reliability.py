@@ -92,13 +92,21 @@ def test_sigterm_during_compile_leaves_no_partial_directory(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "host.cli", "compile", "--model", "tiny", "--recipe", "w2a8kv4",
                           "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None and not any(x.name.endswith(".partial")
-                                                                  for x in tmp_path.iterdir()):
-        time.sleep(0.05)
-    assert p.poll() is None, "the compile ended before its temporary directory appeared"
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(x.name.endswith(".partial") for x in tmp_path.iterdir()):
+            if p.poll() is not None:
+                pytest.fail(f"the compile ended (exit {p.returncode}) before its temporary directory appeared:\n"
+                            + p.communicate()[1][-2000:])
+            if time.monotonic() > deadline:
+                pytest.fail("no temporary directory beside --out within 240 s of starting the compile")
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:             # the test failed: do not leave the compile running
+            p.kill()
+            p.communicate()
     assert p.returncode == 143, err[-2000:]
     assert "terminated" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

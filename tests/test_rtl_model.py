@@ -7,8 +7,6 @@ import pytest
 from hw import isa, memmap, numerics as nx, regmap
 from hw.config import load_hw
 
-pytest.importorskip("cocotb")
-
 CFG = load_hw("sim-small")
 P = CFG.weight_ports
 

@@ -82,21 +82,20 @@ def test_variants_synthesize_side_by_side_and_are_cached(tmp_path, monkeypatch):
     """resources_report runs the scaled variants concurrently (yosys is single-threaded), keeps each
     result with its port count, caches them, and extrapolates from them."""
     import threading
-    import time
 
     import hw.build_rtl as b
     from hw.config import load_hw
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    running, overlap, lock = [0], [False], threading.Lock()
+    # each stand-in synthesis returns only once both are running: run one after the other, the first
+    # one's wait times out
+    both_running = threading.Barrier(2, timeout=60)
 
     def fake_synth(design, top, workdir, log=print, poll_s=10.0, convert_lock=None):
         design._MustUse__silence = True                     # not elaborated here: no UnusedElaboratable
-        with lock:
-            running[0] += 1
-            overlap[0] |= running[0] > 1
-        time.sleep(0.5)
-        with lock:
-            running[0] -= 1
+        try:
+            both_running.wait()
+        except threading.BrokenBarrierError:
+            raise AssertionError("the two variants did not run at the same time") from None
         n = design.cfg.weight_ports
         return dict(LUT=70_000 + 30_000 * n, FF=1000 * n, DSP=100 + 160 * n, BRAM=80 + 8 * n, URAM=0, seconds=0.5)
 
@@ -104,7 +103,6 @@ def test_variants_synthesize_side_by_side_and_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)          # as on the 2-core CI machine
     cfg = load_hw("u280")
     rep = b.resources_report(cfg, tmp_path / "out", synth_ports=[1, 2], log=lambda *a: None)
-    assert overlap[0], "the two variants did not run at the same time"
     assert rep["per_port"]["LUT"] == 30_000 and rep["base"]["LUT"] == 70_000
     assert rep["LUT"] == 70_000 + 32 * 30_000 and rep["variants"]["2"]["DSP"] == 420
     # cached: a second report synthesizes nothing
