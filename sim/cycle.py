@@ -155,8 +155,6 @@ class CycleModel:
                                    spatten_slots=min(info["pos0"] + T, info["slots"]) if info.get("spatten") else 0)
         if k == "topk":
             return self.topk_parts(info["layers"], info["slots"], info["heads"], info["selected"])
-        if k == "topk":
-            return self.topk(info)
         if k == "embed":
             return T * info["D"] * 4 / self.bytes_per_cycle, float(T)
         if k == "argmax":
