@@ -49,7 +49,8 @@ def test_manifest_contents(pkg_dir):
     fp = man["footprint"]
     # 2-bit codes + 2-bit zero + fp16 scale per 64 weights = 2 + 18/64 bits
     assert fp["bits_per_weight_blocks"] == pytest.approx(2 + 18 / 64, abs=1e-3)
-    assert set(man["files"]) == {"weights.safetensors", "build_config.json", "steps.json"}
+    assert set(man["files"]) == {"weights.safetensors", "build_config.json", "steps.json", "tokenizer.json",
+                                 "tokenizer_config.json", "chat_template.jinja"}
 
 
 def test_package_reproduces_the_fake_quant_model(pkg_dir, fresh_tiny):
