@@ -114,6 +114,7 @@ class BuildContext:
     files: list = field(default_factory=list)      # files written into tmp (their sha256 go into the manifest)
     records: list = field(default_factory=list)    # steps.json
     t_step: float = 0.0
+    wrote: dict = field(default_factory=dict)      # step -> (files it added, manifest keys it set)
 
     def add_file(self, name: str) -> None:
         if name not in self.files:
@@ -126,7 +127,7 @@ class BuildStep:
     doc: str
     applies: Callable[[BuildContext], bool]
     run: Callable[[BuildContext], dict | None]
-    save: Callable[["StepStore", BuildContext, Path], None] | None = None      # its artefact
+    save: Callable[["StepStore", BuildContext, Path, str], None] | None = None   # its artefact
     restore: Callable[["StepStore", BuildContext, Path], None] | None = None   # the state after it
     replayed: bool = False      # cheap and deterministic: saves no state, runs again on a resume after it
 
@@ -175,7 +176,7 @@ def _compress_step(cs) -> BuildStep:
     return BuildStep(cs.name, cs.doc, lambda ctx: cs.applies(ctx.recipe), run, _save_model, _restore_model)
 
 
-def _save_model(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+def _save_model(store: "StepStore", ctx: BuildContext, d: Path, step: str) -> None:
     """The compressed model so far (pickled whole: quantizers and the KV hook are part of it)."""
     import torch
     from algo.attention import patch_attention, unpatch_attention
@@ -242,43 +243,30 @@ def _save_tokenizer(tokenizer, directory: Path) -> list[str]:
     return names
 
 
-def _pack_names(ctx: BuildContext) -> list[str]:
-    from quant.package import WEIGHTS
-    return [n for n in ctx.files if n == WEIGHTS or n.startswith(("tokenizer", "special_tokens", "chat_template"))]
+def _save_files(store: "StepStore", ctx: BuildContext, d: Path, step: str) -> None:
+    files, keys = ctx.wrote[step]
+    for n in files:
+        _link_or_copy(ctx.tmp / n, d / n)
+    part = {k: ctx.manifest[k] for k in keys}
+    atomic_write_text(d / "manifest_part.json", json.dumps({"files": files, "manifest": part}, indent=1))
 
 
-def _save_files(names: Callable[[BuildContext], list[str]], manifest_keys: Callable[[BuildContext], list[str]]):
-    def save(store: "StepStore", ctx: BuildContext, d: Path) -> None:
-        for n in names(ctx):
-            _link_or_copy(ctx.tmp / n, d / n)
-        part = {k: ctx.manifest[k] for k in manifest_keys(ctx) if k in ctx.manifest}
-        atomic_write_text(d / "manifest_part.json", json.dumps({"files": names(ctx), "manifest": part}, indent=1))
-
-    def restore(store: "StepStore", ctx: BuildContext, d: Path) -> None:
-        part = json.loads((d / "manifest_part.json").read_text())
-        for n in part["files"]:
-            _link_or_copy(d / n, ctx.tmp / n)
-            ctx.add_file(n)
-        ctx.manifest.update(part["manifest"])
-    return save, restore
-
-
-def _program_names(ctx: BuildContext) -> list[str]:
-    from hw.compiler import program_files
-    from hw.config import load_hw
-    hw = load_hw(ctx.args.hw, getattr(ctx.args, "hw_sets", None))
-    return program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]
+def _restore_files(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+    part = json.loads((d / "manifest_part.json").read_text())
+    for n in part["files"]:
+        _link_or_copy(d / n, ctx.tmp / n)
+        ctx.add_file(n)
+    ctx.manifest.update(part["manifest"])
 
 
 def _program(ctx: BuildContext) -> dict:
-    from hw.compiler import compile_to_dir
+    from hw.compiler import compile_to_dir, program_files
     from hw.config import load_hw
     from quant.package import Package
     hw = load_hw(ctx.args.hw, getattr(ctx.args, "hw_sets", None))
     upd = compile_to_dir(Package(Path(ctx.tmp), ctx.manifest), hw, ctx.tmp, progress=ctx.progress)
     ctx.manifest.update(upd)
-    ctx.manifest["_program_keys"] = sorted(upd)
-    for n in _program_names(ctx):
+    for n in program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]:
         ctx.add_file(n)
     return {"hw": hw.name, "words": upd["program"]["words"],
             "weight_bytes": sum(upd["program"]["weight_bytes_per_port"])}
@@ -286,7 +274,6 @@ def _program(ctx: BuildContext) -> dict:
 
 def _finalize(ctx: BuildContext) -> dict:
     from quant.package import write_manifest
-    ctx.manifest.pop("_program_keys", None)
     atomic_write_text(ctx.tmp / BUILD_CONFIG, json.dumps(ctx.config.to_dict(), indent=1) + "\n")
     ctx.add_file(BUILD_CONFIG)
     # finalize's own record covers the work up to here (the rest is writing two small files)
@@ -303,23 +290,16 @@ def _finalize(ctx: BuildContext) -> dict:
     return None
 
 
-_pack_save, _pack_restore = _save_files(_pack_names,
-                                        lambda ctx: ["format", "format_version", "tool_version", "source", "recipe",
-                                                     "model_config", "tensors", "layers", "files", "footprint",
-                                                     "quant_report"])
-_program_save, _program_restore = _save_files(_program_names, lambda ctx: ctx.manifest.get("_program_keys", []) + ["_program_keys"])
-
-
 def _steps() -> tuple[BuildStep, ...]:
     from quant.pipeline import COMPRESS_STEPS
     return (BuildStep("load", "load the model and check that the recipe applies to it", lambda ctx: True, _load,
-                      lambda store, ctx, d: None, _restore_load),
+                      None, _restore_load),
             *[_compress_step(cs) for cs in COMPRESS_STEPS],
             BuildStep("pack", "packed low-bit tensors and per-layer records: weights.safetensors",
-                      lambda ctx: True, _pack, _pack_save, _pack_restore),
+                      lambda ctx: True, _pack, _save_files, _restore_files),
             BuildStep("program", "the accelerator program for --hw: program.bin, program.lst, memmap.json, "
                       "hbm_w<p>.bin", lambda ctx: bool(getattr(ctx.args, "hw", None)), _program,
-                      _program_save, _program_restore),
+                      _save_files, _restore_files),
             BuildStep("finalize", "build_config.json, steps.json, manifest.json; the package is renamed into place",
                       lambda ctx: True, _finalize))
 
@@ -388,7 +368,7 @@ class StepStore:
         tmp.mkdir()
         try:
             if step.save is not None:
-                step.save(self, ctx, tmp)
+                step.save(self, ctx, tmp, step.name)
             (tmp / "step.json").write_text(json.dumps(record, indent=1) + "\n")
             if final.exists():
                 shutil.rmtree(final)
@@ -515,7 +495,10 @@ def _run_steps(ctx: BuildContext, store: StepStore | None, first: int, last: int
         if not step.applies(ctx):
             continue
         ctx.t_step = time.time()
+        before_files, before_man = len(ctx.files), dict(ctx.manifest)
         info = step.run(ctx)
+        ctx.wrote[step.name] = (ctx.files[before_files:],
+                                [k for k, v in ctx.manifest.items() if k not in before_man or v is not before_man[k]])
         if step.name != "finalize":          # finalize records itself before it writes steps.json
             rec, full = _record(step.name, ctx.t_step, info)
             ctx.records.append(rec)
