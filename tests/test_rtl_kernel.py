@@ -32,6 +32,7 @@ def test_kernel_verilator(tmp_path):
     assert m["kernel_stream_efficiency"] >= 0.9
 
 
+@pytest.mark.slow
 def test_kernel_verilator_512_bit_ports(tmp_path):
     """The u280's port width (512 bits: 256 lanes and 16 chunks per port, other scale/zero windows and
     idx shifts) is simulated nowhere else: the MATMUL cases on sim-small with 512-bit ports."""
@@ -39,6 +40,7 @@ def test_kernel_verilator_512_bit_ports(tmp_path):
                sets=["port_width_bits=512"])
 
 
+@pytest.mark.slow
 def test_kernel_verilator_16_bit_scales(tmp_path):
     """Both presets use 8-bit scale mantissas and a build's engine has the scale path of its
     configuration only: the 16-bit path, and the rejection of 8-bit descriptors, on a 16-bit build."""

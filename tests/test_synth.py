@@ -47,6 +47,7 @@ def test_parse_stat_counts_lut_ram_in_luts():
     assert LUTRAM_LUTS["RAM64X1S"] == 1
 
 
+@pytest.mark.slow
 def test_synth_deep_single_port_lutram(tmp_path):
     """A 1024-deep single-port asynchronous-read buffer: the stock yosys 0.70 xcup flow stops with
     'invalid OPTION_ABITS/WIDTH combination'; ours maps it to LUT RAM."""

@@ -1,37 +1,16 @@
 """Run one program with identical buffers on the functional model and on the RTL kernel.
 
-``rtl_dir(cfg)`` gives a directory with the kernel's Verilog (hw/build_rtl.kernel_source: the kernel
-with every unit registered in hw.rtl.kernel.UNITS, cached by design hash); ``DevicePair`` allocates
-the buffers of hw/regmap.py (program, kv, io, weights<p>) on both devices, fills them with the same
+The RTL side is the kernel of `accllm build-rtl` (sim.rtlsim.device.ensure_rtl: every unit registered in
+hw.rtl.kernel.UNITS, the same cached Verilog and Verilator build as `accllm run --backend rtl`);
+``DevicePair`` allocates the buffers of hw/regmap.py (program, kv, io, weights<p>) on both devices, fills them with the same
 bytes, runs a program and returns both io (and weight) images plus the status of each side.
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 
-from algo.common import cache_dir
 from hw import isa
 from hw.config import HWConfig
-
-
-def rtl_dir(cfg: HWConfig) -> Path:
-    """The kernel with the units of hw.rtl.kernel.UNITS plus those of hw.rtl.units (the same set once
-    hw/rtl/kernel.py registers them), Verilog cached by design hash."""
-    from hw.build_rtl import cached_verilog
-    from hw.rtl import kernel, units
-    from hw.rtl.tops import to_verilog
-    src = cached_verilog("accllm_kernel-model", cfg,
-                         lambda: to_verilog(kernel.Kernel(cfg, {**kernel.UNITS, **units.UNITS}), "accllm_kernel"))
-    out = cache_dir("rtl-model") / src.stem
-    if not (out / "accllm_kernel.v").exists():
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, tmp / "accllm_kernel.v")
-        tmp.rename(out)
-    return out
 
 
 class DevicePair:
@@ -41,7 +20,7 @@ class DevicePair:
         from sim.rtlsim.device import RtlDevice
         from sim.emu import EmuDevice
         self.cfg = cfg
-        self.devs = {"emu": EmuDevice(cfg), "rtl": rtl or RtlDevice(cfg, rtl_dir=str(rtl_dir(cfg)), progress=False)}
+        self.devs = {"emu": EmuDevice(cfg), "rtl": rtl or RtlDevice(cfg, progress=False)}
         self.bufs = {}
         for k, d in self.devs.items():
             b = dict(program=d.alloc(prog_bytes, port="m_axi_ctrl", bank=0, name="program"),
