@@ -1,6 +1,8 @@
 """The host runtime on a real compiled package of the `tiny` model: the functional model (emu), the RTL
 under Verilator (rtl) with the same host code — identical tokens — plus the CLI (`accllm run --json`,
-xrt without XRT, package-xo) and a tampered package. SmolLM2 emu vs rtl is in the slow marker."""
+xrt without XRT, package-xo) and a tampered package. SmolLM2 emu vs rtl and the
+rtl runs past the Λ window (the ring and SpAtten, also checked program by program in test_rtl_model.py)
+are in the slow marker."""
 import contextlib
 import io
 import json
@@ -146,6 +148,7 @@ def tiny_w8_pkg(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_emu_and_rtl_identical_past_the_window(tiny_w8_pkg):
     """Λ ring buffer on the RTL: tiny with S=2 sinks and a W=8 window decodes 20 tokens past a 4-token
     prompt, so the window wraps twice; tokens and final logits equal emu's."""
@@ -154,6 +157,7 @@ def test_emu_and_rtl_identical_past_the_window(tiny_w8_pkg):
     assert (r["rtl"]["logits"] == r["emu"]["logits"]).all()
 
 
+@pytest.mark.slow
 def test_spatten_emu_and_rtl_identical_past_the_window(tiny_w8_pkg, tmp_path):
     """SpAtten on the RTL (ATTN.spatten + TOPK, the RTL top-k engine): the W=8 package plus token_keep 0.5,
     head_keep 0.5 from layer 0 (`compile --package --set`), a 12-token prompt in one prefill block, then
