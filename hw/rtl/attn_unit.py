@@ -178,7 +178,7 @@ class AttnUnit(_Base):
         shdr = Signal(512)
         sf = {name: shdr[32 * i: 32 * i + 32] for i, name in enumerate(memmap.SPT_FIELDS)}
         st_base = Signal(64)    # this layer's SpAtten state
-        m.d.comb += st_base.eq(self.weights0 + sf["state_off"] + hw_["layer"] * sf["layer_bytes"])
+        m.d.comb += st_base.eq(self.weights[0] + sf["state_off"] + hw_["layer"] * sf["layer_bytes"])
         hdead = Signal(MH)      # pruned query heads
         na = Signal(nb_)        # alive slots of the token (the core's n)
         nsa = Signal(nb_)       # ... of them sinks
@@ -238,7 +238,7 @@ class AttnUnit(_Base):
         js = Signal(32)             # V record (slot) being read
         ksh = Signal(8)
 
-        weights = [getattr(self, f"weights{q}") for q in range(P)]
+        weights = [self.weights[q] for q in range(P)]
         whp = Signal(64)
         for q in range(P):
             with m.If(hp == q):
@@ -254,7 +254,7 @@ class AttnUnit(_Base):
         wsel = Signal(range(max(P, 2)))
         wcmd_valid, wcmd_addr, wcmd_beats = Signal(), Signal(64), Signal(32)
         for q in range(P):
-            wc, wd = getattr(self, f"w_cmd{q}"), getattr(self, f"w_data{q}")
+            wc, wd = self.w_cmd[q], self.w_data[q]
             m.d.comb += [wc.payload.addr.eq(wcmd_addr), wc.payload.beats.eq(wcmd_beats)]
             with m.If(wsel == q):
                 # both unpackers see the data; only the started one (count left) accepts it
@@ -264,19 +264,19 @@ class AttnUnit(_Base):
         wcmd_ready = Signal()
         for q in range(P):
             with m.If(wsel == q):
-                m.d.comb += wcmd_ready.eq(getattr(self, f"w_cmd{q}").ready)
+                m.d.comb += wcmd_ready.eq(self.w_cmd[q].ready)
         # weight-port write (port hp)
         ww_valid, ww_addr, ww_beats = Signal(), Signal(64), Signal(32)
         wwd_valid, wwd_data, wwd_strb = Signal(), Signal(W), Signal(Wb)
         ww_ready, wwd_ready, ww_busy = Signal(), Signal(), Signal()
         for q in range(P):
-            wc, wd = getattr(self, f"ww_cmd{q}"), getattr(self, f"ww_data{q}")
+            wc, wd = self.ww_cmd[q], self.ww_data[q]
             # payloads go to every port (only the selected one sees valid): no 512-bit gate per port
             m.d.comb += [wc.payload.addr.eq(ww_addr), wc.payload.beats.eq(ww_beats),
                          wd.payload.data.eq(wwd_data), wd.payload.strb.eq(wwd_strb)]
             with m.If(hp == q):
                 m.d.comb += [wc.valid.eq(ww_valid), ww_ready.eq(wc.ready), wd.valid.eq(wwd_valid),
-                             wwd_ready.eq(wd.ready), ww_busy.eq(getattr(self, f"ww_busy{q}"))]
+                             wwd_ready.eq(wd.ready), ww_busy.eq(self.ww_busy[q])]
         # io reads into the word unpacker
         m.d.comb += [wu.i.valid.eq(self.rd_data.valid), wu.i.payload.eq(self.rd_data.payload),
                      self.rd_data.ready.eq(wu.i.ready)]
@@ -376,15 +376,15 @@ class AttnUnit(_Base):
                 with m.Else():
                     m.next = "DESC"
             with m.State("DESC"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                             self.w_cmd0.payload.beats.eq(64 // Wb)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                             self.w_cmd[0].payload.beats.eq(64 // Wb)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "DESC_RX"
             with m.State("DESC_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += [hdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data0.payload)
-                                 if 64 // Wb > 1 else hdr.eq(self.w_data0.payload), cnt.eq(cnt + 1)]
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += [hdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data[0].payload)
+                                 if 64 // Wb > 1 else hdr.eq(self.w_data[0].payload), cnt.eq(cnt + 1)]
                     with m.If(cnt == 64 // Wb - 1):
                         m.next = "DESC_CHECK"
             with m.State("DESC_CHECK"):
@@ -438,29 +438,29 @@ class AttnUnit(_Base):
 
             # ---- SpAtten: descriptor word 16 -> the SpAtten descriptor -> checks -> this layer's state
             with m.State("SX_CMD"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d + 64),
-                             self.w_cmd0.payload.beats.eq(1)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d + 64),
+                             self.w_cmd[0].payload.beats.eq(1)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "SX_RX"
             with m.State("SX_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += spt_off.eq(self.w_data0.payload[:32])
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += spt_off.eq(self.w_data[0].payload[:32])
                     m.next = "SPT_CMD"
             with m.State("SPT_CMD"):
                 with m.If(spt_off[:6] != 0):
                     m.d.sync += status.eq(regmap.STATUS_SHAPE)
                     m.next = "DONE"
                 with m.Else():
-                    m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + spt_off),
-                                 self.w_cmd0.payload.beats.eq(64 // Wb)]
-                    with m.If(self.w_cmd0.ready):
+                    m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + spt_off),
+                                 self.w_cmd[0].payload.beats.eq(64 // Wb)]
+                    with m.If(self.w_cmd[0].ready):
                         m.next = "SPT_RX"
             with m.State("SPT_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += [shdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data0.payload)
-                                 if 64 // Wb > 1 else shdr.eq(self.w_data0.payload), cnt.eq(cnt + 1)]
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += [shdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data[0].payload)
+                                 if 64 // Wb > 1 else shdr.eq(self.w_data[0].payload), cnt.eq(cnt + 1)]
                     with m.If(cnt == 64 // Wb - 1):
                         m.next = "SPT_CHECK"
             with m.State("SPT_CHECK"):
@@ -527,12 +527,12 @@ class AttnUnit(_Base):
 
             # ---- constant loads: sec 0 = RoPE frequencies (once), 1..5 = RK, KS, KZ, KM, KSH of head h
             with m.State("CONST_CMD"):
-                kc = self.weights0 + hw_["kconst_off"]
+                kc = self.weights[0] + hw_["kconst_off"]
                 addr = Signal(64)
                 count = Signal(32)
                 with m.Switch(sec):
                     with m.Case(0):
-                        m.d.comb += [addr.eq(self.weights0 + hw_["rope_off"]), count.eq(hd << 1)]
+                        m.d.comb += [addr.eq(self.weights[0] + hw_["rope_off"]), count.eq(hd << 1)]
                     with m.Case(1):
                         m.d.comb += [addr.eq(kc + ((h * hd) << 2)), count.eq(hd << 2)]
                     with m.Case(2):

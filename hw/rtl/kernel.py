@@ -119,10 +119,8 @@ class MatmulUnit(wiring.Component):
         xb = Signal(32)
         issued = Signal(P + 1)
 
-        for p in range(P):
-            wd = getattr(self, f"w_data{p}")
-            m.d.comb += [getattr(eng, f"w{p}").valid.eq(wd.valid), getattr(eng, f"w{p}").payload.eq(wd.payload),
-                         wd.ready.eq(getattr(eng, f"w{p}").ready)]
+        for p in range(P):          # the weight streams go straight into the engine
+            wiring.connect(m, wiring.flipped(self.w_data[p]), eng.w[p])
         m.d.comb += [eng.bits_sel.eq(lg_b - 1), eng.sparse.eq(sparse[0]), eng.scale8.eq(scale_bits == 8), eng.lg_group.eq(lg_g), eng.k.eq(K),
                      eng.rows.eq(R)]
 
@@ -131,8 +129,8 @@ class MatmulUnit(wiring.Component):
         def issue_weights():
             # the weight streams start while the activations load (their latency overlaps)
             for p in range(P):
-                cmd = getattr(self, f"w_cmd{p}")
-                m.d.comb += [cmd.valid.eq(~issued[p]), cmd.payload.addr.eq(getattr(self, f"weights{p}") + d + 64),
+                cmd = self.w_cmd[p]
+                m.d.comb += [cmd.valid.eq(~issued[p]), cmd.payload.addr.eq(self.weights[p] + d + 64),
                              cmd.payload.beats.eq(w_beats)]
                 with m.If(cmd.valid & cmd.ready):
                     m.d.sync += issued[p].eq(1)
@@ -151,14 +149,14 @@ class MatmulUnit(wiring.Component):
                     m.d.sync += [t.eq(Mux(logits & ~self.flags[2], self.n_tokens - 1, 0)), t_end.eq(self.n_tokens)]
                     m.next = "DESC"
             with m.State("DESC"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                             self.w_cmd0.payload.beats.eq(64 // Wb)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                             self.w_cmd[0].payload.beats.eq(64 // Wb)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "DESC_RX"
             with m.State("DESC_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += [desc.word_select(dbeat, W).eq(self.w_data0.payload), dbeat.eq(dbeat + 1)]
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += [desc.word_select(dbeat, W).eq(self.w_data[0].payload), dbeat.eq(dbeat + 1)]
                     with m.If(dbeat == 64 // Wb - 1):
                         m.next = "CHECK"
             with m.State("CHECK"):
@@ -301,8 +299,8 @@ class Kernel(wiring.Component):
             m.d.comb += [u.position.eq(ctl.arg_position), u.n_tokens.eq(ctl.arg_n_tokens), u.flags.eq(ctl.arg_flags),
                          u.kv.eq(ctl.arg_kv), u.io.eq(ctl.arg_io), u.wr_busy.eq(wr.busy)]
             for p in range(P):
-                m.d.comb += [getattr(u, f"weights{p}").eq(getattr(ctl, f"arg_weights{p}")),
-                             getattr(u, f"ww_busy{p}").eq(wwr[p].busy)]
+                m.d.comb += [u.weights[p].eq(getattr(ctl, f"arg_weights{p}")),
+                             u.ww_busy[p].eq(wwr[p].busy)]
 
         # ---- sequencer
         busy = Signal()
@@ -359,10 +357,10 @@ class Kernel(wiring.Component):
             u = units[op]
             m.d.comb += u.rd_data.payload.eq(rd.data.payload)
             for p in range(P):
-                m.d.comb += getattr(u, f"w_data{p}").payload.eq(wrd[p].data.payload)
+                m.d.comb += u.w_data[p].payload.eq(wrd[p].data.payload)
         for p in range(P):
             if len(port_writers(p)) == 1:
-                m.d.comb += wwr[p].data.payload.eq(getattr(units[port_writers(p)[0]], f"ww_data{p}").payload)
+                m.d.comb += wwr[p].data.payload.eq(units[port_writers(p)[0]].ww_data[p].payload)
         for i, op in enumerate(ops):
             u = units[op]
             with m.If(active == i + 1):
@@ -375,11 +373,11 @@ class Kernel(wiring.Component):
                              wr.data.valid.eq(u.wr_data.valid), wr.data.payload.eq(u.wr_data.payload),
                              u.wr_data.ready.eq(wr.data.ready)]
                 for p in range(P):
-                    uc, ud = getattr(u, f"w_cmd{p}"), getattr(u, f"w_data{p}")
+                    uc, ud = u.w_cmd[p], u.w_data[p]
                     m.d.comb += [wrd[p].cmd.valid.eq(uc.valid), wrd[p].cmd.payload.eq(uc.payload),
                                  uc.ready.eq(wrd[p].cmd.ready), ud.valid.eq(wrd[p].data.valid),
                                  wrd[p].data.ready.eq(ud.ready)]
-                    wc, wd = getattr(u, f"ww_cmd{p}"), getattr(u, f"ww_data{p}")
+                    wc, wd = u.ww_cmd[p], u.ww_data[p]
                     m.d.comb += [wwr[p].cmd.valid.eq(wc.valid), wwr[p].cmd.payload.eq(wc.payload),
                                  wc.ready.eq(wwr[p].cmd.ready), wwr[p].data.valid.eq(wd.valid),
                                  wd.ready.eq(wwr[p].data.ready)]

@@ -85,7 +85,7 @@ class TopkUnit(_Base):
         ring = hf["ring"] != 0
 
         # ---- weight port 0: reads into the unpackers, writes of flag beats
-        wd = self.w_data0
+        wd = self.w_data[0]
         m.d.comb += [bu.i.valid.eq(wd.valid), bu.i.payload.eq(wd.payload),
                      bw.i.valid.eq(wd.valid), bw.i.payload.eq(wd.payload), wd.ready.eq(bu.i.ready | bw.i.ready)]
 
@@ -93,12 +93,12 @@ class TopkUnit(_Base):
             """Read *count* bytes at byte address *addr* of port 0 into the byte unpacker (or, with
             *words*, 64-bit items into the item unpacker: addr and count multiples of 8)."""
             lo = addr[:lgWb]
-            m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(addr & ~(Wb - 1)),
-                         self.w_cmd0.payload.beats.eq((lo + count + Wb - 1) >> lgWb)]
+            m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(addr & ~(Wb - 1)),
+                         self.w_cmd[0].payload.beats.eq((lo + count + Wb - 1) >> lgWb)]
             u = bw if words else bu
             m.d.comb += [u.skip.eq(lo >> 3 if words else lo), u.count.eq(count >> 3 if words else count),
-                         u.start.eq(self.w_cmd0.ready)]
-            return self.w_cmd0.ready
+                         u.start.eq(self.w_cmd[0].ready)]
+            return self.w_cmd[0].ready
 
         # ---- candidates
         last = Signal(35)
@@ -133,7 +133,7 @@ class TopkUnit(_Base):
         with m.Else():
             m.d.comb += [seg_slot.eq(Mux(seg, S, s0)), seg_n.eq(Mux(seg, n_tok - n1, n1)), seg_c0.eq(Mux(seg, n1, 0))]
         lay = Signal(64)
-        m.d.comb += lay.eq(self.weights0 + hf["state_off"] + li * hf["layer_bytes"])
+        m.d.comb += lay.eq(self.weights[0] + hf["state_off"] + li * hf["layer_bytes"])
         imp_addr = Signal(64)
         dead_addr = Signal(64)
         m.d.comb += [imp_addr.eq(lay + Mux(kind, hf["himp_off"], hf["imp_off"]) + (seg_slot << 3)),
@@ -202,7 +202,7 @@ class TopkUnit(_Base):
                     m.d.sync += bcnt.eq(0)
                     m.next = "HDR_CMD"
             with m.State("HDR_CMD"):
-                with m.If(w_read(self.weights0 + d, Const(64, 32))):
+                with m.If(w_read(self.weights[0] + d, Const(64, 32))):
                     m.next = "HDR_RX"
             with m.State("HDR_RX"):
                 m.d.comb += bu.o.ready.eq(1)
@@ -241,7 +241,7 @@ class TopkUnit(_Base):
                                  n1.eq(Mux(n_tok < Wn - div.rem, n_tok, Wn - div.rem))]
                     m.next = "KEEP_CMD"
             with m.State("KEEP_CMD"):
-                with m.If(w_read(self.weights0 + d + 64, L << 3)):
+                with m.If(w_read(self.weights[0] + d + 64, L << 3)):
                     m.next = "KEEP_RX"
             with m.State("KEEP_RX"):
                 m.d.comb += bu.o.ready.eq(1)
@@ -362,9 +362,9 @@ class TopkUnit(_Base):
                         m.d.sync += seg.eq(1)
                 with m.Else():
                     nb = (dead_addr[:lgWb] + seg_n + Wb - 1) >> lgWb
-                    m.d.comb += [self.ww_cmd0.valid.eq(1), self.ww_cmd0.payload.addr.eq(dead_addr & ~(Wb - 1)),
-                                 self.ww_cmd0.payload.beats.eq(nb)]
-                    with m.If(self.ww_cmd0.ready):
+                    m.d.comb += [self.ww_cmd[0].valid.eq(1), self.ww_cmd[0].payload.addr.eq(dead_addr & ~(Wb - 1)),
+                                 self.ww_cmd[0].payload.beats.eq(nb)]
+                    with m.If(self.ww_cmd[0].ready):
                         m.d.sync += [wlo.eq(dead_addr[:lgWb]), wbeat_strb.eq(0)]
                         m.next = "WR_DATA"
             with m.State("WR_DATA"):
@@ -373,11 +373,11 @@ class TopkUnit(_Base):
                 m.d.comb += strb.eq(wbeat_strb | (drp_r.data << lane))
                 last_c = (c + 1 == seg_c0 + seg_n)
                 emit = (lane == Wb - 1) | last_c
-                m.d.comb += [self.ww_data0.payload.data.eq(Const(1, 8).replicate(Wb)),
-                             self.ww_data0.payload.strb.eq(strb), self.ww_data0.valid.eq(emit)]
+                m.d.comb += [self.ww_data[0].payload.data.eq(Const(1, 8).replicate(Wb)),
+                             self.ww_data[0].payload.strb.eq(strb), self.ww_data[0].valid.eq(emit)]
                 with m.If(~emit):
                     m.d.sync += [wbeat_strb.eq(strb), c.eq(c + 1)]
-                with m.Elif(self.ww_data0.ready):
+                with m.Elif(self.ww_data[0].ready):
                     m.d.sync += [wbeat_strb.eq(0), c.eq(c + 1)]
                     with m.If(last_c):
                         with m.If(seg | kind):
@@ -387,7 +387,7 @@ class TopkUnit(_Base):
                             m.next = "WR_CMD"
             with m.State("WR_SYNC"):
                 m.d.sync += started.eq(1)
-                with m.If(started & ~self.ww_busy0):
+                with m.If(started & ~self.ww_busy[0]):
                     m.d.sync += started.eq(0)
                     m.next = "NEXT"
 

@@ -21,14 +21,14 @@ def unit_signature(cfg: HWConfig) -> wiring.Signature:
         "rd_cmd": Out(stream.Signature(XFER)), "rd_data": In(stream.Signature(W)),
         "wr_cmd": Out(stream.Signature(XFER)), "wr_data": Out(stream.Signature(beat)), "wr_busy": In(1),
     }
-    for p in range(cfg.weight_ports):
-        members[f"weights{p}"] = In(64)
-        members[f"w_cmd{p}"] = Out(stream.Signature(XFER))
-        members[f"w_data{p}"] = In(stream.Signature(W))
-        # write path of the weight port (the KV cache lives in the weight buffers: hw/compiler.py)
-        members[f"ww_cmd{p}"] = Out(stream.Signature(XFER))
-        members[f"ww_data{p}"] = Out(stream.Signature(beat))
-        members[f"ww_busy{p}"] = In(1)
+    P = cfg.weight_ports
+    members.update({
+        "weights": In(64).array(P),                          # the weights<p> buffer addresses
+        "w_cmd": Out(stream.Signature(XFER)).array(P), "w_data": In(stream.Signature(W)).array(P),
+        # write path of the weight ports (the KV cache lives in the weight buffers: hw/compiler.py)
+        "ww_cmd": Out(stream.Signature(XFER)).array(P), "ww_data": Out(stream.Signature(beat)).array(P),
+        "ww_busy": In(1).array(P),
+    })
     return wiring.Signature(members)
 
 

@@ -186,18 +186,18 @@ class _RowUnit(_Base):
                     m.next = "DESC" if kind == "rmsnorm" else "LOAD_A"
             if kind == "rmsnorm":
                 with m.State("DESC"):
-                    m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                                 self.w_cmd0.payload.beats.eq(self._beats(64 + (D << 2)))]
-                    with m.If(self.w_cmd0.ready):
+                    m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                                 self.w_cmd[0].payload.beats.eq(self._beats(64 + (D << 2)))]
+                    with m.If(self.w_cmd[0].ready):
                         m.next = "DESC_RX"
                 with m.State("DESC_RX"):
-                    m.d.comb += [self.w_data0.ready.eq(1), wbp.addr.eq(cnt), wbp.data.eq(self.w_data0.payload),
-                                 wbp.en.eq(self.w_data0.valid)]
-                    with m.If(self.w_data0.valid):
+                    m.d.comb += [self.w_data[0].ready.eq(1), wbp.addr.eq(cnt), wbp.data.eq(self.w_data[0].payload),
+                                 wbp.en.eq(self.w_data[0].valid)]
+                    with m.If(self.w_data[0].valid):
                         m.d.sync += cnt.eq(cnt + 1)
                         with m.If(cnt == 0):
-                            m.d.sync += [nrm_magic.eq(self.w_data0.payload[0:32]), nrm_d.eq(self.w_data0.payload[32:64]),
-                                         e40.eq(self.w_data0.payload[64:128])]
+                            m.d.sync += [nrm_magic.eq(self.w_data[0].payload[0:32]), nrm_d.eq(self.w_data[0].payload[32:64]),
+                                         e40.eq(self.w_data[0].payload[64:128])]
                         with m.If(cnt + 1 == self._beats(64 + (D << 2))):
                             m.next = "DESC_CHECK"
                 with m.State("DESC_CHECK"):
@@ -397,14 +397,14 @@ class EmbedUnit(_Base):
                 with m.Else():
                     m.next = "DESC"
             with m.State("DESC"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                             self.w_cmd0.payload.beats.eq(1)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                             self.w_cmd[0].payload.beats.eq(1)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "DESC_RX"
             with m.State("DESC_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += hdr.eq(self.w_data0.payload)
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += hdr.eq(self.w_data[0].payload)
                     m.next = "DESC_CHECK"
             with m.State("DESC_CHECK"):
                 with m.If(magic != memmap.MAGIC_EMB):
@@ -459,8 +459,8 @@ class EmbedUnit(_Base):
             with m.State("ROW"):
                 # read the row on its port and write it to io + a + t * stride32(D), beat for beat
                 for p in range(P):
-                    wc, wd = getattr(self, f"w_cmd{p}"), getattr(self, f"w_data{p}")
-                    m.d.comb += [wc.payload.addr.eq(getattr(self, f"weights{p}") + d + 64 + local * row_bytes),
+                    wc, wd = self.w_cmd[p], self.w_data[p]
+                    m.d.comb += [wc.payload.addr.eq(self.weights[p] + d + 64 + local * row_bytes),
                                  wc.payload.beats.eq(row_beats)]
                     with m.If(port == p):
                         m.d.comb += [wc.valid.eq(~issued),
