@@ -65,8 +65,7 @@ from hw import isa, memmap, regmap
 from .attention import AttentionCore
 from .kvcache import KeyQuant, ValueQuant
 from .sfu import ActQuant, Divider, ISqrt, RoPE, rsr_c
-from .unit import _end64
-from .units import _Base
+from .unit import Unit, _end64, _fields
 
 MAX_HD = 128          # largest head dimension of this build (Llama-2-7B: 128)
 MAX_VREC = MAX_HD // 2 + 4 * (MAX_HD // 16)    # V record bytes at hd = 128, vgroup = 16
@@ -112,14 +111,14 @@ def _align64(x):
     return (x + 63) & ~63
 
 
-class AttnUnit(_Base):
+class AttnUnit(Unit):
     WRITES_WEIGHTS = True       # KV appends go to the weight ports (the kernel wires ww_data* straight)
     FLAGS = isa.F_SPATTEN       # ATTN.spatten: see the module doc, "SpAtten"
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        f, a, b, _c, d, status = self._common(m)
+        a, b, d = self.fields("a", "b", "d")
         P, W, Wb, lgWb, WPB, lgWPB = cfg.weight_ports, self.W, self.Wb, self.lgWb, self.WPB, self.lgWPB
         H = cfg.max_hidden
         T = self.n_tokens
@@ -363,16 +362,11 @@ class AttnUnit(_Base):
 
         rec_sites = []
 
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), status.eq(0), cnt.eq(0),
-                                 sp_on.eq((f["flags"] & isa.F_SPATTEN) != 0)]
-                    m.next = "BEGIN"
+        spatten = (_fields(self.word)["flags"] & isa.F_SPATTEN) != 0
+        with self.fsm(m, "BEGIN", on_start=[cnt.eq(0), sp_on.eq(spatten)]):
             with m.State("BEGIN"):
                 with m.If((T == 0) | (T > cfg.max_prefill)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Else():
                     m.next = "DESC"
             with m.State("DESC"):
@@ -389,19 +383,16 @@ class AttnUnit(_Base):
                         m.next = "DESC_CHECK"
             with m.State("DESC_CHECK"):
                 with m.If(hw_["magic"] != memmap.MAGIC_ATN):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_ADDR_RANGE)
                 with m.Elif((Hkv == 0) | (vg == 0) | (hw_["kv_bits"] != 4)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Else():
                     m.d.comb += [div.start.eq(1), div.num.eq(Hq), div.den.eq(Hkv)]
                     m.next = "DIV_G"
             with m.State("DIV_G"):
                 with m.If(~div.busy):
                     with m.If(div.rem != 0):
-                        m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_SHAPE)
                     with m.Else():
                         m.d.sync += grp.eq(div.quo)
                         m.next = "DIV_V0"
@@ -416,20 +407,16 @@ class AttnUnit(_Base):
                     bad_region = ((slots == 0) | (slots > cfg.max_context)
                                   | (ring & ((S_ + W_ != slots) | (W_ == 0))))
                     with m.If(bad_shape):
-                        m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_SHAPE)
                     with m.Elif(bad_region):
-                        m.d.sync += status.eq(regmap.STATUS_KV_REGION)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_KV_REGION)
                     with m.Elif(~ring & ((Cat(self.position, Const(0, 1)) + T) > slots)):
-                        m.d.sync += status.eq(regmap.STATUS_POSITION)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_POSITION)
                     with m.Else():
                         m.next = "ADDR_CHECK"
             with m.State("ADDR_CHECK"):
                 with m.If(_end64(b, T * src_stride) | _end64(a, T * dst_stride) | (b[:2] != 0)):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_ADDR_RANGE)
                 with m.Else():
                     m.d.sync += [t.eq(0), sec.eq(0), esz.eq(4), bsel.eq(0), acc.eq(0), ei.eq(0), wsel.eq(0), cnt.eq(0)]
                     m.next = "CONST_CMD"
@@ -449,8 +436,7 @@ class AttnUnit(_Base):
                     m.next = "SPT_CMD"
             with m.State("SPT_CMD"):
                 with m.If(spt_off[:6] != 0):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Else():
                     m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + spt_off),
                                  self.w_cmd[0].payload.beats.eq(64 // Wb)]
@@ -468,16 +454,13 @@ class AttnUnit(_Base):
                 aligned = ((sf["state_off"] | sf["layer_bytes"] | sf["imp_off"] | sf["dead_off"] | sf["himp_off"]
                             | sf["hdead_off"])[:6] == 0)
                 with m.If(sf["magic"] != memmap.MAGIC_SPT):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_ADDR_RANGE)
                 with m.Elif((L_ == 0) | (L_ > cfg.max_layers) | (sf["slots"] == 0) | (sf["slots"] > cfg.max_context)
                             | (sf["heads"] == 0) | (sf["heads"] > MH) | (sf["start_layer"] >= L_) | ~aligned
                             | (hw_["layer"] >= L_) | (sf["slots"] != slots) | (sf["heads"] != Hq)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Elif(_end64(sf["state_off"], (hw_["layer"] + 1) * sf["layer_bytes"])):
-                    m.d.sync += status.eq(regmap.STATUS_KV_REGION)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_KV_REGION)
                 with m.Else():
                     m.d.sync += ci.eq(0)
                     m.next = "SINIT0"
@@ -928,8 +911,4 @@ class AttnUnit(_Base):
                 with m.If(self.position == 0):
                     m.next = "WB_HDEAD_CMD"
             row_writer("WB_HDEAD", st_base + sf["hdead_off"], Hq, 8, lambda i: (0, 1), "DONE")
-
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m

@@ -34,11 +34,11 @@ from .engine import BITS_SEL, OUT_WORDS, MatrixEngine, sat_const
 from .attn_unit import AttnUnit
 from .tops import vitis_domain, vitis_members
 from .topk_unit import TopkUnit
-from .unit import _fields, unit_signature
+from .unit import Unit, _end64, _fields
 from .units import UNITS as ROW_UNITS
 
 
-class MatmulUnit(wiring.Component):
+class MatmulUnit(Unit):
     """MATMUL: X8 rows at io+b times the linear layer at weights+d, X32 rows to io+a (F_ACC: added,
     saturating). F_LOGITS: only if register flags & 3, on the last token unless flags bit 2.
     Tokens are processed one after the other (the weights stream once per token).
@@ -48,25 +48,16 @@ class MatmulUnit(wiring.Component):
     port count or record size inconsistent, n_tokens > max_prefill); STATUS_ADDR_RANGE when an
     operand or the weight stream runs past the 4 GiB offset space of its buffer argument."""
 
-    def __init__(self, cfg: HWConfig):
-        self.cfg = cfg
-        super().__init__(unit_signature(cfg))
-
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        P, W = cfg.weight_ports, cfg.port_width_bits
-        Wb = W // 8
-        lgWb = Wb.bit_length() - 1
+        P, W, Wb, lgWb = cfg.weight_ports, self.W, self.Wb, self.lgWb
         m.submodules.eng = eng = MatrixEngine(P, W, cfg.max_hidden, scale_bits=cfg.scale_bits)
-        f = _fields(self.word)
-        a, b, d, fl = Signal(32), Signal(32), Signal(32), Signal(8)
+        a, b, d, fl = self.fields("a", "b", "d", "flags")
         desc = Signal(512)
         dbeat = Signal(range(64 // Wb + 1))
         t, t_end = Signal(32), Signal(32)
         src_off, dst_off = Signal(33), Signal(33)
-        status = Signal(8)
-        m.d.comb += self.status.eq(status)
 
         # descriptor fields (memmap.LIN_HEADER)
         dw = [desc[32 * i: 32 * i + 32] for i in range(16)]
@@ -105,10 +96,9 @@ class MatmulUnit(wiring.Component):
                                  | (self.n_tokens > cfg.max_prefill))
         tokens = Signal(32)
         m.d.comb += tokens.eq(self.n_tokens)
-        end64 = lambda base, extent: (Cat(base, Const(0, 32)) + extent) > (1 << 32)   # noqa: E731
         bad_addr = Signal()
-        m.d.comb += bad_addr.eq(end64(b, tokens * stride8) | end64(a, tokens * stride32)
-                                | end64(d, 64 + stream_bytes))
+        m.d.comb += bad_addr.eq(_end64(b, tokens * stride8) | _end64(a, tokens * stride32)
+                                | _end64(d, 64 + stream_bytes))
 
         # write-back stream state
         nb = Signal(32)                     # output beats per token
@@ -135,12 +125,7 @@ class MatmulUnit(wiring.Component):
                 with m.If(cmd.valid & cmd.ready):
                     m.d.sync += issued[p].eq(1)
 
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), fl.eq(f["flags"]), status.eq(0),
-                                 dbeat.eq(0)]
-                    m.next = "BEGIN"
+        with self.fsm(m, "BEGIN", on_start=[dbeat.eq(0)]):
             with m.State("BEGIN"):
                 logits = fl[1]
                 with m.If((logits & ((self.flags & 3) == 0)) | (self.n_tokens == 0)):
@@ -160,13 +145,7 @@ class MatmulUnit(wiring.Component):
                     with m.If(dbeat == 64 // Wb - 1):
                         m.next = "CHECK"
             with m.State("CHECK"):
-                with m.If(bad_shape):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(bad_addr):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, (bad_shape, regmap.STATUS_SHAPE), (bad_addr, regmap.STATUS_ADDR_RANGE)):
                     m.d.sync += [src_off.eq(b + t * stride8), dst_off.eq(a + t * stride32), issued.eq(0)]
                     m.next = "XLOAD"
             with m.State("XLOAD"):
@@ -233,9 +212,6 @@ class MatmulUnit(wiring.Component):
                         m.d.sync += [t.eq(t + 1), src_off.eq(src_off + stride8), dst_off.eq(dst_off + stride32),
                                      issued.eq(0)]
                         m.next = "XLOAD"
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m
 
 

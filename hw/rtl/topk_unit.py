@@ -42,20 +42,19 @@ from hw import memmap, regmap
 from .attn_unit import Unpacker
 from .sfu import Divider
 from .topk import TopK
-from .unit import _end64
-from .units import _Base
+from .unit import Unit, _end64
 
 IMP_MAX = (1 << 63) - 1
 
 
-class TopkUnit(_Base):
+class TopkUnit(Unit):
     WRITES_WEIGHTS = True       # the pruned flags live in weights0
     WRITE_PORTS = (0,)          # ... and only there: the kernel multiplexes port 0's write data alone
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        _f, _a, _b, _c, d, status = self._common(m)
+        d, = self.fields("d")
         W, Wb, lgWb = self.W, self.Wb, self.lgWb
         T = self.n_tokens
         NC = cfg.max_context
@@ -183,22 +182,10 @@ class TopkUnit(_Base):
         m.d.comb += misaligned.eq((hf["state_off"] | lb | hf["imp_off"] | hf["dead_off"] | hf["himp_off"]
                                    | hf["hdead_off"])[:6] != 0)
 
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [d.eq(_f["d"]), status.eq(0)]
-                    m.next = "BEGIN"
+        with self.fsm(m, "BEGIN"):
             with m.State("BEGIN"):
-                with m.If((T == 0) | (T > cfg.max_prefill)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(d[:6] != 0):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(_end64(d, 64)):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, ((T == 0) | (T > cfg.max_prefill), regmap.STATUS_SHAPE),
+                                 (d[:6] != 0, regmap.STATUS_SHAPE), (_end64(d, 64), regmap.STATUS_ADDR_RANGE)):
                     m.d.sync += bcnt.eq(0)
                     m.next = "HDR_CMD"
             with m.State("HDR_CMD"):
@@ -211,23 +198,13 @@ class TopkUnit(_Base):
                 with m.If(~bu.busy):
                     m.next = "CHECK"
             with m.State("CHECK"):
-                with m.If(hf["magic"] != memmap.MAGIC_SPT):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Elif((L == 0) | (L > NL)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(_end64(d, 64 + (L << 3))):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Elif((slots == 0) | (slots > NC) | (H == 0) | (hf["start_layer"] >= L) | (H > MH)
-                            | (ring & ((Wn == 0) | (Cat(S, Const(0, 1)) + Wn != slots))) | misaligned):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(state_end > (1 << 32)):
-                    m.d.sync += status.eq(regmap.STATUS_KV_REGION)
-                    m.next = "DONE"
-                with m.Else():
+                bad_geometry = ((slots == 0) | (slots > NC) | (H == 0) | (hf["start_layer"] >= L) | (H > MH)
+                                | (ring & ((Wn == 0) | (Cat(S, Const(0, 1)) + Wn != slots))) | misaligned)
+                with self.checks(m, (hf["magic"] != memmap.MAGIC_SPT, regmap.STATUS_ADDR_RANGE),
+                                 ((L == 0) | (L > NL), regmap.STATUS_SHAPE),
+                                 (_end64(d, 64 + (L << 3)), regmap.STATUS_ADDR_RANGE),
+                                 (bad_geometry, regmap.STATUS_SHAPE),
+                                 (state_end > (1 << 32), regmap.STATUS_KV_REGION)):
                     m.d.sync += [n_tok.eq(ncand), bcnt.eq(0), acc.eq(0)]
                     with m.If(ring):
                         m.d.comb += [div.start.eq(1), div.num.eq(lo - S), div.den.eq(Wn)]
@@ -401,7 +378,4 @@ class TopkUnit(_Base):
                     m.next = "IMP_CMD"
                 with m.Else():
                     m.next = "DONE"
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m
