@@ -236,9 +236,9 @@ class ControlSlave(wiring.Component):
     """``s_axi_control``: the Vitis ap_ctrl_hs block and the kernel arguments of hw/regmap.py.
 
     To the kernel: ``start`` (one-cycle pulse when the host's ap_start is taken), the argument
-    values (``arg_<name>``). From the kernel: ``done`` (pulse), ``busy`` and the read-only words
-    (``ro_<name>``). ap_done and ap_ready are clear-on-read, ISR is toggle-on-write, the interrupt
-    is GIE & |(ISR & IER).
+    values (``arg_<name>``; the weight-port pointers as the array ``arg_weights``). From the kernel:
+    ``done`` (pulse), ``busy`` and the read-only words (``ro_<name>``). ap_done and ap_ready are
+    clear-on-read, ISR is toggle-on-write, the interrupt is GIE & |(ISR & IER).
     """
 
     ADDR_W = 12
@@ -248,9 +248,12 @@ class ControlSlave(wiring.Component):
         last = max(a.offset + (8 if a.kind == "ptr" else 4) for a in self.args)
         if last > (1 << self.ADDR_W):
             raise AccllmError(f"register map needs {last} bytes, s_axi_control has {1 << self.ADDR_W}")
+        weights = {regmap.weights_arg(p) for p in range(cfg.weight_ports)}
         members = {"bus": In(axil_signature(self.ADDR_W)), "start": Out(1), "done": In(1), "busy": In(1),
-                   "interrupt": Out(1)}
+                   "interrupt": Out(1), "arg_weights": Out(64).array(cfg.weight_ports)}
         for a in self.args:
+            if a.name in weights:
+                continue
             if a.kind == "ptr":
                 members[f"arg_{a.name}"] = Out(64)
             elif a.kind == "u32":
@@ -258,6 +261,10 @@ class ControlSlave(wiring.Component):
             else:
                 members[f"ro_{a.name}"] = In(32)
         super().__init__(members)
+        # argument name -> its register (arg_weights[p] for weights<p>)
+        self.regs = {a.name: getattr(self, ("ro_" if a.kind == "ro32" else "arg_") + a.name)
+                     for a in self.args if a.name not in weights}
+        self.regs.update({regmap.weights_arg(p): self.arg_weights[p] for p in range(cfg.weight_ports)})
 
     def elaborate(self, platform):
         m = Module()
@@ -287,15 +294,15 @@ class ControlSlave(wiring.Component):
                 with m.Case(regmap.ISR):
                     m.d.sync += rdata.eq(isr)
                 for a in self.args:
+                    reg = self.regs[a.name]
                     if a.kind == "ptr":
-                        reg = getattr(self, f"arg_{a.name}")
                         with m.Case(a.offset):
                             m.d.sync += rdata.eq(reg[:32])
                         with m.Case(a.offset + 4):
                             m.d.sync += rdata.eq(reg[32:])
                     else:
                         with m.Case(a.offset):
-                            m.d.sync += rdata.eq(getattr(self, f"arg_{a.name}" if a.kind == "u32" else f"ro_{a.name}"))
+                            m.d.sync += rdata.eq(reg)
                 with m.Default():
                     m.d.sync += rdata.eq(0)
 
@@ -329,7 +336,7 @@ class ControlSlave(wiring.Component):
                 for a in self.args:
                     if a.kind == "ro32":
                         continue
-                    reg = getattr(self, f"arg_{a.name}")
+                    reg = self.regs[a.name]
                     with m.Case(a.offset):
                         merge(reg, b.wdata, 0)
                     if a.kind == "ptr":

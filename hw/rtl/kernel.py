@@ -275,8 +275,7 @@ class Kernel(wiring.Component):
             m.d.comb += [u.position.eq(ctl.arg_position), u.n_tokens.eq(ctl.arg_n_tokens), u.flags.eq(ctl.arg_flags),
                          u.kv.eq(ctl.arg_kv), u.io.eq(ctl.arg_io), u.wr_busy.eq(wr.busy)]
             for p in range(P):
-                m.d.comb += [u.weights[p].eq(getattr(ctl, f"arg_weights{p}")),
-                             u.ww_busy[p].eq(wwr[p].busy)]
+                m.d.comb += [u.weights[p].eq(ctl.arg_weights[p]), u.ww_busy[p].eq(wwr[p].busy)]
 
         # ---- sequencer
         busy = Signal()
