@@ -21,16 +21,16 @@ of every weight port's read and write DMAs while running (the KV cache lives in 
 """
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import stream, wiring
+from amaranth import Cat, Const, Module, Mux, Signal
+from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from algo.common import AccllmError
 from hw import isa, memmap, regmap
 from hw.config import HWConfig
 
-from .axi import XFER, ControlSlave, write_beat, ReadDMA, WriteDMA, axi4_signature, axil_signature, connect_flat, flat_members
-from .engine import BITS_SEL, OUT_WORDS, MatrixEngine, sat_const
+from .axi import ControlSlave, ReadDMA, WriteDMA, axi4_signature, axil_signature, connect_channels
+from .engine import OUT_WORDS, MatrixEngine, sat_const
 from .attn_unit import AttnUnit
 from .tops import vitis_domain, vitis_members
 from .topk_unit import TopkUnit
@@ -232,14 +232,9 @@ class Kernel(wiring.Component):
         for op in self.units:
             if op not in isa.OPS:
                 raise AccllmError(f"unit registered for unknown opcode 0x{op:02x}")
-        W = cfg.port_width_bits
-        self.axi = axi4_signature(W)
-        self.axil = axil_signature(ControlSlave.ADDR_W)
-        members = {**vitis_members(), **flat_members("s_axi_control", self.axil, flip=True), "interrupt": Out(1),
-                   **flat_members("m_axi_ctrl", self.axi)}
-        for p in range(cfg.weight_ports):
-            members.update(flat_members(f"m_axi_w{p}", self.axi))
-        super().__init__(members)
+        axi = axi4_signature(cfg.port_width_bits)
+        super().__init__({**vitis_members(), "s_axi_control": In(axil_signature(ControlSlave.ADDR_W)),
+                          "interrupt": Out(1), "m_axi_ctrl": Out(axi), "m_axi_w": Out(axi).array(cfg.weight_ports)})
 
     def elaborate(self, platform):
         cfg = self.cfg
@@ -248,24 +243,18 @@ class Kernel(wiring.Component):
         W, P = cfg.port_width_bits, cfg.weight_ports
         Wb = W // 8
         m.submodules.ctl = ctl = ControlSlave(cfg)
-        connect_flat(m, self, "s_axi_control", ctl.bus, self.axil, flip=True)
+        wiring.connect(m, wiring.flipped(self.s_axi_control), ctl.bus)
         m.d.comb += self.interrupt.eq(ctl.interrupt)
+        # m_axi_ctrl: program fetch and the units' io / kv traffic; m_axi_w<p>: weight port p. Each port
+        # has a read DMA on its read channels and a write DMA on its write channels.
         m.submodules.rd = rd = ReadDMA(W, cfg.burst_beats, cfg.outstanding_reads)
         m.submodules.wr = wr = WriteDMA(W, cfg.burst_beats, cfg.outstanding_reads)
-        for name in self.axi.members:
-            src = rd.axi if hasattr(rd.axi, name) else wr.axi
-            connect_flat(m, self, "m_axi_ctrl", src, wiring.Signature({name: self.axi.members[name]}))
-        wrd, wwr = [], []
+        connect_channels(m, self.m_axi_ctrl, rd.axi, wr.axi)
+        wrd = [ReadDMA(W, cfg.burst_beats, cfg.outstanding_reads) for p in range(P)]
+        wwr = [WriteDMA(W, cfg.burst_beats, cfg.outstanding_reads) for p in range(P)]
         for p in range(P):
-            d = ReadDMA(W, cfg.burst_beats, cfg.outstanding_reads)
-            dw = WriteDMA(W, cfg.burst_beats, cfg.outstanding_reads)
-            m.submodules[f"rd_w{p}"] = d
-            m.submodules[f"wr_w{p}"] = dw
-            wrd.append(d)
-            wwr.append(dw)
-            for name in self.axi.members:
-                src = d.axi if hasattr(d.axi, name) else dw.axi
-                connect_flat(m, self, f"m_axi_w{p}", src, wiring.Signature({name: self.axi.members[name]}))
+            m.submodules[f"rd_w{p}"], m.submodules[f"wr_w{p}"] = wrd[p], wwr[p]
+            connect_channels(m, self.m_axi_w[p], wrd[p].axi, wwr[p].axi)
 
         units = {}
         for op, cls in self.units.items():
@@ -339,23 +328,18 @@ class Kernel(wiring.Component):
         for i, op in enumerate(ops):
             u = units[op]
             with m.If(active == i + 1):
-                m.d.comb += [rd.cmd.valid.eq(u.rd_cmd.valid), rd.cmd.payload.eq(u.rd_cmd.payload),
-                             u.rd_cmd.ready.eq(rd.cmd.ready),
-                             u.rd_data.valid.eq(rd.data.valid),
-                             rd.data.ready.eq(u.rd_data.ready),
-                             wr.cmd.valid.eq(u.wr_cmd.valid), wr.cmd.payload.eq(u.wr_cmd.payload),
-                             u.wr_cmd.ready.eq(wr.cmd.ready),
-                             wr.data.valid.eq(u.wr_data.valid), wr.data.payload.eq(u.wr_data.payload),
-                             u.wr_data.ready.eq(wr.data.ready)]
+                # the active unit's command streams and ctrl-port write data, whole; of the other
+                # data streams only valid / ready (their payloads are wired above)
+                wiring.connect(m, u.rd_cmd, rd.cmd)
+                wiring.connect(m, u.wr_cmd, wr.cmd)
+                wiring.connect(m, u.wr_data, wr.data)
+                m.d.comb += [u.rd_data.valid.eq(rd.data.valid), rd.data.ready.eq(u.rd_data.ready)]
                 for p in range(P):
-                    uc, ud = u.w_cmd[p], u.w_data[p]
-                    m.d.comb += [wrd[p].cmd.valid.eq(uc.valid), wrd[p].cmd.payload.eq(uc.payload),
-                                 uc.ready.eq(wrd[p].cmd.ready), ud.valid.eq(wrd[p].data.valid),
-                                 wrd[p].data.ready.eq(ud.ready)]
-                    wc, wd = u.ww_cmd[p], u.ww_data[p]
-                    m.d.comb += [wwr[p].cmd.valid.eq(wc.valid), wwr[p].cmd.payload.eq(wc.payload),
-                                 wc.ready.eq(wwr[p].cmd.ready), wwr[p].data.valid.eq(wd.valid),
-                                 wd.ready.eq(wwr[p].data.ready)]
+                    wiring.connect(m, u.w_cmd[p], wrd[p].cmd)
+                    wiring.connect(m, u.ww_cmd[p], wwr[p].cmd)
+                    ud, wd = u.w_data[p], u.ww_data[p]
+                    m.d.comb += [ud.valid.eq(wrd[p].data.valid), wrd[p].data.ready.eq(ud.ready),
+                                 wwr[p].data.valid.eq(wd.valid), wd.ready.eq(wwr[p].data.ready)]
                     if len(port_writers(p)) > 1 and op in port_writers(p):
                         m.d.comb += wwr[p].data.payload.eq(wd.payload)
 
