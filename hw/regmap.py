@@ -39,6 +39,11 @@ class Arg:
     doc: str
 
 
+def weights_arg(p: int) -> str:
+    """Name of the pointer argument of weight port *p* (the buffer streamed on ``m_axi_w<p>``)."""
+    return f"weights{p}"
+
+
 def arguments(cfg: HWConfig) -> list[Arg]:
     args: list[Arg] = []
     off = 0x10
@@ -52,7 +57,7 @@ def arguments(cfg: HWConfig) -> list[Arg]:
     add("kv", "ptr", "m_axi_ctrl", "KV-cache region (sink + window slots per layer and KV head)")
     add("io", "ptr", "m_axi_ctrl", "activations, token ids in, logits / token out, scratch")
     for p in range(cfg.weight_ports):
-        add(f"weights{p}", "ptr", f"m_axi_w{p}", f"weights streamed on port {p} (HBM pseudo-channel {p})")
+        add(weights_arg(p), "ptr", f"m_axi_w{p}", f"weights streamed on port {p} (HBM pseudo-channel {p})")
     add("program_len", "u32", None, "number of 128-bit instruction words in the program buffer")
     add("position", "u32", None, "position of the first token of this run")
     add("n_tokens", "u32", None, "tokens in this run (1 for decode, the block length for prefill)")

@@ -28,7 +28,7 @@ def _run_rtl(mem, d, pos, T, seed):
 
     async def bench(ctx):
         rnd = random.Random(seed)
-        ctx.set(dut.weights0, 0)
+        ctx.set(dut.weights[0], 0)
         ctx.set(dut.position, pos)
         ctx.set(dut.n_tokens, T)
         ctx.set(dut.word, d << 96 | isa.TOPK)
@@ -37,27 +37,27 @@ def _run_rtl(mem, d, pos, T, seed):
         ctx.set(dut.start, 0)
         rq, wq, cur, busy_left = [], [], None, 0
         for cyc in range(200000):
-            ctx.set(dut.w_cmd0.ready, rnd.random() < 0.7)
-            ctx.set(dut.ww_cmd0.ready, rnd.random() < 0.7)
-            ctx.set(dut.ww_data0.ready, rnd.random() < 0.7)
-            ctx.set(dut.ww_busy0, bool(wq) or busy_left > 0)
+            ctx.set(dut.w_cmd[0].ready, rnd.random() < 0.7)
+            ctx.set(dut.ww_cmd[0].ready, rnd.random() < 0.7)
+            ctx.set(dut.ww_data[0].ready, rnd.random() < 0.7)
+            ctx.set(dut.ww_busy[0], bool(wq) or busy_left > 0)
             busy_left = max(0, busy_left - 1)
             if cur is None and rq:
                 cur = rq.pop(0)
             give = cur is not None and rnd.random() < 0.7
-            ctx.set(dut.w_data0.valid, give)
+            ctx.set(dut.w_data[0].valid, give)
             if give:
-                ctx.set(dut.w_data0.payload, int.from_bytes(mem[cur[0]:cur[0] + WB].tobytes(), "little"))
+                ctx.set(dut.w_data[0].payload, int.from_bytes(mem[cur[0]:cur[0] + WB].tobytes(), "little"))
             if ctx.get(dut.done):
                 res["status"], res["cycles"] = ctx.get(dut.status), cyc
                 break
-            rcmd = ctx.get(dut.w_cmd0.valid) and ctx.get(dut.w_cmd0.ready)
-            raddr, rbeats = ctx.get(dut.w_cmd0.payload.addr), ctx.get(dut.w_cmd0.payload.beats)
-            rtake = give and ctx.get(dut.w_data0.ready)
-            wcmd = ctx.get(dut.ww_cmd0.valid) and ctx.get(dut.ww_cmd0.ready)
-            waddr, wbeats = ctx.get(dut.ww_cmd0.payload.addr), ctx.get(dut.ww_cmd0.payload.beats)
-            wtake = ctx.get(dut.ww_data0.valid) and ctx.get(dut.ww_data0.ready)
-            wdata, wstrb = ctx.get(dut.ww_data0.payload.data), ctx.get(dut.ww_data0.payload.strb)
+            rcmd = ctx.get(dut.w_cmd[0].valid) and ctx.get(dut.w_cmd[0].ready)
+            raddr, rbeats = ctx.get(dut.w_cmd[0].payload.addr), ctx.get(dut.w_cmd[0].payload.beats)
+            rtake = give and ctx.get(dut.w_data[0].ready)
+            wcmd = ctx.get(dut.ww_cmd[0].valid) and ctx.get(dut.ww_cmd[0].ready)
+            waddr, wbeats = ctx.get(dut.ww_cmd[0].payload.addr), ctx.get(dut.ww_cmd[0].payload.beats)
+            wtake = ctx.get(dut.ww_data[0].valid) and ctx.get(dut.ww_data[0].ready)
+            wdata, wstrb = ctx.get(dut.ww_data[0].payload.data), ctx.get(dut.ww_data[0].payload.strb)
             await ctx.tick()
             if rcmd:
                 assert raddr % WB == 0 and rbeats > 0

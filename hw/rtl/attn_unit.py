@@ -65,8 +65,7 @@ from hw import isa, memmap, regmap
 from .attention import AttentionCore
 from .kvcache import KeyQuant, ValueQuant
 from .sfu import ActQuant, Divider, ISqrt, RoPE, rsr_c
-from .unit import _end64
-from .units import _Base
+from .unit import Unit, _end64, _fields
 
 MAX_HD = 128          # largest head dimension of this build (Llama-2-7B: 128)
 MAX_VREC = MAX_HD // 2 + 4 * (MAX_HD // 16)    # V record bytes at hd = 128, vgroup = 16
@@ -112,14 +111,14 @@ def _align64(x):
     return (x + 63) & ~63
 
 
-class AttnUnit(_Base):
+class AttnUnit(Unit):
     WRITES_WEIGHTS = True       # KV appends go to the weight ports (the kernel wires ww_data* straight)
     FLAGS = isa.F_SPATTEN       # ATTN.spatten: see the module doc, "SpAtten"
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        f, a, b, _c, d, status = self._common(m)
+        a, b, d = self.fields("a", "b", "d")
         P, W, Wb, lgWb, WPB, lgWPB = cfg.weight_ports, self.W, self.Wb, self.lgWb, self.WPB, self.lgWPB
         H = cfg.max_hidden
         T = self.n_tokens
@@ -178,7 +177,7 @@ class AttnUnit(_Base):
         shdr = Signal(512)
         sf = {name: shdr[32 * i: 32 * i + 32] for i, name in enumerate(memmap.SPT_FIELDS)}
         st_base = Signal(64)    # this layer's SpAtten state
-        m.d.comb += st_base.eq(self.weights0 + sf["state_off"] + hw_["layer"] * sf["layer_bytes"])
+        m.d.comb += st_base.eq(self.weights[0] + sf["state_off"] + hw_["layer"] * sf["layer_bytes"])
         hdead = Signal(MH)      # pruned query heads
         na = Signal(nb_)        # alive slots of the token (the core's n)
         nsa = Signal(nb_)       # ... of them sinks
@@ -238,7 +237,7 @@ class AttnUnit(_Base):
         js = Signal(32)             # V record (slot) being read
         ksh = Signal(8)
 
-        weights = [getattr(self, f"weights{q}") for q in range(P)]
+        weights = [self.weights[q] for q in range(P)]
         whp = Signal(64)
         for q in range(P):
             with m.If(hp == q):
@@ -254,7 +253,7 @@ class AttnUnit(_Base):
         wsel = Signal(range(max(P, 2)))
         wcmd_valid, wcmd_addr, wcmd_beats = Signal(), Signal(64), Signal(32)
         for q in range(P):
-            wc, wd = getattr(self, f"w_cmd{q}"), getattr(self, f"w_data{q}")
+            wc, wd = self.w_cmd[q], self.w_data[q]
             m.d.comb += [wc.payload.addr.eq(wcmd_addr), wc.payload.beats.eq(wcmd_beats)]
             with m.If(wsel == q):
                 # both unpackers see the data; only the started one (count left) accepts it
@@ -264,19 +263,19 @@ class AttnUnit(_Base):
         wcmd_ready = Signal()
         for q in range(P):
             with m.If(wsel == q):
-                m.d.comb += wcmd_ready.eq(getattr(self, f"w_cmd{q}").ready)
+                m.d.comb += wcmd_ready.eq(self.w_cmd[q].ready)
         # weight-port write (port hp)
         ww_valid, ww_addr, ww_beats = Signal(), Signal(64), Signal(32)
         wwd_valid, wwd_data, wwd_strb = Signal(), Signal(W), Signal(Wb)
         ww_ready, wwd_ready, ww_busy = Signal(), Signal(), Signal()
         for q in range(P):
-            wc, wd = getattr(self, f"ww_cmd{q}"), getattr(self, f"ww_data{q}")
+            wc, wd = self.ww_cmd[q], self.ww_data[q]
             # payloads go to every port (only the selected one sees valid): no 512-bit gate per port
             m.d.comb += [wc.payload.addr.eq(ww_addr), wc.payload.beats.eq(ww_beats),
                          wd.payload.data.eq(wwd_data), wd.payload.strb.eq(wwd_strb)]
             with m.If(hp == q):
                 m.d.comb += [wc.valid.eq(ww_valid), ww_ready.eq(wc.ready), wd.valid.eq(wwd_valid),
-                             wwd_ready.eq(wd.ready), ww_busy.eq(getattr(self, f"ww_busy{q}"))]
+                             wwd_ready.eq(wd.ready), ww_busy.eq(self.ww_busy[q])]
         # io reads into the word unpacker
         m.d.comb += [wu.i.valid.eq(self.rd_data.valid), wu.i.payload.eq(self.rd_data.payload),
                      self.rd_data.ready.eq(wu.i.ready)]
@@ -363,45 +362,37 @@ class AttnUnit(_Base):
 
         rec_sites = []
 
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), status.eq(0), cnt.eq(0),
-                                 sp_on.eq((f["flags"] & isa.F_SPATTEN) != 0)]
-                    m.next = "BEGIN"
+        spatten = (_fields(self.word)["flags"] & isa.F_SPATTEN) != 0
+        with self.fsm(m, "BEGIN", on_start=[cnt.eq(0), sp_on.eq(spatten)]):
             with m.State("BEGIN"):
                 with m.If((T == 0) | (T > cfg.max_prefill)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Else():
                     m.next = "DESC"
             with m.State("DESC"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                             self.w_cmd0.payload.beats.eq(64 // Wb)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                             self.w_cmd[0].payload.beats.eq(64 // Wb)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "DESC_RX"
             with m.State("DESC_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += [hdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data0.payload)
-                                 if 64 // Wb > 1 else hdr.eq(self.w_data0.payload), cnt.eq(cnt + 1)]
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += [hdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data[0].payload)
+                                 if 64 // Wb > 1 else hdr.eq(self.w_data[0].payload), cnt.eq(cnt + 1)]
                     with m.If(cnt == 64 // Wb - 1):
                         m.next = "DESC_CHECK"
             with m.State("DESC_CHECK"):
                 with m.If(hw_["magic"] != memmap.MAGIC_ATN):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_ADDR_RANGE)
                 with m.Elif((Hkv == 0) | (vg == 0) | (hw_["kv_bits"] != 4)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Else():
                     m.d.comb += [div.start.eq(1), div.num.eq(Hq), div.den.eq(Hkv)]
                     m.next = "DIV_G"
             with m.State("DIV_G"):
                 with m.If(~div.busy):
                     with m.If(div.rem != 0):
-                        m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_SHAPE)
                     with m.Else():
                         m.d.sync += grp.eq(div.quo)
                         m.next = "DIV_V0"
@@ -416,20 +407,16 @@ class AttnUnit(_Base):
                     bad_region = ((slots == 0) | (slots > cfg.max_context)
                                   | (ring & ((S_ + W_ != slots) | (W_ == 0))))
                     with m.If(bad_shape):
-                        m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_SHAPE)
                     with m.Elif(bad_region):
-                        m.d.sync += status.eq(regmap.STATUS_KV_REGION)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_KV_REGION)
                     with m.Elif(~ring & ((Cat(self.position, Const(0, 1)) + T) > slots)):
-                        m.d.sync += status.eq(regmap.STATUS_POSITION)
-                        m.next = "DONE"
+                        self.end(m, regmap.STATUS_POSITION)
                     with m.Else():
                         m.next = "ADDR_CHECK"
             with m.State("ADDR_CHECK"):
                 with m.If(_end64(b, T * src_stride) | _end64(a, T * dst_stride) | (b[:2] != 0)):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_ADDR_RANGE)
                 with m.Else():
                     m.d.sync += [t.eq(0), sec.eq(0), esz.eq(4), bsel.eq(0), acc.eq(0), ei.eq(0), wsel.eq(0), cnt.eq(0)]
                     m.next = "CONST_CMD"
@@ -438,29 +425,28 @@ class AttnUnit(_Base):
 
             # ---- SpAtten: descriptor word 16 -> the SpAtten descriptor -> checks -> this layer's state
             with m.State("SX_CMD"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d + 64),
-                             self.w_cmd0.payload.beats.eq(1)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d + 64),
+                             self.w_cmd[0].payload.beats.eq(1)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "SX_RX"
             with m.State("SX_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += spt_off.eq(self.w_data0.payload[:32])
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += spt_off.eq(self.w_data[0].payload[:32])
                     m.next = "SPT_CMD"
             with m.State("SPT_CMD"):
                 with m.If(spt_off[:6] != 0):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Else():
-                    m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + spt_off),
-                                 self.w_cmd0.payload.beats.eq(64 // Wb)]
-                    with m.If(self.w_cmd0.ready):
+                    m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + spt_off),
+                                 self.w_cmd[0].payload.beats.eq(64 // Wb)]
+                    with m.If(self.w_cmd[0].ready):
                         m.next = "SPT_RX"
             with m.State("SPT_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += [shdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data0.payload)
-                                 if 64 // Wb > 1 else shdr.eq(self.w_data0.payload), cnt.eq(cnt + 1)]
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += [shdr.word_select(cnt[:max(1, (64 // Wb - 1).bit_length())], W).eq(self.w_data[0].payload)
+                                 if 64 // Wb > 1 else shdr.eq(self.w_data[0].payload), cnt.eq(cnt + 1)]
                     with m.If(cnt == 64 // Wb - 1):
                         m.next = "SPT_CHECK"
             with m.State("SPT_CHECK"):
@@ -468,16 +454,13 @@ class AttnUnit(_Base):
                 aligned = ((sf["state_off"] | sf["layer_bytes"] | sf["imp_off"] | sf["dead_off"] | sf["himp_off"]
                             | sf["hdead_off"])[:6] == 0)
                 with m.If(sf["magic"] != memmap.MAGIC_SPT):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_ADDR_RANGE)
                 with m.Elif((L_ == 0) | (L_ > cfg.max_layers) | (sf["slots"] == 0) | (sf["slots"] > cfg.max_context)
                             | (sf["heads"] == 0) | (sf["heads"] > MH) | (sf["start_layer"] >= L_) | ~aligned
                             | (hw_["layer"] >= L_) | (sf["slots"] != slots) | (sf["heads"] != Hq)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_SHAPE)
                 with m.Elif(_end64(sf["state_off"], (hw_["layer"] + 1) * sf["layer_bytes"])):
-                    m.d.sync += status.eq(regmap.STATUS_KV_REGION)
-                    m.next = "DONE"
+                    self.end(m, regmap.STATUS_KV_REGION)
                 with m.Else():
                     m.d.sync += ci.eq(0)
                     m.next = "SINIT0"
@@ -527,12 +510,12 @@ class AttnUnit(_Base):
 
             # ---- constant loads: sec 0 = RoPE frequencies (once), 1..5 = RK, KS, KZ, KM, KSH of head h
             with m.State("CONST_CMD"):
-                kc = self.weights0 + hw_["kconst_off"]
+                kc = self.weights[0] + hw_["kconst_off"]
                 addr = Signal(64)
                 count = Signal(32)
                 with m.Switch(sec):
                     with m.Case(0):
-                        m.d.comb += [addr.eq(self.weights0 + hw_["rope_off"]), count.eq(hd << 1)]
+                        m.d.comb += [addr.eq(self.weights[0] + hw_["rope_off"]), count.eq(hd << 1)]
                     with m.Case(1):
                         m.d.comb += [addr.eq(kc + ((h * hd) << 2)), count.eq(hd << 2)]
                     with m.Case(2):
@@ -928,8 +911,4 @@ class AttnUnit(_Base):
                 with m.If(self.position == 0):
                     m.next = "WB_HDEAD_CMD"
             row_writer("WB_HDEAD", st_base + sf["hdead_off"], Hq, 8, lambda i: (0, 1), "DONE")
-
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m

@@ -2,8 +2,11 @@
 
 Conventions
 - Interfaces are described from the *master's* point of view (``Out`` = driven by the master) and
-  member names are the AXI signal names without prefix (``araddr``, ``rvalid``...). The kernel top
-  flattens them to ``m_axi_<port>_<signal>`` / ``s_axi_control_<signal>`` so Vitis infers them.
+  member names are the AXI signal names without prefix (``araddr``, ``rvalid``...). The tops name
+  their ports ``m_axi_<port>_<signal>`` / ``s_axi_control_<signal>`` so Vitis infers them
+  (hw/rtl/tops.py ``vitis_ports``).
+- An AXI4 master port is driven by two DMAs, the read channels by a :class:`ReadDMA`, the write
+  channels by a :class:`WriteDMA` (:func:`connect_channels`).
 - The read DMA issues INCR bursts of at most ``burst_beats`` beats that never cross a
   ``burst_beats * bytes`` boundary (so never a 4 KiB one) and keeps up to ``outstanding`` bursts in
   flight. It only issues a burst when its FIFO has room for every beat of every burst in flight
@@ -53,32 +56,24 @@ def axil_signature(addr_w: int = 12, data_w: int = 32) -> wiring.Signature:
     })
 
 
-def flat_members(prefix: str, sig: wiring.Signature, flip: bool = False) -> dict:
-    """Members of *sig* as flat top-level ports ``<prefix>_<name>`` (flip: the slave's view)."""
-    out = {}
-    for name, member in sig.members.items():
-        flow = member.flow
-        if flip:
-            flow = In if flow == Out else Out
-        out[f"{prefix}_{name}"] = flow(member.shape)
-    return out
+class _Channels:
+    """The members of the interface *iface* that the signature *sig* names, as an interface of *sig*."""
+
+    def __init__(self, iface, sig: wiring.Signature):
+        self.signature = sig
+        for name in sig.members:
+            setattr(self, name, getattr(iface, name))
 
 
-def connect_flat(m: Module, top, prefix: str, iface, sig: wiring.Signature, flip: bool = False,
-                 only: tuple | None = None) -> None:
-    """Wire the flat ports of *top* to the structured interface *iface* (same orientation as
-    :func:`flat_members`). Members not in *only* get tied off (outputs of the top to 0)."""
-    for name, member in sig.members.items():
-        port = getattr(top, f"{prefix}_{name}")
-        drives_out = (member.flow == Out) != flip   # the top's port is an output
-        if only is not None and name not in only:
-            if drives_out:
-                m.d.comb += port.eq(0)
-            continue
-        if drives_out:
-            m.d.comb += port.eq(getattr(iface, name))
-        else:
-            m.d.comb += getattr(iface, name).eq(port)
+def connect_channels(m: Module, port, *dma_axis) -> None:
+    """Drive the AXI4 master *port* of the module being elaborated (a member of its own signature)
+    from the ``axi`` interfaces of its DMAs, each a subset of the channels (:data:`READ_MEMBERS`,
+    :data:`WRITE_MEMBERS`); together they cover every member."""
+    names = sorted(n for ax in dma_axis for n in ax.signature.members)
+    if names != sorted(port.signature.members):
+        raise AccllmError(f"DMA channels {names} do not make up the AXI4 port")
+    for ax in dma_axis:
+        wiring.connect(m, ax, wiring.flipped(_Channels(port, ax.signature)))
 
 
 def _log2(n: int) -> int:
@@ -236,9 +231,9 @@ class ControlSlave(wiring.Component):
     """``s_axi_control``: the Vitis ap_ctrl_hs block and the kernel arguments of hw/regmap.py.
 
     To the kernel: ``start`` (one-cycle pulse when the host's ap_start is taken), the argument
-    values (``arg_<name>``). From the kernel: ``done`` (pulse), ``busy`` and the read-only words
-    (``ro_<name>``). ap_done and ap_ready are clear-on-read, ISR is toggle-on-write, the interrupt
-    is GIE & |(ISR & IER).
+    values (``arg_<name>``; the weight-port pointers as the array ``arg_weights``). From the kernel:
+    ``done`` (pulse), ``busy`` and the read-only words (``ro_<name>``). ap_done and ap_ready are
+    clear-on-read, ISR is toggle-on-write, the interrupt is GIE & |(ISR & IER).
     """
 
     ADDR_W = 12
@@ -248,9 +243,12 @@ class ControlSlave(wiring.Component):
         last = max(a.offset + (8 if a.kind == "ptr" else 4) for a in self.args)
         if last > (1 << self.ADDR_W):
             raise AccllmError(f"register map needs {last} bytes, s_axi_control has {1 << self.ADDR_W}")
+        weights = {regmap.weights_arg(p) for p in range(cfg.weight_ports)}
         members = {"bus": In(axil_signature(self.ADDR_W)), "start": Out(1), "done": In(1), "busy": In(1),
-                   "interrupt": Out(1)}
+                   "interrupt": Out(1), "arg_weights": Out(64).array(cfg.weight_ports)}
         for a in self.args:
+            if a.name in weights:
+                continue
             if a.kind == "ptr":
                 members[f"arg_{a.name}"] = Out(64)
             elif a.kind == "u32":
@@ -258,6 +256,10 @@ class ControlSlave(wiring.Component):
             else:
                 members[f"ro_{a.name}"] = In(32)
         super().__init__(members)
+        # argument name -> its register (arg_weights[p] for weights<p>)
+        self.regs = {a.name: getattr(self, ("ro_" if a.kind == "ro32" else "arg_") + a.name)
+                     for a in self.args if a.name not in weights}
+        self.regs.update({regmap.weights_arg(p): self.arg_weights[p] for p in range(cfg.weight_ports)})
 
     def elaborate(self, platform):
         m = Module()
@@ -287,15 +289,15 @@ class ControlSlave(wiring.Component):
                 with m.Case(regmap.ISR):
                     m.d.sync += rdata.eq(isr)
                 for a in self.args:
+                    reg = self.regs[a.name]
                     if a.kind == "ptr":
-                        reg = getattr(self, f"arg_{a.name}")
                         with m.Case(a.offset):
                             m.d.sync += rdata.eq(reg[:32])
                         with m.Case(a.offset + 4):
                             m.d.sync += rdata.eq(reg[32:])
                     else:
                         with m.Case(a.offset):
-                            m.d.sync += rdata.eq(getattr(self, f"arg_{a.name}" if a.kind == "u32" else f"ro_{a.name}"))
+                            m.d.sync += rdata.eq(reg)
                 with m.Default():
                     m.d.sync += rdata.eq(0)
 
@@ -329,7 +331,7 @@ class ControlSlave(wiring.Component):
                 for a in self.args:
                     if a.kind == "ro32":
                         continue
-                    reg = getattr(self, f"arg_{a.name}")
+                    reg = self.regs[a.name]
                     with m.Case(a.offset):
                         merge(reg, b.wdata, 0)
                     if a.kind == "ptr":

@@ -112,7 +112,7 @@ class MatrixEngine(wiring.Component):
         self.out_words = out_words
         self.o_rows = out_words // self.E
         super().__init__({
-            **{f"w{p}": In(stream.Signature(data_w)) for p in range(ports)},
+            "w": In(stream.Signature(data_w)).array(ports),
             "start": In(1), "busy": Out(1),
             "bits_sel": In(2), "sparse": In(1), "lg_group": In(5), "scale8": In(1), "k": In(32), "rows": In(32),
             "ma": In(16), "ea": In(8),
@@ -195,7 +195,7 @@ class MatrixEngine(wiring.Component):
         step = Signal()
         m.d.comb += step.eq(running & ready_all & (q.w_level + inflight_last < 4))
         for p in range(P):
-            ws = getattr(self, f"w{p}")
+            ws = self.w[p]
             acc_beat = Signal(name=f"acc_beat{p}")
             used = Mux(step, n, 0)
             # take a beat whenever it fits after this cycle's consumption (full rate at W/8 B per step)
@@ -211,7 +211,7 @@ class MatrixEngine(wiring.Component):
                 m.d.sync += cnts[p].eq(cnts[p] - used)
             with m.If(self.start):
                 m.d.sync += [cnts[p].eq(0), rps[p].eq(0), whs[p].eq(0)]
-        with m.If(self.w0.valid & self.w0.ready):
+        with m.If(self.w[0].valid & self.w[0].ready):
             m.d.sync += self.consumed.eq(self.consumed + 1)
 
         # section sequencing

@@ -21,24 +21,24 @@ of every weight port's read and write DMAs while running (the KV cache lives in 
 """
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import stream, wiring
+from amaranth import Cat, Const, Module, Mux, Signal
+from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from algo.common import AccllmError
 from hw import isa, memmap, regmap
 from hw.config import HWConfig
 
-from .axi import XFER, ControlSlave, write_beat, ReadDMA, WriteDMA, axi4_signature, axil_signature, connect_flat, flat_members
-from .engine import BITS_SEL, OUT_WORDS, MatrixEngine, sat_const
+from .axi import ControlSlave, ReadDMA, WriteDMA, axi4_signature, axil_signature, connect_channels
+from .engine import OUT_WORDS, MatrixEngine, sat_const
 from .attn_unit import AttnUnit
 from .tops import vitis_domain, vitis_members
 from .topk_unit import TopkUnit
-from .unit import _fields, unit_signature
+from .unit import Unit, _end64, _fields
 from .units import UNITS as ROW_UNITS
 
 
-class MatmulUnit(wiring.Component):
+class MatmulUnit(Unit):
     """MATMUL: X8 rows at io+b times the linear layer at weights+d, X32 rows to io+a (F_ACC: added,
     saturating). F_LOGITS: only if register flags & 3, on the last token unless flags bit 2.
     Tokens are processed one after the other (the weights stream once per token).
@@ -48,25 +48,16 @@ class MatmulUnit(wiring.Component):
     port count or record size inconsistent, n_tokens > max_prefill); STATUS_ADDR_RANGE when an
     operand or the weight stream runs past the 4 GiB offset space of its buffer argument."""
 
-    def __init__(self, cfg: HWConfig):
-        self.cfg = cfg
-        super().__init__(unit_signature(cfg))
-
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        P, W = cfg.weight_ports, cfg.port_width_bits
-        Wb = W // 8
-        lgWb = Wb.bit_length() - 1
+        P, W, Wb, lgWb = cfg.weight_ports, self.W, self.Wb, self.lgWb
         m.submodules.eng = eng = MatrixEngine(P, W, cfg.max_hidden, scale_bits=cfg.scale_bits)
-        f = _fields(self.word)
-        a, b, d, fl = Signal(32), Signal(32), Signal(32), Signal(8)
+        a, b, d, fl = self.fields("a", "b", "d", "flags")
         desc = Signal(512)
         dbeat = Signal(range(64 // Wb + 1))
         t, t_end = Signal(32), Signal(32)
         src_off, dst_off = Signal(33), Signal(33)
-        status = Signal(8)
-        m.d.comb += self.status.eq(status)
 
         # descriptor fields (memmap.LIN_HEADER)
         dw = [desc[32 * i: 32 * i + 32] for i in range(16)]
@@ -105,10 +96,9 @@ class MatmulUnit(wiring.Component):
                                  | (self.n_tokens > cfg.max_prefill))
         tokens = Signal(32)
         m.d.comb += tokens.eq(self.n_tokens)
-        end64 = lambda base, extent: (Cat(base, Const(0, 32)) + extent) > (1 << 32)   # noqa: E731
         bad_addr = Signal()
-        m.d.comb += bad_addr.eq(end64(b, tokens * stride8) | end64(a, tokens * stride32)
-                                | end64(d, 64 + stream_bytes))
+        m.d.comb += bad_addr.eq(_end64(b, tokens * stride8) | _end64(a, tokens * stride32)
+                                | _end64(d, 64 + stream_bytes))
 
         # write-back stream state
         nb = Signal(32)                     # output beats per token
@@ -119,10 +109,8 @@ class MatmulUnit(wiring.Component):
         xb = Signal(32)
         issued = Signal(P + 1)
 
-        for p in range(P):
-            wd = getattr(self, f"w_data{p}")
-            m.d.comb += [getattr(eng, f"w{p}").valid.eq(wd.valid), getattr(eng, f"w{p}").payload.eq(wd.payload),
-                         wd.ready.eq(getattr(eng, f"w{p}").ready)]
+        for p in range(P):          # the weight streams go straight into the engine
+            wiring.connect(m, wiring.flipped(self.w_data[p]), eng.w[p])
         m.d.comb += [eng.bits_sel.eq(lg_b - 1), eng.sparse.eq(sparse[0]), eng.scale8.eq(scale_bits == 8), eng.lg_group.eq(lg_g), eng.k.eq(K),
                      eng.rows.eq(R)]
 
@@ -131,18 +119,13 @@ class MatmulUnit(wiring.Component):
         def issue_weights():
             # the weight streams start while the activations load (their latency overlaps)
             for p in range(P):
-                cmd = getattr(self, f"w_cmd{p}")
-                m.d.comb += [cmd.valid.eq(~issued[p]), cmd.payload.addr.eq(getattr(self, f"weights{p}") + d + 64),
+                cmd = self.w_cmd[p]
+                m.d.comb += [cmd.valid.eq(~issued[p]), cmd.payload.addr.eq(self.weights[p] + d + 64),
                              cmd.payload.beats.eq(w_beats)]
                 with m.If(cmd.valid & cmd.ready):
                     m.d.sync += issued[p].eq(1)
 
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), fl.eq(f["flags"]), status.eq(0),
-                                 dbeat.eq(0)]
-                    m.next = "BEGIN"
+        with self.fsm(m, "BEGIN", on_start=[dbeat.eq(0)]):
             with m.State("BEGIN"):
                 logits = fl[1]
                 with m.If((logits & ((self.flags & 3) == 0)) | (self.n_tokens == 0)):
@@ -151,24 +134,18 @@ class MatmulUnit(wiring.Component):
                     m.d.sync += [t.eq(Mux(logits & ~self.flags[2], self.n_tokens - 1, 0)), t_end.eq(self.n_tokens)]
                     m.next = "DESC"
             with m.State("DESC"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                             self.w_cmd0.payload.beats.eq(64 // Wb)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                             self.w_cmd[0].payload.beats.eq(64 // Wb)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "DESC_RX"
             with m.State("DESC_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += [desc.word_select(dbeat, W).eq(self.w_data0.payload), dbeat.eq(dbeat + 1)]
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += [desc.word_select(dbeat, W).eq(self.w_data[0].payload), dbeat.eq(dbeat + 1)]
                     with m.If(dbeat == 64 // Wb - 1):
                         m.next = "CHECK"
             with m.State("CHECK"):
-                with m.If(bad_shape):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(bad_addr):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, (bad_shape, regmap.STATUS_SHAPE), (bad_addr, regmap.STATUS_ADDR_RANGE)):
                     m.d.sync += [src_off.eq(b + t * stride8), dst_off.eq(a + t * stride32), issued.eq(0)]
                     m.next = "XLOAD"
             with m.State("XLOAD"):
@@ -235,9 +212,6 @@ class MatmulUnit(wiring.Component):
                         m.d.sync += [t.eq(t + 1), src_off.eq(src_off + stride8), dst_off.eq(dst_off + stride32),
                                      issued.eq(0)]
                         m.next = "XLOAD"
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m
 
 
@@ -258,14 +232,9 @@ class Kernel(wiring.Component):
         for op in self.units:
             if op not in isa.OPS:
                 raise AccllmError(f"unit registered for unknown opcode 0x{op:02x}")
-        W = cfg.port_width_bits
-        self.axi = axi4_signature(W)
-        self.axil = axil_signature(ControlSlave.ADDR_W)
-        members = {**vitis_members(), **flat_members("s_axi_control", self.axil, flip=True), "interrupt": Out(1),
-                   **flat_members("m_axi_ctrl", self.axi)}
-        for p in range(cfg.weight_ports):
-            members.update(flat_members(f"m_axi_w{p}", self.axi))
-        super().__init__(members)
+        axi = axi4_signature(cfg.port_width_bits)
+        super().__init__({**vitis_members(), "s_axi_control": In(axil_signature(ControlSlave.ADDR_W)),
+                          "interrupt": Out(1), "m_axi_ctrl": Out(axi), "m_axi_w": Out(axi).array(cfg.weight_ports)})
 
     def elaborate(self, platform):
         cfg = self.cfg
@@ -274,24 +243,18 @@ class Kernel(wiring.Component):
         W, P = cfg.port_width_bits, cfg.weight_ports
         Wb = W // 8
         m.submodules.ctl = ctl = ControlSlave(cfg)
-        connect_flat(m, self, "s_axi_control", ctl.bus, self.axil, flip=True)
+        wiring.connect(m, wiring.flipped(self.s_axi_control), ctl.bus)
         m.d.comb += self.interrupt.eq(ctl.interrupt)
+        # m_axi_ctrl: program fetch and the units' io / kv traffic; m_axi_w<p>: weight port p. Each port
+        # has a read DMA on its read channels and a write DMA on its write channels.
         m.submodules.rd = rd = ReadDMA(W, cfg.burst_beats, cfg.outstanding_reads)
         m.submodules.wr = wr = WriteDMA(W, cfg.burst_beats, cfg.outstanding_reads)
-        for name in self.axi.members:
-            src = rd.axi if hasattr(rd.axi, name) else wr.axi
-            connect_flat(m, self, "m_axi_ctrl", src, wiring.Signature({name: self.axi.members[name]}))
-        wrd, wwr = [], []
+        connect_channels(m, self.m_axi_ctrl, rd.axi, wr.axi)
+        wrd = [ReadDMA(W, cfg.burst_beats, cfg.outstanding_reads) for p in range(P)]
+        wwr = [WriteDMA(W, cfg.burst_beats, cfg.outstanding_reads) for p in range(P)]
         for p in range(P):
-            d = ReadDMA(W, cfg.burst_beats, cfg.outstanding_reads)
-            dw = WriteDMA(W, cfg.burst_beats, cfg.outstanding_reads)
-            m.submodules[f"rd_w{p}"] = d
-            m.submodules[f"wr_w{p}"] = dw
-            wrd.append(d)
-            wwr.append(dw)
-            for name in self.axi.members:
-                src = d.axi if hasattr(d.axi, name) else dw.axi
-                connect_flat(m, self, f"m_axi_w{p}", src, wiring.Signature({name: self.axi.members[name]}))
+            m.submodules[f"rd_w{p}"], m.submodules[f"wr_w{p}"] = wrd[p], wwr[p]
+            connect_channels(m, self.m_axi_w[p], wrd[p].axi, wwr[p].axi)
 
         units = {}
         for op, cls in self.units.items():
@@ -301,8 +264,7 @@ class Kernel(wiring.Component):
             m.d.comb += [u.position.eq(ctl.arg_position), u.n_tokens.eq(ctl.arg_n_tokens), u.flags.eq(ctl.arg_flags),
                          u.kv.eq(ctl.arg_kv), u.io.eq(ctl.arg_io), u.wr_busy.eq(wr.busy)]
             for p in range(P):
-                m.d.comb += [getattr(u, f"weights{p}").eq(getattr(ctl, f"arg_weights{p}")),
-                             getattr(u, f"ww_busy{p}").eq(wwr[p].busy)]
+                m.d.comb += [u.weights[p].eq(ctl.arg_weights[p]), u.ww_busy[p].eq(wwr[p].busy)]
 
         # ---- sequencer
         busy = Signal()
@@ -359,30 +321,25 @@ class Kernel(wiring.Component):
             u = units[op]
             m.d.comb += u.rd_data.payload.eq(rd.data.payload)
             for p in range(P):
-                m.d.comb += getattr(u, f"w_data{p}").payload.eq(wrd[p].data.payload)
+                m.d.comb += u.w_data[p].payload.eq(wrd[p].data.payload)
         for p in range(P):
             if len(port_writers(p)) == 1:
-                m.d.comb += wwr[p].data.payload.eq(getattr(units[port_writers(p)[0]], f"ww_data{p}").payload)
+                m.d.comb += wwr[p].data.payload.eq(units[port_writers(p)[0]].ww_data[p].payload)
         for i, op in enumerate(ops):
             u = units[op]
             with m.If(active == i + 1):
-                m.d.comb += [rd.cmd.valid.eq(u.rd_cmd.valid), rd.cmd.payload.eq(u.rd_cmd.payload),
-                             u.rd_cmd.ready.eq(rd.cmd.ready),
-                             u.rd_data.valid.eq(rd.data.valid),
-                             rd.data.ready.eq(u.rd_data.ready),
-                             wr.cmd.valid.eq(u.wr_cmd.valid), wr.cmd.payload.eq(u.wr_cmd.payload),
-                             u.wr_cmd.ready.eq(wr.cmd.ready),
-                             wr.data.valid.eq(u.wr_data.valid), wr.data.payload.eq(u.wr_data.payload),
-                             u.wr_data.ready.eq(wr.data.ready)]
+                # the active unit's command streams and ctrl-port write data, whole; of the other
+                # data streams only valid / ready (their payloads are wired above)
+                wiring.connect(m, u.rd_cmd, rd.cmd)
+                wiring.connect(m, u.wr_cmd, wr.cmd)
+                wiring.connect(m, u.wr_data, wr.data)
+                m.d.comb += [u.rd_data.valid.eq(rd.data.valid), rd.data.ready.eq(u.rd_data.ready)]
                 for p in range(P):
-                    uc, ud = getattr(u, f"w_cmd{p}"), getattr(u, f"w_data{p}")
-                    m.d.comb += [wrd[p].cmd.valid.eq(uc.valid), wrd[p].cmd.payload.eq(uc.payload),
-                                 uc.ready.eq(wrd[p].cmd.ready), ud.valid.eq(wrd[p].data.valid),
-                                 wrd[p].data.ready.eq(ud.ready)]
-                    wc, wd = getattr(u, f"ww_cmd{p}"), getattr(u, f"ww_data{p}")
-                    m.d.comb += [wwr[p].cmd.valid.eq(wc.valid), wwr[p].cmd.payload.eq(wc.payload),
-                                 wc.ready.eq(wwr[p].cmd.ready), wwr[p].data.valid.eq(wd.valid),
-                                 wd.ready.eq(wwr[p].data.ready)]
+                    wiring.connect(m, u.w_cmd[p], wrd[p].cmd)
+                    wiring.connect(m, u.ww_cmd[p], wwr[p].cmd)
+                    ud, wd = u.w_data[p], u.ww_data[p]
+                    m.d.comb += [ud.valid.eq(wrd[p].data.valid), wrd[p].data.ready.eq(ud.ready),
+                                 wwr[p].data.valid.eq(wd.valid), wd.ready.eq(wwr[p].data.ready)]
                     if len(port_writers(p)) > 1 and op in port_writers(p):
                         m.d.comb += wwr[p].data.payload.eq(wd.payload)
 

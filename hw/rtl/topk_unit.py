@@ -42,20 +42,19 @@ from hw import memmap, regmap
 from .attn_unit import Unpacker
 from .sfu import Divider
 from .topk import TopK
-from .unit import _end64
-from .units import _Base
+from .unit import Unit, _end64
 
 IMP_MAX = (1 << 63) - 1
 
 
-class TopkUnit(_Base):
+class TopkUnit(Unit):
     WRITES_WEIGHTS = True       # the pruned flags live in weights0
     WRITE_PORTS = (0,)          # ... and only there: the kernel multiplexes port 0's write data alone
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        _f, _a, _b, _c, d, status = self._common(m)
+        d, = self.fields("d")
         W, Wb, lgWb = self.W, self.Wb, self.lgWb
         T = self.n_tokens
         NC = cfg.max_context
@@ -85,7 +84,7 @@ class TopkUnit(_Base):
         ring = hf["ring"] != 0
 
         # ---- weight port 0: reads into the unpackers, writes of flag beats
-        wd = self.w_data0
+        wd = self.w_data[0]
         m.d.comb += [bu.i.valid.eq(wd.valid), bu.i.payload.eq(wd.payload),
                      bw.i.valid.eq(wd.valid), bw.i.payload.eq(wd.payload), wd.ready.eq(bu.i.ready | bw.i.ready)]
 
@@ -93,12 +92,12 @@ class TopkUnit(_Base):
             """Read *count* bytes at byte address *addr* of port 0 into the byte unpacker (or, with
             *words*, 64-bit items into the item unpacker: addr and count multiples of 8)."""
             lo = addr[:lgWb]
-            m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(addr & ~(Wb - 1)),
-                         self.w_cmd0.payload.beats.eq((lo + count + Wb - 1) >> lgWb)]
+            m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(addr & ~(Wb - 1)),
+                         self.w_cmd[0].payload.beats.eq((lo + count + Wb - 1) >> lgWb)]
             u = bw if words else bu
             m.d.comb += [u.skip.eq(lo >> 3 if words else lo), u.count.eq(count >> 3 if words else count),
-                         u.start.eq(self.w_cmd0.ready)]
-            return self.w_cmd0.ready
+                         u.start.eq(self.w_cmd[0].ready)]
+            return self.w_cmd[0].ready
 
         # ---- candidates
         last = Signal(35)
@@ -133,7 +132,7 @@ class TopkUnit(_Base):
         with m.Else():
             m.d.comb += [seg_slot.eq(Mux(seg, S, s0)), seg_n.eq(Mux(seg, n_tok - n1, n1)), seg_c0.eq(Mux(seg, n1, 0))]
         lay = Signal(64)
-        m.d.comb += lay.eq(self.weights0 + hf["state_off"] + li * hf["layer_bytes"])
+        m.d.comb += lay.eq(self.weights[0] + hf["state_off"] + li * hf["layer_bytes"])
         imp_addr = Signal(64)
         dead_addr = Signal(64)
         m.d.comb += [imp_addr.eq(lay + Mux(kind, hf["himp_off"], hf["imp_off"]) + (seg_slot << 3)),
@@ -183,26 +182,14 @@ class TopkUnit(_Base):
         m.d.comb += misaligned.eq((hf["state_off"] | lb | hf["imp_off"] | hf["dead_off"] | hf["himp_off"]
                                    | hf["hdead_off"])[:6] != 0)
 
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [d.eq(_f["d"]), status.eq(0)]
-                    m.next = "BEGIN"
+        with self.fsm(m, "BEGIN"):
             with m.State("BEGIN"):
-                with m.If((T == 0) | (T > cfg.max_prefill)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(d[:6] != 0):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(_end64(d, 64)):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, ((T == 0) | (T > cfg.max_prefill), regmap.STATUS_SHAPE),
+                                 (d[:6] != 0, regmap.STATUS_SHAPE), (_end64(d, 64), regmap.STATUS_ADDR_RANGE)):
                     m.d.sync += bcnt.eq(0)
                     m.next = "HDR_CMD"
             with m.State("HDR_CMD"):
-                with m.If(w_read(self.weights0 + d, Const(64, 32))):
+                with m.If(w_read(self.weights[0] + d, Const(64, 32))):
                     m.next = "HDR_RX"
             with m.State("HDR_RX"):
                 m.d.comb += bu.o.ready.eq(1)
@@ -211,23 +198,13 @@ class TopkUnit(_Base):
                 with m.If(~bu.busy):
                     m.next = "CHECK"
             with m.State("CHECK"):
-                with m.If(hf["magic"] != memmap.MAGIC_SPT):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Elif((L == 0) | (L > NL)):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(_end64(d, 64 + (L << 3))):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Elif((slots == 0) | (slots > NC) | (H == 0) | (hf["start_layer"] >= L) | (H > MH)
-                            | (ring & ((Wn == 0) | (Cat(S, Const(0, 1)) + Wn != slots))) | misaligned):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(state_end > (1 << 32)):
-                    m.d.sync += status.eq(regmap.STATUS_KV_REGION)
-                    m.next = "DONE"
-                with m.Else():
+                bad_geometry = ((slots == 0) | (slots > NC) | (H == 0) | (hf["start_layer"] >= L) | (H > MH)
+                                | (ring & ((Wn == 0) | (Cat(S, Const(0, 1)) + Wn != slots))) | misaligned)
+                with self.checks(m, (hf["magic"] != memmap.MAGIC_SPT, regmap.STATUS_ADDR_RANGE),
+                                 ((L == 0) | (L > NL), regmap.STATUS_SHAPE),
+                                 (_end64(d, 64 + (L << 3)), regmap.STATUS_ADDR_RANGE),
+                                 (bad_geometry, regmap.STATUS_SHAPE),
+                                 (state_end > (1 << 32), regmap.STATUS_KV_REGION)):
                     m.d.sync += [n_tok.eq(ncand), bcnt.eq(0), acc.eq(0)]
                     with m.If(ring):
                         m.d.comb += [div.start.eq(1), div.num.eq(lo - S), div.den.eq(Wn)]
@@ -241,7 +218,7 @@ class TopkUnit(_Base):
                                  n1.eq(Mux(n_tok < Wn - div.rem, n_tok, Wn - div.rem))]
                     m.next = "KEEP_CMD"
             with m.State("KEEP_CMD"):
-                with m.If(w_read(self.weights0 + d + 64, L << 3)):
+                with m.If(w_read(self.weights[0] + d + 64, L << 3)):
                     m.next = "KEEP_RX"
             with m.State("KEEP_RX"):
                 m.d.comb += bu.o.ready.eq(1)
@@ -362,9 +339,9 @@ class TopkUnit(_Base):
                         m.d.sync += seg.eq(1)
                 with m.Else():
                     nb = (dead_addr[:lgWb] + seg_n + Wb - 1) >> lgWb
-                    m.d.comb += [self.ww_cmd0.valid.eq(1), self.ww_cmd0.payload.addr.eq(dead_addr & ~(Wb - 1)),
-                                 self.ww_cmd0.payload.beats.eq(nb)]
-                    with m.If(self.ww_cmd0.ready):
+                    m.d.comb += [self.ww_cmd[0].valid.eq(1), self.ww_cmd[0].payload.addr.eq(dead_addr & ~(Wb - 1)),
+                                 self.ww_cmd[0].payload.beats.eq(nb)]
+                    with m.If(self.ww_cmd[0].ready):
                         m.d.sync += [wlo.eq(dead_addr[:lgWb]), wbeat_strb.eq(0)]
                         m.next = "WR_DATA"
             with m.State("WR_DATA"):
@@ -373,11 +350,11 @@ class TopkUnit(_Base):
                 m.d.comb += strb.eq(wbeat_strb | (drp_r.data << lane))
                 last_c = (c + 1 == seg_c0 + seg_n)
                 emit = (lane == Wb - 1) | last_c
-                m.d.comb += [self.ww_data0.payload.data.eq(Const(1, 8).replicate(Wb)),
-                             self.ww_data0.payload.strb.eq(strb), self.ww_data0.valid.eq(emit)]
+                m.d.comb += [self.ww_data[0].payload.data.eq(Const(1, 8).replicate(Wb)),
+                             self.ww_data[0].payload.strb.eq(strb), self.ww_data[0].valid.eq(emit)]
                 with m.If(~emit):
                     m.d.sync += [wbeat_strb.eq(strb), c.eq(c + 1)]
-                with m.Elif(self.ww_data0.ready):
+                with m.Elif(self.ww_data[0].ready):
                     m.d.sync += [wbeat_strb.eq(0), c.eq(c + 1)]
                     with m.If(last_c):
                         with m.If(seg | kind):
@@ -387,7 +364,7 @@ class TopkUnit(_Base):
                             m.next = "WR_CMD"
             with m.State("WR_SYNC"):
                 m.d.sync += started.eq(1)
-                with m.If(started & ~self.ww_busy0):
+                with m.If(started & ~self.ww_busy[0]):
                     m.d.sync += started.eq(0)
                     m.next = "NEXT"
 
@@ -401,7 +378,4 @@ class TopkUnit(_Base):
                     m.next = "IMP_CMD"
                 with m.Else():
                     m.next = "DONE"
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m

@@ -1,9 +1,10 @@
 """Top-level wrappers: the Vitis clock/reset convention and the per-unit test tops.
 
 Every top uses ``ap_clk`` and the active-low synchronous ``ap_rst_n`` (Vitis RTL-kernel rule)
-and exposes AXI interfaces as flat ``m_axi_<port>_<signal>`` / ``s_axi_control_<signal>`` ports.
-The unit tops (``DmaTop``, ``ControlTop``) exist so that each unit has its own cocotb bench
-(sim/tb/<unit>/) with the same AXI models as the kernel-level bench.
+and has its AXI interfaces as signature members (``m_axi_<port>``, arrays of them, ``s_axi_control``),
+which become the flat ports ``m_axi_<port>_<signal>`` / ``s_axi_control_<signal>`` of the Verilog
+(:func:`vitis_ports`). The unit tops (``DmaTop``, ``ControlTop``) exist so that each unit has its own
+cocotb bench (sim/tb/<unit>/) with the same AXI models as the kernel-level bench.
 """
 from __future__ import annotations
 
@@ -11,11 +12,27 @@ from amaranth import ClockDomain, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .axi import ControlSlave, ReadDMA, WriteDMA, axi4_signature, axil_signature, connect_flat, flat_members
+from .axi import ControlSlave, ReadDMA, WriteDMA, axi4_signature, axil_signature, connect_channels
 
 
 def vitis_members() -> dict:
     return {"ap_clk": In(1), "ap_rst_n": In(1)}
+
+
+def vitis_name(path: tuple) -> str:
+    """Port name of the member at *path* of a top's signature: the names joined with ``_``, an array
+    index appended to its member's name (``("m_axi_w", 0, "araddr")`` -> ``m_axi_w0_araddr``)."""
+    return path[0] + "".join(str(k) if isinstance(k, int) else f"_{k}" for k in path[1:])
+
+
+def vitis_ports(top: wiring.Component) -> dict:
+    """The ``ports`` of the Verilog / RTLIL conversion of *top* under their Vitis names (Amaranth's
+    own names join the path with ``__``). Their directions come from what drives them: the tops
+    drive every ``Out`` member (``connect_channels`` checks that each DMA pair covers its port)."""
+    ports = {}
+    for path, _member, value in top.signature.flatten(top):
+        ports[vitis_name(path)] = (value, None)
+    return ports
 
 
 def vitis_domain(m: Module, top) -> None:
@@ -35,8 +52,7 @@ class DmaTop(wiring.Component):
 
     def __init__(self, data_w: int = 256, burst_beats: int = 16, outstanding: int = 16):
         self.data_w, self.burst_beats, self.outstanding = data_w, burst_beats, outstanding
-        self.sig = axi4_signature(data_w)
-        super().__init__({**vitis_members(), **flat_members("m_axi_mem", self.sig),
+        super().__init__({**vitis_members(), "m_axi_mem": Out(axi4_signature(data_w)),
                           "start": In(1), "src": In(64), "dst": In(64), "beats": In(32), "copy": In(1),
                           "sink_ready": In(1), "busy": Out(1), "error": Out(1),
                           "first_cycle": Out(32), "last_cycle": Out(32), "consumed": Out(32)})
@@ -47,9 +63,7 @@ class DmaTop(wiring.Component):
         m.submodules.rd = rd = ReadDMA(self.data_w, self.burst_beats, self.outstanding)
         m.submodules.wr = wr = WriteDMA(self.data_w, self.burst_beats, self.outstanding)
         # one AXI port: the read channels from the read DMA, the write channels from the write DMA
-        for name in self.sig.members:
-            src = rd.axi if hasattr(rd.axi, name) else wr.axi
-            connect_flat(m, self, "m_axi_mem", src, wiring.Signature({name: self.sig.members[name]}))
+        connect_channels(m, self.m_axi_mem, rd.axi, wr.axi)
         copy = Signal()
         cycle = Signal(32)
         pending = Signal()
@@ -83,15 +97,14 @@ class ControlTop(wiring.Component):
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.sig = axil_signature(ControlSlave.ADDR_W)
-        super().__init__({**vitis_members(), **flat_members("s_axi_control", self.sig, flip=True),
+        super().__init__({**vitis_members(), "s_axi_control": In(axil_signature(ControlSlave.ADDR_W)),
                           "interrupt": Out(1)})
 
     def elaborate(self, platform):
         m = Module()
         vitis_domain(m, self)
         m.submodules.ctl = ctl = ControlSlave(self.cfg)
-        connect_flat(m, self, "s_axi_control", ctl.bus, self.sig, flip=True)
+        wiring.connect(m, wiring.flipped(self.s_axi_control), ctl.bus)
         left = Signal(32)
         busy = Signal()
         cycles = Signal(64)
@@ -112,4 +125,4 @@ class ControlTop(wiring.Component):
 
 def to_verilog(top, name: str) -> str:
     from amaranth.back import verilog
-    return verilog.convert(top, name=name, emit_src=False)
+    return verilog.convert(top, name=name, emit_src=False, ports=vitis_ports(top))

@@ -1,5 +1,5 @@
 """Execution units of the kernel for the row operations: EMBED, RMSNORM, QUANT, SILUMUL,
-ADD and ARGMAX, each a ``wiring.Component`` with the kernel's :func:`hw.rtl.unit.unit_signature`,
+ADD and ARGMAX, each a :class:`hw.rtl.unit.Unit` (the kernel's :func:`hw.rtl.unit.unit_signature`),
 wrapping the bit-exact cores of hw/rtl/sfu.py. The functional model (sim/emu.py ``_exec``) is the
 reference for what each opcode reads, computes and writes (byte for byte, also the bytes it leaves
 alone: an X8 row gets its scale word in bytes 0..3 and its codes at +64, nothing else).
@@ -24,18 +24,13 @@ width in bytes, ARGMAX a destination offset aligned to 4 bytes.
 """
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import memory, wiring
+from amaranth import Cat, Const, Module, Mux, Signal
+from amaranth.lib import memory
 
 from hw import isa, memmap, regmap
-from hw.config import HWConfig
 
 from .sfu import ActQuant, Argmax, EltWise, RMSNorm
-from .unit import _end64, _fields, unit_signature
-
-
-def _sig(cfg):
-    return unit_signature(cfg)
+from .unit import Unit, _end64
 
 
 def _s32(d):
@@ -47,38 +42,16 @@ def _s8(d):
     return 64 + ((d + 63) & ~63)
 
 
-class _Base(wiring.Component):
-    def __init__(self, cfg: HWConfig):
-        self.cfg = cfg
-        super().__init__(_sig(cfg))
-
-    def _common(self, m):
-        cfg = self.cfg
-        self.W = cfg.port_width_bits
-        self.Wb = self.W // 8
-        self.lgWb = self.Wb.bit_length() - 1
-        self.WPB = self.W // 32                      # int32 words per beat
-        self.lgWPB = self.WPB.bit_length() - 1
-        f = _fields(self.word)
-        a, b, c, d = Signal(32), Signal(32), Signal(16), Signal(32)
-        status = Signal(8)
-        m.d.comb += self.status.eq(status)
-        return f, a, b, c, d, status
-
-    def _beats(self, nbytes):
-        return (nbytes + self.Wb - 1) >> self.lgWb
-
-
 # --------------------------------------------------------------------------------------------------
 # RMSNORM / QUANT / SILUMUL / ADD
 # --------------------------------------------------------------------------------------------------
-class _RowUnit(_Base):
+class _RowUnit(Unit):
     KIND = ""
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        f, a, b, c, d, status = self._common(m)
+        a, b, c, d = self.fields("a", "b", "c", "d")
         W, Wb, lgWb, WPB, lgWPB = self.W, self.Wb, self.lgWb, self.WPB, self.lgWPB
         kind = self.KIND
         H = cfg.max_hidden
@@ -169,45 +142,30 @@ class _RowUnit(_Base):
         nrm_magic = Signal(32)
         nrm_d = Signal(32)
 
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), c.eq(f["c"]), d.eq(f["d"]), status.eq(0)]
-                    m.next = "CHECK"
+        with self.fsm(m, "CHECK"):
             with m.State("CHECK"):
-                with m.If(bad_shape):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(bad_addr):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, (bad_shape, regmap.STATUS_SHAPE), (bad_addr, regmap.STATUS_ADDR_RANGE)):
                     m.d.sync += [t.eq(0), src_off.eq(b), dst_off.eq(a), cnt.eq(0)]
                     m.next = "DESC" if kind == "rmsnorm" else "LOAD_A"
             if kind == "rmsnorm":
                 with m.State("DESC"):
-                    m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                                 self.w_cmd0.payload.beats.eq(self._beats(64 + (D << 2)))]
-                    with m.If(self.w_cmd0.ready):
+                    m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                                 self.w_cmd[0].payload.beats.eq(self._beats(64 + (D << 2)))]
+                    with m.If(self.w_cmd[0].ready):
                         m.next = "DESC_RX"
                 with m.State("DESC_RX"):
-                    m.d.comb += [self.w_data0.ready.eq(1), wbp.addr.eq(cnt), wbp.data.eq(self.w_data0.payload),
-                                 wbp.en.eq(self.w_data0.valid)]
-                    with m.If(self.w_data0.valid):
+                    m.d.comb += [self.w_data[0].ready.eq(1), wbp.addr.eq(cnt), wbp.data.eq(self.w_data[0].payload),
+                                 wbp.en.eq(self.w_data[0].valid)]
+                    with m.If(self.w_data[0].valid):
                         m.d.sync += cnt.eq(cnt + 1)
                         with m.If(cnt == 0):
-                            m.d.sync += [nrm_magic.eq(self.w_data0.payload[0:32]), nrm_d.eq(self.w_data0.payload[32:64]),
-                                         e40.eq(self.w_data0.payload[64:128])]
+                            m.d.sync += [nrm_magic.eq(self.w_data[0].payload[0:32]), nrm_d.eq(self.w_data[0].payload[32:64]),
+                                         e40.eq(self.w_data[0].payload[64:128])]
                         with m.If(cnt + 1 == self._beats(64 + (D << 2))):
                             m.next = "DESC_CHECK"
                 with m.State("DESC_CHECK"):
-                    with m.If(nrm_magic != memmap.MAGIC_NRM):
-                        m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                        m.next = "DONE"
-                    with m.Elif(nrm_d != D):
-                        m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                        m.next = "DONE"
-                    with m.Else():
+                    with self.checks(m, (nrm_magic != memmap.MAGIC_NRM, regmap.STATUS_ADDR_RANGE),
+                                     (nrm_d != D, regmap.STATUS_SHAPE)):
                         m.d.sync += cnt.eq(0)
                         m.next = "LOAD_A"
                 m.d.comb += core.e40.eq(e40)
@@ -311,9 +269,6 @@ class _RowUnit(_Base):
                             m.d.sync += [t.eq(t + 1), src_off.eq(src_off + src_stride),
                                          dst_off.eq(dst_off + dst_stride), cnt.eq(0)]
                             m.next = "LOAD_A"
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m
 
 
@@ -340,14 +295,14 @@ class AddUnit(_RowUnit):
 # --------------------------------------------------------------------------------------------------
 # EMBED
 # --------------------------------------------------------------------------------------------------
-class EmbedUnit(_Base):
+class EmbedUnit(Unit):
     """EMBED: a=dst X32, b=token ids (int32), d=table descriptor (lockstep on every weight port), c=D.
     Row id lives on port id // R at weights<p> + d + 64 + (id % R) * 4D (hw/memmap.pack_embedding)."""
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        f, a, b, c, d, status = self._common(m)
+        a, b, c, d = self.fields("a", "b", "c", "d")
         W, Wb, lgWb, WPB, lgWPB = self.W, self.Wb, self.lgWb, self.WPB, self.lgWPB
         P = cfg.weight_ports
         T = self.n_tokens
@@ -382,38 +337,22 @@ class EmbedUnit(_Base):
         for p in range(1, P):
             with m.If(tid >= R * p):
                 m.d.comb += p_calc.eq(p)
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), c.eq(f["c"]), d.eq(f["d"]), status.eq(0)]
-                    m.next = "CHECK"
+        with self.fsm(m, "CHECK"):
             with m.State("CHECK"):
-                with m.If(bad_shape):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(bad_addr):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, (bad_shape, regmap.STATUS_SHAPE), (bad_addr, regmap.STATUS_ADDR_RANGE)):
                     m.next = "DESC"
             with m.State("DESC"):
-                m.d.comb += [self.w_cmd0.valid.eq(1), self.w_cmd0.payload.addr.eq(self.weights0 + d),
-                             self.w_cmd0.payload.beats.eq(1)]
-                with m.If(self.w_cmd0.ready):
+                m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),
+                             self.w_cmd[0].payload.beats.eq(1)]
+                with m.If(self.w_cmd[0].ready):
                     m.next = "DESC_RX"
             with m.State("DESC_RX"):
-                m.d.comb += self.w_data0.ready.eq(1)
-                with m.If(self.w_data0.valid):
-                    m.d.sync += hdr.eq(self.w_data0.payload)
+                m.d.comb += self.w_data[0].ready.eq(1)
+                with m.If(self.w_data[0].valid):
+                    m.d.sync += hdr.eq(self.w_data[0].payload)
                     m.next = "DESC_CHECK"
             with m.State("DESC_CHECK"):
-                with m.If(magic != memmap.MAGIC_EMB):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Elif(Dt != D):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, (magic != memmap.MAGIC_EMB, regmap.STATUS_ADDR_RANGE), (Dt != D, regmap.STATUS_SHAPE)):
                     m.d.sync += [t.eq(0), cnt.eq(0), bad_id.eq(0)]
                     m.next = "IDS"
             # all ids are checked before any row is written (as sim/emu.py: a bad id writes nothing)
@@ -434,10 +373,7 @@ class EmbedUnit(_Base):
                     with m.If(cnt + 1 == ids_beats):
                         m.next = "IDS_CHECK"
             with m.State("IDS_CHECK"):
-                with m.If(bad_id):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, (bad_id, regmap.STATUS_ADDR_RANGE)):
                     m.next = "TOK"
             with m.State("TOK"):
                 m.d.comb += [self.rd_cmd.valid.eq(1), self.rd_cmd.payload.addr.eq(tok_addr & ~(Wb - 1)),
@@ -450,17 +386,14 @@ class EmbedUnit(_Base):
                     m.d.sync += tid.eq(self.rd_data.payload.word_select(tok_addr[2:lgWb], 32))
                     m.next = "TOK_CHECK"
             with m.State("TOK_CHECK"):
-                with m.If(tid >= V):          # unsigned: a negative id is >= V too
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, (tid >= V, regmap.STATUS_ADDR_RANGE)):     # unsigned: a negative id is >= V too
                     m.d.sync += [port.eq(p_calc), local.eq(tid - R * p_calc), issued.eq(0), cnt.eq(0)]
                     m.next = "ROW"
             with m.State("ROW"):
                 # read the row on its port and write it to io + a + t * stride32(D), beat for beat
                 for p in range(P):
-                    wc, wd = getattr(self, f"w_cmd{p}"), getattr(self, f"w_data{p}")
-                    m.d.comb += [wc.payload.addr.eq(getattr(self, f"weights{p}") + d + 64 + local * row_bytes),
+                    wc, wd = self.w_cmd[p], self.w_data[p]
+                    m.d.comb += [wc.payload.addr.eq(self.weights[p] + d + 64 + local * row_bytes),
                                  wc.payload.beats.eq(row_beats)]
                     with m.If(port == p):
                         m.d.comb += [wc.valid.eq(~issued),
@@ -486,23 +419,20 @@ class EmbedUnit(_Base):
                     with m.Else():
                         m.d.sync += t.eq(t + 1)
                         m.next = "TOK"
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m
 
 
 # --------------------------------------------------------------------------------------------------
 # ARGMAX
 # --------------------------------------------------------------------------------------------------
-class ArgmaxUnit(_Base):
+class ArgmaxUnit(Unit):
     """ARGMAX: a=dst (one int32), b=src X32 logits, d=V. Runs only with register flags bit 1; reads
     the last token's row."""
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
-        f, a, b, c, d, status = self._common(m)
+        a, b, d = self.fields("a", "b", "d")
         W, Wb, lgWb, WPB, lgWPB = self.W, self.Wb, self.lgWb, self.WPB, self.lgWPB
         T = self.n_tokens
         m.submodules.am = am = Argmax(1 << 20)
@@ -523,21 +453,10 @@ class ArgmaxUnit(_Base):
         m.d.comb += bad_shape.eq((V == 0) | (V > (1 << 20)) | (T == 0) | (T > cfg.max_prefill) | ((a & 3) != 0))
         bad_addr = Signal()
         m.d.comb += bad_addr.eq(_end64(b, T * _s32(V)) | _end64(a, 4))
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [a.eq(f["a"]), b.eq(f["b"]), d.eq(f["d"]), status.eq(0)]
-                    m.next = "CHECK"
+        with self.fsm(m, "CHECK"):
             with m.State("CHECK"):
-                with m.If((self.flags & isa.RF_ARGMAX) == 0):
-                    m.next = "DONE"
-                with m.Elif(bad_shape):
-                    m.d.sync += status.eq(regmap.STATUS_SHAPE)
-                    m.next = "DONE"
-                with m.Elif(bad_addr):
-                    m.d.sync += status.eq(regmap.STATUS_ADDR_RANGE)
-                    m.next = "DONE"
-                with m.Else():
+                with self.checks(m, ((self.flags & isa.RF_ARGMAX) == 0, regmap.STATUS_OK),
+                                 (bad_shape, regmap.STATUS_SHAPE), (bad_addr, regmap.STATUS_ADDR_RANGE)):
                     m.next = "LOAD"
             with m.State("LOAD"):
                 m.d.comb += [self.rd_cmd.valid.eq(1), self.rd_cmd.payload.addr.eq(self.io + row),
@@ -574,9 +493,6 @@ class ArgmaxUnit(_Base):
                 m.d.sync += started.eq(1)
                 with m.If(started & ~self.wr_busy):
                     m.next = "DONE"
-            with m.State("DONE"):
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
         return m
 
 
