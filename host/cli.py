@@ -14,7 +14,7 @@ import sys
 # (name, module, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "host.cmd_demo", "the main job on the embedded default model (what `make demo` runs)"),
-    ("eval", "host.cmd_eval", "perplexity of a model, a recipe or a compiled package (WikiText-2 or a text file)"),
+    ("eval", "host.cmd_eval", "perplexity of a model, a recipe or a compiled package (WikiText-2, pydoc, pycode or text files)"),
     ("compile", "host.cmd_compile", "compress a model into a package (same as the compile-model command)"),
     ("run", "host.cmd_run", "generate text from a compiled package on a device (emu | rtl | xrt)"),
     ("package-xo", "host.cmd_package_xo", "write the Vitis package_xo Tcl, kernel.xml and HBM connectivity for a card build"),

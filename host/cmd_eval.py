@@ -7,11 +7,28 @@ import time
 
 from .args import RECIPE_EPILOG, add_model_args, add_progress_args, add_recipe_args, recipe_from_args
 
-DESCRIPTION = """Perplexity of a model under a recipe, on WikiText-2 test or any UTF-8 text file.
+DESCRIPTION = """Perplexity of a model under a recipe, on one or several evaluation texts.
 
 chunks mode (default): --chunks independent windows of --ctx tokens.
 stream mode (--stream): one --length-token sequence fed through the KV cache in --block-token blocks,
-reporting per-block perplexity; the mode in which Λ-shaped attention is judged."""
+reporting per-block perplexity; the mode in which Λ-shaped attention is judged.
+
+evaluation data (--data, repeatable; the model or package is loaded once and each source scored):
+  wikitext2   WikiText-2 test (Wikipedia prose), from $ACCLLM_DATA or ../shared/data/wikitext-2
+  pydoc       technical documentation: the CPython reference-manual topics of pydoc_data (half the keys)
+  pycode      source code: 24 pure-Python standard-library modules, each after a "# file:" line
+  PATH        any UTF-8 text file
+pydoc and pycode are built from the running Python (nothing is downloaded), so they depend on its
+version, which the output reports. pydoc-calib, pycode-calib and wikitext2-valid are the
+calibration parts, disjoint from the evaluation texts. A source shorter than --ctx x --chunks
+(stream: --length) tokens is refused before any model work.
+
+--json prints one JSON object. With one --data: the keys mode, ppl, ctx, chunks, tokens_scored,
+chunk_ppl, seconds, model, recipe, data, wall_seconds (stream mode: length, block, blocks, kv
+instead of ctx, chunks, chunk_ppl), and data_python (e.g. "CPython 3.11.7") for pydoc/pycode.
+With several: {"model", "recipe", "wall_seconds", "results": [...]}, one entry per --data in the
+order given, each with the single-source keys other than model, recipe and wall_seconds; there is
+no top-level "ppl"."""
 EPILOG = RECIPE_EPILOG
 
 
@@ -24,7 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default=None, choices=("emu", "rtl", "xrt"),
                    help="with --package: score through a device (the compiled program on the functional "
                         "model, the RTL simulation or a card) instead of the torch fake-quant model")
-    p.add_argument("--data", default="wikitext2", help="wikitext2 (test split) or a path to a UTF-8 text file")
+    p.add_argument("--data", action="append", default=None, metavar="SOURCE",
+                   help="wikitext2 | pydoc | pycode | PATH to a UTF-8 text file; repeatable, each source "
+                        "scored in the same run (default wikitext2)")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default %(default)s)")
     p.add_argument("--chunks", type=int, default=16, help="number of chunks (default %(default)s)")
     p.add_argument("--stream", action="store_true", help="streaming mode over one long sequence")
@@ -62,9 +81,50 @@ def _package_tokenizer(pkg):
     return tokenizer_for(pkg.dir, pkg.manifest)
 
 
-def run(args) -> int:
+def _data_label(data: str) -> str:
+    from algo.data import is_built, python_version
+    return f"{data} (built from {python_version()})" if is_built(data) else data
+
+
+def _check_sources(sources: list[str], args) -> None:
+    from algo.common import AccllmError
+    from algo.data import data_path
+    seen = set()
+    for d in sources:
+        if d in seen:
+            raise AccllmError(f"--data {d} is given twice")
+        seen.add(d)
+    if args.plot and args.stream and len(sources) > 1:
+        raise AccllmError(f"--plot takes one --data; {len(sources)} were given ({', '.join(sources)})")
+    for d in sources:
+        data_path(d)                                # unknown names / missing files: refused before any work
+
+
+def _load_all(sources: list[str], tokenizer, args) -> dict:
+    """Tokens of every source, each checked to be long enough for what was asked."""
+    from algo.common import AccllmError
     from algo.data import load_tokens
-    from algo.eval import format_table, perplexity_chunks, perplexity_stream
+    need = args.length if args.stream else args.ctx * args.chunks
+    asked = f"--length {args.length}" if args.stream else f"--ctx {args.ctx} x --chunks {args.chunks} = {need}"
+    out = {}
+    for d in sources:
+        toks = load_tokens(d, tokenizer, need)
+        if toks.numel() < need:
+            raise AccllmError(f"--data {d} has {toks.numel()} tokens, fewer than the {asked} asked")
+        out[d] = toks
+    return out
+
+
+def _score(scorer, tokens, args, progress: bool) -> dict:
+    from algo.eval import perplexity_chunks, perplexity_stream
+    if args.stream:
+        return perplexity_stream(scorer, tokens, args.length, args.block, progress=progress)
+    return perplexity_chunks(scorer, tokens, args.ctx, args.chunks, progress=progress)
+
+
+def run(args) -> int:
+    from algo.data import is_built, python_version
+    from algo.eval import format_table
     from algo.models import load_model
     from quant.pipeline import prepare
 
@@ -73,13 +133,14 @@ def run(args) -> int:
     stack = contextlib.ExitStack()                 # holds the device runtime of --backend, if any
     progress = not args.no_progress
     t0 = time.time()
-    need = args.length if args.stream else args.ctx * args.chunks
+    sources = [args.data] if isinstance(args.data, str) else list(args.data or ["wikitext2"])
     if getattr(args, "package", None):
         from quant.package import load_package
         from algo.eval import HFScorer
         pkg = load_package(args.package)               # verifies format, version and every sha256
         recipe = pkg.recipe
-        tokens = load_tokens(args.data, _package_tokenizer(pkg), need)
+        _check_sources(sources, args)
+        tokens = _load_all(sources, _package_tokenizer(pkg), args)
         if getattr(args, "backend", None):         # the same harness through a device (host/runtime.py)
             from host.runtime import DeviceScorer, open_runtime
             rt = stack.enter_context(open_runtime(args.package, args.backend, owner="accllm eval"))
@@ -92,23 +153,53 @@ def run(args) -> int:
         if getattr(args, "backend", None):
             raise AccllmError("--backend needs --package DIR (a package compiled with compile-model --hw ...)")
         recipe = recipe_from_args(args)            # validate before any work
+        _check_sources(sources, args)
         loaded = load_model(args.model)
-        tokens = load_tokens(args.data, loaded.tokenizer, need)
+        tokens = _load_all(sources, loaded.tokenizer, args)
         prepared = prepare(loaded, recipe, progress=progress)
         scorer = prepared.scorer()
+    results = []
     with stack:
-        if args.stream:
-            res = perplexity_stream(scorer, tokens, args.length, args.block, progress=progress)
-        else:
-            res = perplexity_chunks(scorer, tokens, args.ctx, args.chunks, progress=progress)
-    res.update(model=args.model, recipe=recipe.to_dict(), data=args.data, wall_seconds=time.time() - t0)
+        for d in sources:
+            res = _score(scorer, tokens[d], args, progress)
+            res["data"] = d
+            if is_built(d):
+                res["data_python"] = python_version()
+            results.append(res)
+    wall = time.time() - t0
+    if len(sources) == 1:
+        return _report_one(results[0], recipe, args, wall)
+    doc = {"model": args.model, "recipe": recipe.to_dict(), "wall_seconds": wall, "results": results}
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    rows = [("model", args.model), ("recipe", f"{recipe.name}: {recipe.summary()}")]
+    if args.stream:
+        rows += [("length / block", f"{args.length} / {args.block} tokens")]
+    else:
+        rows += [("ctx x chunks", f"{args.ctx} x {args.chunks}")]
+    if any(is_built(d) for d in sources):
+        rows += [("python", f"{python_version()} (pydoc and pycode are built from it)")]
+    rows += [("data", f"{'perplexity':>12}  {'tokens scored':>13}  {'seconds':>8}")]
+    rows += [(r["data"], f"{r['ppl']:>12.3f}  {r['tokens_scored']:>13d}  {r['seconds']:>8.1f}") for r in results]
+    rows += [("time", f"{wall:.1f} s")]
+    print(format_table(rows))
+    return 0
+
+
+def _report_one(res: dict, recipe, args, wall: float) -> int:
+    from algo.eval import format_table
+    data, built = res.pop("data"), res.pop("data_python", None)     # today's key order, then data_python
+    res.update(model=args.model, recipe=recipe.to_dict(), data=data, wall_seconds=wall)
+    if built:
+        res["data_python"] = built
     if args.plot and args.stream:
         _plot_blocks(res, args.plot, f"{args.model}, recipe {recipe.name}")
         res["plot"] = args.plot
     if args.json:
         print(json.dumps(res))
         return 0
-    rows = [("model", args.model), ("recipe", f"{recipe.name}: {recipe.summary()}"), ("data", args.data)]
+    rows = [("model", args.model), ("recipe", f"{recipe.name}: {recipe.summary()}"), ("data", _data_label(res["data"]))]
     if args.stream:
         rows += [("length / block", f"{args.length} / {args.block} tokens")]
         rows += [(f"block {b['start']}-{b['end']}", f"{b['ppl']:.3f}") for b in res["blocks"]]
