@@ -63,6 +63,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """Hold an exclusive advisory lock on the file *path* (created if missing) for the ``with`` body:
+    processes making the same cached artefact (pytest workers, two users) take turns."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike):
     """Yield a temporary directory beside *final*; on success it replaces *final* in one
     rename (an existing *final* is moved aside first and removed only after the new one

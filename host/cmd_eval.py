@@ -133,7 +133,7 @@ def run(args) -> int:
     stack = contextlib.ExitStack()                 # holds the device runtime of --backend, if any
     progress = not args.no_progress
     t0 = time.time()
-    sources = [args.data] if isinstance(args.data, str) else list(args.data or ["wikitext2"])
+    sources = list(args.data or ["wikitext2"])
     if getattr(args, "package", None):
         from quant.package import load_package
         from algo.eval import HFScorer

@@ -8,7 +8,6 @@ unchanged design is neither regenerated nor rebuilt by Verilator).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import re
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from algo.common import AccllmError, atomic_write_text, cache_dir
+from algo.common import AccllmError, atomic_write_text, cache_dir, file_lock
 from hw import regmap
 from hw.config import HWConfig
 
@@ -50,8 +49,7 @@ def cached_verilog(name: str, cfg: HWConfig, make) -> Path:
         return path
     # a second process (a pytest worker, a second `accllm run --backend rtl`) waits for the first one's
     # Verilog instead of generating the same file at the same time
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_name(f".{path.name}.lock")):
         if not path.exists():
             atomic_write_text(path, make())
     return path

@@ -6,15 +6,13 @@ work a test does (see the testbenches), never hard-coded here.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from algo.common import AccllmError, cache_dir
+from algo.common import AccllmError, cache_dir, file_lock
 
 SIMULATORS = ("verilator", "icarus")
 
@@ -71,18 +69,11 @@ def build_dir(simulator: str, name: str, sources: list[Path], params: dict | Non
     return cache_dir("rtl", simulator) / f"{name}-{h.hexdigest()[:16]}"
 
 
-@contextlib.contextmanager
 def build_lock(bdir: Path):
-    """Hold an exclusive lock for building into *bdir*: concurrent processes (pytest workers, the
+    """An exclusive lock for building into *bdir*: concurrent processes (pytest workers, the
     rtl backend's simulator, a second user) that build the same design wait for the first instead
     of compiling into the same folder at once (which corrupts object files and headers)."""
-    bdir.parent.mkdir(parents=True, exist_ok=True)
-    with open(bdir.parent / f".{bdir.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(bdir.parent / f".{bdir.name}.lock")
 
 
 def build_args(simulator: str) -> list[str]:

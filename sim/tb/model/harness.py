@@ -1,9 +1,10 @@
 """Run one program with identical buffers on the functional model and on the RTL kernel.
 
-The RTL side is the kernel of `accllm build-rtl` (sim.rtlsim.device.ensure_rtl: every unit registered in
-hw.rtl.kernel.UNITS, the same cached Verilog and Verilator build as `accllm run --backend rtl`);
-``DevicePair`` allocates the buffers of hw/regmap.py (program, kv, io, weights<p>) on both devices, fills them with the same
-bytes, runs a program and returns both io (and weight) images plus the status of each side.
+The RTL side is the kernel of `accllm build-rtl` (sim.rtlsim.device.ensure_rtl: every unit registered
+in hw.rtl.kernel.UNITS, the same cached Verilog and Verilator build as `accllm run --backend rtl`).
+``DevicePair`` allocates the buffers of hw/regmap.py (program, kv, io, weights<p>) on both devices,
+fills them with the same bytes, runs a program and returns both io (and weight) images plus the
+status of each side.
 """
 from __future__ import annotations
 
