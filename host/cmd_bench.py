@@ -1,11 +1,10 @@
 """``accllm bench BACKEND``: benchmark a device backend (``emu``: functional-model decode speed; ``rtl``: the RTL kernel).
 
 Adding a backend: put ``"rtl": "module:function"`` into BACKENDS (function(args) -> dict, printed as
-JSON with --json) and, if it needs options of its own, add them in ``add_arguments`` (they are shared
+JSON with --json; host.cli keeps everything else the benchmark writes, simulators included, off stdout) and, if it needs options of its own, add them in ``add_arguments`` (they are shared
 by every backend, so give them backend-neutral names or document which backend reads them)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
@@ -250,12 +249,11 @@ def run(args) -> int:
     import importlib
     if args.backend not in BACKENDS:
         raise AccllmError(f"unknown backend {args.backend!r} for bench; available: {', '.join(BACKENDS)}")
-    from algo.common import stdout_to_stderr
     mod, fn = BACKENDS[args.backend].split(":")
-    with stdout_to_stderr() if args.json else contextlib.nullcontext():    # --json: one document on stdout
-        res = getattr(importlib.import_module(mod), fn)(args)
-    if args.json:
-        print(json.dumps(res, indent=1))
+    res = getattr(importlib.import_module(mod), fn)(args)
+    if args.json:                        # one document on stdout; host.cli sends everything else to stderr
+        from host.args import emit_json
+        emit_json(args, res, indent=1)
     else:
         for k, v in res.items():
             print(f"  {k:<24} {v}")
