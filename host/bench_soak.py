@@ -15,8 +15,9 @@ Checks: the last block's RSS within RSS_TOLERANCE_MB of the first block's; the l
 token within CYCLES_TOLERANCE (relative) of the first block's; and the reference: the fake-quant torch
 model of the same package (quant.package, its Λ KV cache) fed the prompt and the emu's tokens (teacher
 forcing: one forward per token, so a disagreement does not hide the rest), whose argmax must equal the
-emu's next token at every step. Equality at every step means the torch model's own greedy generation
-is the emu's token sequence.
+emu's next token at every step, except at near-ties: steps where torch's logit of the emu's token is
+within NEAR_TIE_LOGIT of its largest (the two pipelines' logits are close, not equal: the integer
+numerics of hw/numerics.py against float fake-quant), listed in the result with their gap.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ import time
 from algo.common import AccllmError
 
 RSS_TOLERANCE_MB = 16.0           # last block vs first block, resident memory
+# a step where torch's argmax is another token than the emu's counts as a near-tie when torch's logit of
+# the emu's token is within this of torch's largest logit: the integer pipeline and the float fake-quant
+# model differ by up to 0.018 in the logits of tiny (measured over 62 steps, 2026-12-03)
+NEAR_TIE_LOGIT = 0.05
 CYCLES_TOLERANCE = 0.001          # last block vs first block, relative, cycles per decode token
 DEFAULT_SINK, DEFAULT_WINDOW = 4, 60
 
@@ -62,23 +67,27 @@ def _reference(pkg_dir, prompt: list[int], tokens: list[int], n: int, progress: 
         s = sc.new_session()
         t0 = time.perf_counter()
         logits = sc.forward(s, torch.tensor(prompt))
-        agree, first_bad, bad = 0, None, 0
+        agree, first_bad, bad, ties = 0, None, 0, []
         step = max(1, n // 10)
         for i in range(n):
             if i:
                 logits = sc.forward(s, torch.tensor([tokens[i - 1]]))
-            ref = greedy(logits[-1].numpy())
+            row = logits[-1].numpy()
+            ref = greedy(row)
             if ref == tokens[i]:
                 agree += 1
+            elif float(row[ref] - row[tokens[i]]) <= NEAR_TIE_LOGIT:
+                ties.append({"step": i, "logit_gap": round(float(row[ref] - row[tokens[i]]), 5)})
             else:
                 bad += 1
                 first_bad = i if first_bad is None else first_bad
             if (i + 1) % step == 0 or i + 1 == n:
-                _log(progress, f"  reference: {i + 1}/{n} tokens, {bad} disagreeing "
+                _log(progress, f"  reference: {i + 1}/{n} tokens, {len(ties)} near-ties, {bad} disagreeing "
                                f"({(i + 1) / (time.perf_counter() - t0):.1f} tokens/s)")
     finally:
         torch.set_num_threads(threads)
-    return {"tokens_compared": n, "tokens_agreeing": agree, "first_disagreement": first_bad,
+    return {"tokens_compared": n, "tokens_agreeing": agree, "near_ties": ties, "tokens_disagreeing": bad,
+            "first_disagreement": first_bad, "near_tie_logit": NEAR_TIE_LOGIT,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -171,7 +180,7 @@ def bench_soak(args) -> dict:
                  else last["cycles_per_token"] / first["cycles_per_token"])
     rss_flat = rss_growth <= RSS_TOLERANCE_MB
     cycles_flat = cyc_ratio is not None and abs(cyc_ratio - 1) <= CYCLES_TOLERANCE
-    tokens_ok = ref is None or ref["tokens_agreeing"] == ref["tokens_compared"]
+    tokens_ok = ref is None or ref["tokens_disagreeing"] == 0
     return {"backend": "soak", "device": "emu", "model": args.model, "package": str(pkg), "hw": hw.name,
             "sink": sink, "window": window, "prompt_tokens": len(prompt), "warmup_tokens": warmup,
             "decode_tokens": args.tokens, "block_tokens": block, "ring_wraps": round(wraps, 1),
@@ -187,8 +196,14 @@ def bench_soak(args) -> dict:
             "note": ("blocks start once the ring is full (prompt + warm-up = sink + window positions); rss_mb: "
                      "resident memory at the end of the block; cycles_per_token: the functional model's cycle "
                      "count per decode step; reference: the fake-quant torch model fed the prompt and the emu "
-                     "tokens, its argmax compared with the emu's next token at every step (all agreeing: its "
-                     "greedy generation is the emu's); distinct_tokens: how varied the generated tokens are")}
+                     "tokens, its argmax compared with the emu's next token at every step; near_ties: steps where "
+                     "they differ but torch's logit of the emu's token is within near_tie_logit of its largest "
+                     "(not counted as disagreeing); distinct_tokens: how varied the generated tokens are")}
+
+
+def _ties(ties: list, shown: int = 5) -> str:
+    text = ", ".join("step {step}: gap {logit_gap}".format(**t) for t in ties[:shown])
+    return text + (f", ... ({len(ties)} in all)" if len(ties) > shown else "") if ties else "none"
 
 
 def print_summary(res: dict) -> None:
@@ -207,8 +222,10 @@ def print_summary(res: dict) -> None:
                              f"{res['cycles_ratio_last_first']}, tolerance {res['cycles_tolerance']}): "
                              f"{'flat' if res['cycles_flat'] else 'NOT flat'}"),
             ("fake-quant reference", "not run" if ref is None else
-             f"{ref['tokens_agreeing']}/{ref['tokens_compared']} tokens agree"
-             + ("" if ref["first_disagreement"] is None else f", first disagreement at {ref['first_disagreement']}")
+             f"{ref['tokens_agreeing']}/{ref['tokens_compared']} tokens agree, {len(ref['near_ties'])} near-ties "
+             f"({_ties(ref['near_ties'])}), "
+             f"{ref['tokens_disagreeing']} disagree"
+             + ("" if ref["first_disagreement"] is None else f", the first at {ref['first_disagreement']}")
              + f" ({ref['seconds']} s)"),
             ("result", "passed" if res["passed"] else "FAILED")]
     w = max(len(k) for k, _ in rows)
