@@ -25,6 +25,22 @@ def recipe_from_args(args):
 RECIPE_EPILOG = f"named recipes:\n{describe_presets()}\n\nrecipe keys (for --set and --recipe-file):\n{describe_keys()}"
 
 
+def emit_json(args, doc, indent: int | None = None) -> None:
+    """The one JSON document of a command run with --json. Under ``accllm`` (host.cli) it is printed
+    on standard output after the command returns, everything else the command wrote to standard
+    output (its prints, libraries, child processes) having gone to standard error; called directly
+    (``mod.run(args)`` in-process) it is printed at once. A second document is a programming error."""
+    import json
+    import sys
+    text = json.dumps(doc, indent=indent)
+    if getattr(args, "_json_document", None) is not None:
+        raise RuntimeError("a command printed a second --json document")
+    deferred = hasattr(args, "_json_document")     # host.cli set it to None: it prints the document
+    args._json_document = text
+    if not deferred:
+        print(text, file=sys.stdout, flush=True)
+
+
 def add_progress_args(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

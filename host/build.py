@@ -557,9 +557,10 @@ def _resume(ctx: BuildContext, store: StepStore, first: int) -> None:
 def _report(ctx, out, total_s, args, store) -> int:
     from algo.eval import format_table
     if getattr(args, "json", False):
-        print(json.dumps({"package": str(out), "recipe": ctx.recipe.to_dict(), "steps": ctx.records,
+        from host.args import emit_json
+        emit_json(args, {"package": str(out), "recipe": ctx.recipe.to_dict(), "steps": ctx.records,
                           "footprint": ctx.manifest.get("footprint", {}), "seconds": round(total_s, 3),
-                          "peak_rss_mb": peak_rss_mb()}))
+                          "peak_rss_mb": peak_rss_mb()})
     else:
         print(format_table(_summary(ctx, out, total_s, store)))
     return 0

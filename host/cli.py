@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``;
 COMMANDS lists them in the order ``accllm --help`` shows. Errors a user can fix (AccllmError)
-print as one line and exit 2; Ctrl-C exits 130.
+print as one line and exit 2; Ctrl-C exits 130. With ``--json`` a command prints exactly one JSON
+document on stdout (``host.args.emit_json``) and everything else on stderr.
 """
 from __future__ import annotations
 
@@ -75,7 +76,17 @@ def _run(mod, args) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _setup_runtime()
-        return int(mod.run(args) or 0)
+        if not getattr(args, "json", False):
+            return int(mod.run(args) or 0)
+        # --json: exactly one JSON document on stdout (host.args.emit_json); whatever else the command
+        # writes to stdout -- its prints, libraries, simulators and other child processes -- goes to stderr
+        from algo.common import stdout_to_stderr
+        args._json_document = None
+        with stdout_to_stderr():
+            rc = int(mod.run(args) or 0)
+        if args._json_document is not None:
+            print(args._json_document, flush=True)
+        return rc
     except AccllmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
-"""``accllm bench BACKEND``: benchmark a device backend (``emu``: functional-model decode speed; ``rtl``: the RTL kernel).
+"""``accllm bench BACKEND``: benchmark a device backend (``emu``: functional-model decode speed; ``rtl``: the RTL kernel;
+``soak``: a long functional-model decode through many wraps of the Λ KV ring, host/bench_soak.py).
 
 Adding a backend: put ``"rtl": "module:function"`` into BACKENDS (function(args) -> dict, printed as
-JSON with --json) and, if it needs options of its own, add them in ``add_arguments`` (they are shared
+JSON with --json; host.cli keeps everything else the benchmark writes, simulators included, off stdout;
+without --json the module's ``print_summary(result)`` prints it, if the module has one) and, if it needs options of its own, add them in ``add_arguments`` (they are shared
 by every backend, so give them backend-neutral names or document which backend reads them)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
@@ -21,35 +22,51 @@ rtl with --model or --package: the whole model on the RTL kernel (Verilator): pr
 --tokens decode steps; cycles per decode token measured by the kernel's cycle register against the
 cycle model's prediction for the same runs (sim/cycle.py, through the functional model), tokens
 compared with emu, and the simulation speed in cycles per second.
-rtl without --model: the weight-stream efficiency of one large MATMUL and of the DMA."""
+rtl without --model: the weight-stream efficiency of one large MATMUL and of the DMA.
+
+soak: --tokens decode steps (default 20000) on the functional model, as `accllm run --backend emu` does,
+with a package whose Λ window (--sink + --window, default 4 + 60; compiled once for tiny and cached) is
+much smaller, so the KV ring wraps hundreds of times. Per --block of tokens: RSS and cycles per token,
+which must stay flat (last block vs first); every token is checked against the fake-quant torch model
+of the same package (--reference-tokens: only that many). Exit status 1 when a check fails."""
 EPILOG = ("examples: accllm bench emu --model smollm2-135m --json\n"
-          "          accllm bench rtl --hw sim-small --model tiny --json")
+          "          accllm bench rtl --hw sim-small --model tiny --json\n"
+          "          accllm bench soak --tokens 20000 --json")
 
 BACKENDS: dict[str, str] = {"emu": "host.cmd_bench:_bench_emu",   # backend -> "module:function(args)->dict"
-                            "rtl": "host.cmd_bench:_bench_rtl"}    # reads --hw (RTL kernel on Verilator)
+                            "rtl": "host.cmd_bench:_bench_rtl",    # reads --hw (RTL kernel on Verilator)
+                            "soak": "host.bench_soak:bench_soak"}  # reads --block, --sink, --window, --reference-tokens
 
 
 def add_arguments(p) -> None:
     p.add_argument("backend", help="backend to benchmark: " + " | ".join(BACKENDS))
     p.add_argument("--model", default=None, help="model (emu: default smollm2-135m; rtl: runs the whole model "
-                   "when given)")
+                   "when given; soak: default tiny)")
     p.add_argument("--recipe", default="accllm", help="recipe for the cached package (default accllm)")
     p.add_argument("--hw", default="sim-small", help="hardware configuration (default sim-small)")
     p.add_argument("--package", default=None, metavar="DIR", help="use this compiled package instead")
-    p.add_argument("--tokens", type=int, default=None, help="decode steps to time (default 32 on emu, 16 on rtl)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length before decoding (default 16 on emu, "
-                   "8 on rtl)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--tokens", type=int, default=None, help="decode steps to time (default 32 on emu, 16 on rtl, "
+                   "20000 on soak)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length before decoding (default 16 on emu "
+                   "and soak, 8 on rtl)")
+    p.add_argument("--block", type=int, default=None, help="soak: tokens per reported block (default --tokens / 20)")
+    p.add_argument("--sink", type=int, default=None, help="soak: Λ sink tokens of the package compiled for it (default 4)")
+    p.add_argument("--window", type=int, default=None, help="soak: Λ window of the package compiled for it "
+                   "(default 60)")
+    p.add_argument("--reference-tokens", type=int, default=None, metavar="N",
+                   help="soak: compare only the first N tokens with the fake-quant torch model (default all; 0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines (soak)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def _cached_package(model: str, recipe: str, hw: str):
+def _cached_package(model: str, recipe: str, hw: str, sets: list[str] = ()):
     import hashlib
     import subprocess
     import sys
     from pathlib import Path
     from algo.common import cache_dir
     from algo.models import load_model  # noqa: F401  (validates the name early below)
-    key = hashlib.sha256(f"{model}|{recipe}|{hw}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{model}|{recipe}|{hw}".encode() + "".join(f"|{s}" for s in sets).encode()).hexdigest()[:16]
     d = Path(cache_dir("bench")) / f"{Path(model).name}-{recipe}-{hw}-{key}"
     usable = (d / "memmap.json").is_file()
     if usable:
@@ -63,7 +80,7 @@ def _cached_package(model: str, recipe: str, hw: str):
         print(f"compiling {model} ({recipe}) for {hw} into {d} (once) ...", file=sys.stderr)
         r = subprocess.run([sys.executable, "-c", "import sys; from host.cli import compile_model_main; "
                             "sys.exit(compile_model_main(sys.argv[1:]))", "--model", model, "--recipe", recipe,
-                            "--hw", hw, "--out", str(d)])
+                            "--hw", hw, "--out", str(d), *[x for s in sets for x in ("--set", s)]])
         if r.returncode != 0:
             raise AccllmError(f"compiling {model} for the benchmark failed (exit {r.returncode})")
     else:
@@ -250,13 +267,15 @@ def run(args) -> int:
     import importlib
     if args.backend not in BACKENDS:
         raise AccllmError(f"unknown backend {args.backend!r} for bench; available: {', '.join(BACKENDS)}")
-    from algo.common import stdout_to_stderr
     mod, fn = BACKENDS[args.backend].split(":")
-    with stdout_to_stderr() if args.json else contextlib.nullcontext():    # --json: one document on stdout
-        res = getattr(importlib.import_module(mod), fn)(args)
-    if args.json:
-        print(json.dumps(res, indent=1))
+    mod = importlib.import_module(mod)
+    res = getattr(mod, fn)(args)
+    if args.json:                        # one document on stdout; host.cli sends everything else to stderr
+        from host.args import emit_json
+        emit_json(args, res, indent=1)
+    elif hasattr(mod, "print_summary"):  # a backend's own table
+        mod.print_summary(res)
     else:
         for k, v in res.items():
             print(f"  {k:<24} {v}")
-    return 0
+    return 1 if res.get("passed") is False else 0

@@ -27,7 +27,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
     import time
 
     from algo.common import AccllmError
@@ -45,11 +44,13 @@ def run(args) -> int:
     elif args.synth and cfg.weight_ports > 4:
         ports = [1, 2]
     t = time.time()
-    log = (lambda *a: None) if args.json else print
+    import sys
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print    # --json: log on stderr
     s = build(cfg, args.out, do_synth=args.synth, synth_ports=ports, log=log)
     s["seconds"] = round(time.time() - t, 1)
     if args.json:
-        print(json.dumps(s, indent=2))
+        from host.args import emit_json
+        emit_json(args, s, indent=2)
         return 0
     print(f"wrote {args.out}/: accllm_kernel.v, kernel.xml, regmap.json, hw.json"
           + (", resources.json" if args.synth else "") + f" ({s['seconds']} s)")

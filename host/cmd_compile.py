@@ -78,5 +78,13 @@ def recompile_package(args) -> int:
     t = time.time()
     same = out.resolve() == src.resolve()
     recompile(src, hw, out_dir=None if same else out, progress=not args.no_progress, recipe=recipe)
+    if args.json:
+        import json
+        from host.args import emit_json
+        man = json.loads((out / "manifest.json").read_text())
+        emit_json(args, {"package": str(out), "source_package": str(src), "in_place": same, "hw": hw.name,
+                         "recipe": man["recipe"], "recipe_changes": man.get("recipe_changes", []),
+                         "seconds": round(time.time() - t, 3)})
+        return 0
     print(f"compiled {src} for {hw.name} into {out}{' (in place)' if same else ''} ({time.time() - t:.1f} s)")
     return 0

@@ -14,7 +14,8 @@ EPILOG = "example: accllm disasm build/tiny/program.bin"
 
 def add_arguments(p) -> None:
     p.add_argument("program", help="program.bin (or a package directory holding one)")
-    p.add_argument("--json", action="store_true", help="one JSON object per instruction instead of text")
+    p.add_argument("--json", action="store_true", help="one JSON object (the instructions as a list, "
+                   "with their entry-point labels) instead of text")
 
 
 def run(args) -> int:
@@ -39,13 +40,18 @@ def run(args) -> int:
         except (KeyError, ValueError, TypeError):
             pass
     if args.json:
+        from host.args import emit_json
+        listing = []
         for i, w in enumerate(isa.split_words(data)):
             try:
                 ins = isa.decode(w, i)
-                print(json.dumps({"index": i, "op": ins.name, "flags": ins.flags, "a": ins.a, "b": ins.b,
-                                  "c": ins.c, "d": ins.d}))
+                listing.append({"index": i, "op": ins.name, "flags": ins.flags, "a": ins.a, "b": ins.b,
+                                "c": ins.c, "d": ins.d})
             except isa.DecodeError as e:
-                print(json.dumps({"index": i, "illegal": str(e)}))
+                listing.append({"index": i, "illegal": str(e)})
+            if i in labels:
+                listing[-1]["label"] = labels[i]
+        emit_json(args, {"program": str(path), "instructions": listing})
         return 0
     print(isa.disassemble(data, labels=labels))
     return 0

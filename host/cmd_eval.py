@@ -1,7 +1,6 @@
 """``accllm eval``: the perplexity harness from the command line."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -197,7 +196,8 @@ def _report_one(res: dict, recipe, args, wall: float) -> int:
         _plot_blocks(res, args.plot, f"{args.model}, recipe {recipe.name}")
         res["plot"] = args.plot
     if args.json:
-        print(json.dumps(res))
+        from host.args import emit_json
+        emit_json(args, res)
         return 0
     rows = [("model", args.model), ("recipe", f"{recipe.name}: {recipe.summary()}"), ("data", _data_label(res["data"]))]
     if args.stream:

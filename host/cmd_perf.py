@@ -1,7 +1,6 @@
 """``accllm perf``: cycle-model projection of decode/prefill speed and the HBM roofline."""
 from __future__ import annotations
 
-import json
 
 from .args import add_recipe_args, recipe_from_args
 
@@ -71,7 +70,8 @@ def run(args) -> int:
         _plot(res, args.plot)
         res["plot"] = args.plot
     if args.json:
-        print(json.dumps(res, indent=1))
+        from host.args import emit_json
+        emit_json(args, res, indent=1)
         return 0
     b = res["bytes_per_token_breakdown"]
     rows = [("model / hw / recipe", f"{res['model']} / {res['hw']} @ {res['clock_mhz']:.0f} MHz / {res['recipe']}"),

@@ -1,7 +1,6 @@
 """``accllm run``: generate text from a compiled package on a device (emu | rtl | xrt)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -97,7 +96,8 @@ def run(args) -> int:
     if interrupted:
         print("\ninterrupted: generation stopped, device released", file=sys.stderr)
     if args.json:
-        print(json.dumps(res))
+        from host.args import emit_json
+        emit_json(args, res)
         return 130 if interrupted else 0
     print()
     rows = [("backend / hw", f"{args.backend} / {hw.name}"),

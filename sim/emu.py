@@ -25,6 +25,9 @@ from hw import numerics as nx
 from hw.config import HWConfig
 
 
+MATMUL_MAX_ROWS = 1 << 16     # rows one MATMUL may produce (hw/rtl/engine.OUT_WORDS)
+
+
 class Fault(Exception):
     def __init__(self, code: int, msg: str = ""):
         super().__init__(msg)
@@ -84,19 +87,27 @@ class EmuDevice(MemoryDevice):
 
     # ---- descriptors (cached decode) ------------------------------------------------------------
     def _linear(self, wbufs, off):
+        """The linear layer at *off*. As the matrix engine (hw/rtl/kernel.MatmulUnit): only port 0's
+        descriptor is read, and a descriptor it cannot run -- wrong magic included -- is STATUS_SHAPE;
+        the records (rows_per_port x record bytes after the descriptor on every port) are read whatever
+        the descriptor's end field says."""
         key = ("lin", off)
         if key in self._wcache:
             return self._wcache[key]
-        h = [self._view(w, off, 64, "linear descriptor") for w in wbufs]
-        try:
-            head = mm.parse_linear_header(h[0].tobytes())
-        except Exception as e:
-            raise Fault(regmap.STATUS_ADDR_RANGE, f"no linear descriptor at 0x{off:x}: {e}")
-        if head["ports"] != len(wbufs):
-            raise Fault(regmap.STATUS_SHAPE, "descriptor port count differs from the configuration")
-        if head["K"] > self.hw.max_hidden:
-            raise Fault(regmap.STATUS_SHAPE, f"K={head['K']} beyond max_hidden")
-        imgs = [self._view(w, off, head["size"], "linear layer") for w in wbufs]
+        hdr = self._view(wbufs[0], off, 64, "linear descriptor").tobytes()
+        (magic, N, K, R, bits, sparse, group, scale_bits, rec, port, ports, data_off, _end) = mm.LIN_HEADER.unpack(hdr)
+        fits = (magic == mm.MAGIC_LIN and bits in (2, 4, 8) and sparse <= 1 and scale_bits == self.hw.scale_bits
+                and group in (16, 32, 64, 128) and 0 < K <= self.hw.max_hidden and K % group == 0
+                and 0 < N <= MATMUL_MAX_ROWS and R * len(wbufs) >= N and ports == len(wbufs) and port == 0
+                and data_off == mm.ALIGN and rec == mm.RowRecord(K, bits, group, bool(sparse), scale_bits).size)
+        if not fits:
+            raise Fault(regmap.STATUS_SHAPE, f"linear descriptor at 0x{off:x} the matrix engine cannot run: magic "
+                                             f"0x{magic:08x}, N={N} K={K} bits={bits} group={group} sparse={sparse} "
+                                             f"scale_bits={scale_bits} record={rec} port {port}/{ports} data at {data_off}")
+        size = mm.ALIGN + R * rec
+        imgs = [self._view(w, off, size, "linear layer") for w in wbufs]
+        head = np.frombuffer(hdr[:40] + int(size).to_bytes(4, "little") + hdr[44:], np.uint8)   # end: the records' end
+        imgs = [np.concatenate([head, im[mm.ALIGN:]]) for im in imgs]
         try:
             u = mm.unpack_linear(imgs)
         except Exception as e:

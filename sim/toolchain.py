@@ -167,15 +167,25 @@ def run_cocotb(*, simulator: str, toplevel: str, sources: list[Path], test_modul
     """
     runner, bdir = build_design(simulator, toplevel, sources, name, parameters=parameters, waves=waves)
     results = (results_dir or bdir) / f"results-{test_module}.xml"
-    what = f"{test_module} on {toplevel}, {simulator}"
     env = dict(extra_env or {})
     pythonpath = [str(test_dir), str(Path(__file__).resolve().parents[1])]
     env["PYTHONPATH"] = os.pathsep.join(pythonpath + [os.environ.get("PYTHONPATH", "")])
+    return run_built(runner, bdir, simulator=simulator, toplevel=toplevel, test_module=test_module,
+                     test_dir=test_dir, extra_env=env, results=results, waves=waves, testcase=testcase)
+
+
+def run_built(runner, bdir: Path, *, simulator: str, toplevel: str, test_module: str, test_dir: Path,
+              extra_env: dict, results: Path, waves: bool = False, testcase: str | None = None) -> Path:
+    """Run the cocotb test module *test_module* on a design built by build_design (*runner*, *bdir*)
+    with the environment *extra_env* as given; return the results XML path. Fails as run_cocotb does:
+    a failed test, no test run (or a requested *testcase* not run), a missing, empty or broken results
+    file, or a simulator that exited with an error."""
+    what = f"{test_module} on {toplevel}, {simulator}"
     wanted = [t.strip() for t in (testcase or "").split(",") if t.strip()]
     exit_code = 0
     try:
         runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=bdir, test_dir=test_dir,
-                    extra_env=env, results_xml=results, waves=waves, testcase=testcase)
+                    extra_env=extra_env, results_xml=results, waves=waves, testcase=testcase)
     except SystemExit as e:            # the runner exits on a failing simulator (or, under pytest, on failures)
         exit_code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     total, failed = check_results(results, what, wanted)

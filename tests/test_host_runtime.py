@@ -19,10 +19,14 @@ from algo.common import AccllmError
 REPO = Path(__file__).resolve().parents[1]
 
 
+FAST_CALIB = ["--set", "calib_samples=4", "--set", "calib_seqlen=128", "--set", "block_tune_steps=8"]
+
+
 def _compile(out, model="tiny", fast=True):
     from host import cli
-    # the accllm recipe; for the tests with a small calibration set (the recipe's structure is unchanged)
-    small = ["--set", "calib_samples=4", "--set", "calib_seqlen=128"] if fast else []
+    # the accllm recipe; for the tests with a small calibration set and a few block-tuning steps (the
+    # recipe's structure is unchanged)
+    small = FAST_CALIB if fast else []
     rc = cli.compile_model_main(["--model", model, "--recipe", "accllm", "--hw", "sim-small", "--out", str(out),
                                  "--no-progress"] + small)
     assert rc == 0
@@ -142,8 +146,7 @@ def tiny_w8_pkg(tmp_path_factory):
     from host import cli
     out = tmp_path_factory.mktemp("w8") / "tiny-w8"
     rc = cli.compile_model_main(["--model", "tiny", "--recipe", "accllm", "--hw", "sim-small", "--out", str(out),
-                                 "--no-progress", "--set", "calib_samples=4", "--set", "calib_seqlen=128",
-                                 "--set", "sink_tokens=2", "--set", "window=8"])
+                                 "--no-progress", *FAST_CALIB, "--set", "sink_tokens=2", "--set", "window=8"])
     assert rc == 0
     return out
 

@@ -115,8 +115,9 @@ K_OFF, V_OFF = 0x4000, 0x8000
 
 
 def _attn_desc(pair, rng, at, *, Hq, Hkv, hd, vg, S, W, slots, ring, rope_mode, magic_ok=True, kv_bits=4, layer=0,
-               rope_at=0x40):
-    """Descriptor at weights0+at, RoPE words at +rope_at, key constants at +0x100 (random scales)."""
+               rope_at=0x40, kconst_at=0x100, k_off=K_OFF, v_off=V_OFF):
+    """Descriptor at weights0+at, RoPE words at +rope_at, key constants at +kconst_at (random scales), the
+    K and V areas at k_off and v_off of every weight buffer."""
     ks = rng.uniform(0.02, 0.6, (Hkv, hd)).astype(np.float16)
     kz = rng.integers(0, 16, (Hkv, hd)).astype(np.float64)
     kc = nx.key_consts(ks, kz, hd)
@@ -129,13 +130,13 @@ def _attn_desc(pair, rng, at, *, Hq, Hkv, hd, vg, S, W, slots, ring, rope_mode, 
     inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     rope = np.asarray(nx.rope_freq_words(inv), "<u4").tobytes()
     hdr = bytearray(memmap.pack_attn_header(layer=layer, heads=Hq, kv_heads=Hkv, head_dim=hd, sink=S, window=W, slots=slots,
-                                            rope_mode=rope_mode, ring=ring, k_off=K_OFF, v_off=V_OFF, rope_off=at + rope_at,
-                                            kconst_off=at + 0x100, vgroup=vg, kv_bits=kv_bits))
+                                            rope_mode=rope_mode, ring=ring, k_off=k_off, v_off=v_off, rope_off=at + rope_at,
+                                            kconst_off=at + kconst_at, vgroup=vg, kv_bits=kv_bits))
     if not magic_ok:
         hdr[0] ^= 0xFF
     pair.upload("weights0", bytes(hdr), at)
     pair.upload("weights0", rope, at + rope_at)
-    pair.upload("weights0", bytes(blob), at + 0x100)
+    pair.upload("weights0", bytes(blob), at + kconst_at)
 
 
 def _same_all(out, what):
@@ -227,10 +228,10 @@ def _spatten(pair, *, layers, slots, heads, S, W, ring, state_at=STATE_AT, at=SP
     return st
 
 
-def _random_state(pair, rng, st, layer, slots, heads, p_dead=0.3, heads_dead=None):
+def _random_state(pair, rng, st, layer, slots, heads, p_dead=0.3, heads_dead=None, state_at=STATE_AT):
     """Random importance (values near 2**63 - 1 and with the top bit set included), pruned flags of any
-    byte value, into *layer*'s SpAtten state."""
-    base = STATE_AT + layer * st["layer_bytes"]
+    byte value, into *layer*'s SpAtten state (at weights0 + state_at)."""
+    base = state_at + layer * st["layer_bytes"]
     imp = rng.integers(0, 1 << 62, slots, dtype=np.int64)
     imp[rng.random(slots) < 0.2] = nx.IMP_MAX - rng.integers(0, 1 << 24, 1)[0]
     imp[0] = -5                                           # top bit set: not a value the device writes

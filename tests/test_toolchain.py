@@ -107,3 +107,28 @@ def test_run_cocotb_passes_and_checks_the_testcases_asked_for(monkeypatch, tmp_p
     assert _run_fake(monkeypatch, tmp_path, runner, testcase="a, b").is_file()
     with pytest.raises(AccllmError, match="did not run .*: c;"):
         _run_fake(monkeypatch, tmp_path, runner, testcase="a,c")
+
+
+@pytest.mark.parametrize("xml, code, rc, words", [
+    (_xml(("serve", "")), None, 0, ""),
+    (ZERO_TESTS, None, 1, "no cocotb test ran"),
+    (_xml(("serve", '<failure message="bad" />')), 1, 1, "1 of 1 cocotb tests failed"),
+    (_xml(("serve", '<error message="import" />')), None, 1, "1 of 1 cocotb tests failed"),
+    (None, 0, 1, "no cocotb results file"),
+    (_xml(("other", "")), None, 1, "did not run .*: serve"),
+], ids=["passed", "zero-tests", "failed", "errored", "no-results", "serve-not-run"])
+def test_rtl_backend_launcher_checks_the_server_run(monkeypatch, tmp_path, capsys, xml, code, rc, words):
+    """sim/rtlsim/launch.py (the rtl backend's simulator process) exits 1 with one clear line when the
+    device-server test failed or did not run, through the same checks as run_cocotb."""
+    import re
+    import sim.toolchain as tc
+    from sim.rtlsim import launch
+    monkeypatch.setattr(tc, "build_design", lambda *a, **k: (_FakeRunner(xml, code), tmp_path / "build"))
+    (tmp_path / "rtl").mkdir()
+    (tmp_path / "rtl" / "k.v").write_text("module k; endmodule\n")
+    assert launch.main(["--sock", str(tmp_path / "sock"), "--rtl", str(tmp_path / "rtl"), "--mem", "cocotb"]) == rc
+    err = capsys.readouterr().err
+    if rc:
+        assert re.search(words, err) and err.count("\n") == 1, err
+    else:
+        assert err == ""

@@ -40,7 +40,7 @@ from .units import UNITS as ROW_UNITS
 
 class MatmulUnit(Unit):
     """MATMUL: X8 rows at io+b times the linear layer at weights+d, X32 rows to io+a (F_ACC: added,
-    saturating). F_LOGITS: only if register flags & 3, on the last token unless flags bit 2.
+    saturating). F_LOGITS: only if register flags & 3; every token's row with flags bit 0, else the last token's only.
     Tokens are processed one after the other (the weights stream once per token).
 
     Status: STATUS_SHAPE for a descriptor this engine cannot run (bad magic, bits not 2/4/8, scale
@@ -131,7 +131,7 @@ class MatmulUnit(Unit):
                 with m.If((logits & ((self.flags & 3) == 0)) | (self.n_tokens == 0)):
                     m.next = "DONE"
                 with m.Else():
-                    m.d.sync += [t.eq(Mux(logits & ~self.flags[2], self.n_tokens - 1, 0)), t_end.eq(self.n_tokens)]
+                    m.d.sync += [t.eq(Mux(logits & ~self.flags[0], self.n_tokens - 1, 0)), t_end.eq(self.n_tokens)]
                     m.next = "DESC"
             with m.State("DESC"):
                 m.d.comb += [self.w_cmd[0].valid.eq(1), self.w_cmd[0].payload.addr.eq(self.weights[0] + d),

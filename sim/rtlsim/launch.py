@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=256)
     a = p.parse_args(argv)
 
-    from sim.toolchain import build_design
+    from sim.toolchain import build_design, run_built
 
     rtl = Path(a.rtl)
     env = {}
@@ -48,9 +48,15 @@ def main(argv=None) -> int:
                 "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
                 "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING")})
     print("[rtl] simulator started", flush=True)
-    runner.test(hdl_toplevel=top, test_module="sim.rtlsim.server", build_dir=bdir,
-                test_dir=Path(a.sock).parent, extra_env=env,
-                results_xml=Path(a.sock).parent / "results.xml")
+    # the server is one cocotb test (serve): a run where it failed, or where no test ran, is an error
+    from algo.common import AccllmError
+    try:
+        run_built(runner, bdir, simulator=a.simulator, toplevel=top, test_module="sim.rtlsim.server",
+                  test_dir=Path(a.sock).parent, extra_env=env, results=Path(a.sock).parent / "results.xml",
+                  testcase="serve")
+    except AccllmError as e:
+        print(f"[rtl] error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ simulation top of sim/simtop.py (the default) every AXI4 master is served by the
 memory sim/hdl/axi_mem_model.v (read latency, full speed in the simulator) and the host's buffer
 contents go through its $readmemh / $writememh backdoor; with the bare kernel as the top every
 ``m_axi_*`` port is served by a cocotbext-axi ``AxiRam`` model (with the RTL benches' added read
-latency; about 30x slower). Either way the host code cannot tell it from the card except by speed.
+latency; about 15x slower, docs/results.md). Either way the host code cannot tell it from the card except by speed.
 """
 from __future__ import annotations
 
