@@ -30,6 +30,64 @@ def cache_dir(*parts: str) -> Path:
     return p
 
 
+def source_root() -> Path:
+    """The directory that holds accllm's top-level packages (algo, quant, hw, sim, host): the checkout,
+    or the site-packages directory of an installed wheel."""
+    return Path(__file__).resolve().parents[1]
+
+
+def installed() -> bool:
+    """True when accllm runs from an installed wheel (its packages sit in one of the interpreter's site
+    directories), False in a checkout (editable installs included)."""
+    import site
+    import sysconfig
+    sites = {*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"],
+             sysconfig.get_paths()["platlib"]}
+    root = source_root()
+    return any(Path(s).resolve() == root for s in sites if s and os.path.isdir(s))
+
+
+def child_pythonpath(*first: str | os.PathLike) -> str:
+    """PYTHONPATH for a child Python process that imports accllm: *first*, then the checkout (only when
+    not installed: an installed wheel is found through the child's own site-packages, which must not go
+    on PYTHONPATH ahead of the standard library), then this process's PYTHONPATH."""
+    parts = [str(p) for p in first] + ([] if installed() else [str(source_root())])
+    rest = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join(parts + ([rest] if rest else []))
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside *package* (read through importlib.resources), as a path on disk for the
+    tools that need one (the simulators): the file itself, or, for a package that is not on the file
+    system, a copy in the cache directory named by its content."""
+    from importlib.resources import files
+    res = files(package)
+    for part in parts:
+        res = res.joinpath(part)
+    if isinstance(res, Path):
+        if not res.is_file():
+            raise AccllmError(f"accllm data file {package}/{'/'.join(parts)} is missing from {res.parent} "
+                              f"(a broken install: reinstall accllm)")
+        return res
+    data = res.read_bytes()
+    p = cache_dir("resources", package) / f"{hashlib.sha256(data).hexdigest()[:16]}-{parts[-1]}"
+    if not p.is_file():
+        atomic_write_bytes(p, data)
+    return p
+
+
+def package_dir(package: str, *parts: str) -> Path:
+    """A data directory shipped inside *package* (e.g. the cocotb benches in sim/tb), as a path on disk."""
+    from importlib.resources import files
+    res = files(package)
+    for part in parts:
+        res = res.joinpath(part)
+    if not isinstance(res, Path) or not res.is_dir():
+        raise AccllmError(f"accllm data directory {package}/{'/'.join(parts)} is missing or not on the file "
+                          f"system ({res}); reinstall accllm from its wheel")
+    return res
+
+
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -2,7 +2,7 @@
 
 ``wikitext2`` means WikiText-2 *test* (reporting only); ``wikitext2-valid`` its validation split,
 the only source of calibration data today. The directory is ``$ACCLLM_DATA`` if set, else
-``../shared/data/wikitext-2`` beside the checkout (or beside the current directory).
+``../shared/data/wikitext-2`` beside the checkout (not for an installed wheel) or beside the current directory.
 
 Two more domains are built from the running Python itself, so every install has them and nothing
 is downloaded (the text depends on the Python version, see :func:`python_version`):
@@ -29,7 +29,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from .common import AccllmError, atomic_write_text, cache_dir
+from .common import AccllmError, atomic_write_text, cache_dir, installed, source_root
 
 DATASETS = {"wikitext2": "test.txt", "wikitext2-test": "test.txt", "wikitext2-valid": "valid.txt"}
 
@@ -144,9 +144,8 @@ def _wikitext_dirs() -> list[Path]:
     env = os.environ.get("ACCLLM_DATA")
     if env:
         return [Path(env)]
-    repo = Path(__file__).resolve().parents[1]
-    return [repo.parent / "shared" / "data" / "wikitext-2", Path.cwd().parent / "shared" / "data" / "wikitext-2",
-            Path.cwd() / "shared" / "data" / "wikitext-2"]
+    beside = [] if installed() else [source_root().parent / "shared" / "data" / "wikitext-2"]   # the checkout's
+    return beside + [Path.cwd().parent / "shared" / "data" / "wikitext-2", Path.cwd() / "shared" / "data" / "wikitext-2"]
 
 
 def data_path(data: str) -> Path:

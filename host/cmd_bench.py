@@ -179,8 +179,8 @@ def _bench_rtl_matmul(args) -> dict:
     if cfg.weight_ports > 4:
         raise AccllmError(f"bench rtl simulates the whole kernel; {cfg.name} has {cfg.weight_ports} weight ports, "
                           "too many for a simulation here (use --hw sim-small)")
-    from sim import tb as _tb
-    tb = Path(_tb.__file__).resolve().parent
+    from algo.common import package_dir
+    tb = package_dir("sim", "tb")          # the cocotb benches (package data of sim)
     out: dict = {"backend": "rtl", "hw": cfg.name, "simulator": "verilator"}
     with tempfile.TemporaryDirectory() as td:
         td = Path(td)

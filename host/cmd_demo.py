@@ -224,7 +224,7 @@ def run(args) -> int:
             proj[model] = {"error": str(e)}
 
     # 6. resources of the u280 configuration: synthesis is opt-in (tens of minutes); otherwise the
-    #    committed report of the last synthesis (docs/resources/u280.json), marked if the design changed
+    #    committed report of the last synthesis (hw/resources/u280.json), marked if the design changed
     from hw.build_rtl import known_resources
     from hw.config import load_hw
     from sim.rtlsim.device import _rtl_sources_digest
@@ -251,8 +251,8 @@ def run(args) -> int:
         known = known_resources(load_hw("u280"))
         if known:
             r, current = known
-            res_row = fmt_res(r) + (" (docs/resources/u280.json, synthesized from this design)" if current else
-                                    " (docs/resources/u280.json, synthesized from an EARLIER version of the design; "
+            res_row = fmt_res(r) + (" (hw/resources/u280.json, synthesized from this design)" if current else
+                                    " (hw/resources/u280.json, synthesized from an EARLIER version of the design; "
                                     "`accllm demo --synth` re-measures)")
         _step(6, N, "u280 resources: " + ("last synthesis report" if known else "not synthesized")
               + " (`--synth` runs yosys)")

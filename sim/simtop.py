@@ -15,7 +15,7 @@ from hw.rtl.axi import ControlSlave
 
 TOP = "accllm_sim_top"
 MEM_ADDR_BITS = 27            # 128 MiB per port: buffer offsets within a bank must stay below (RtlDevice checks)
-MEM_MODEL = Path(__file__).resolve().parent / "hdl" / "axi_mem_model.v"
+MEM_MODEL = ("hdl", "axi_mem_model.v")   # package data of sim (in the wheel, read through importlib.resources)
 
 
 def ports(cfg: HWConfig) -> list[str]:
@@ -30,13 +30,13 @@ def sim_top_sources(kernel_dir: Path, cfg: HWConfig, latency: int) -> list[Path]
     """Kernel Verilog + memory model + the generated top (written once per content, so its mtime stays
     and the simulator's build cache holds)."""
     import hashlib
-    from algo.common import atomic_write_text, cache_dir
+    from algo.common import atomic_write_text, cache_dir, package_file
     text = sim_top_verilog(cfg, latency)
     top = cache_dir("rtl-simtop") / f"{TOP}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.v"
     if not top.is_file():
         atomic_write_text(top, text)
     kernel = sorted(p for p in Path(kernel_dir).iterdir() if p.suffix in (".v", ".sv"))
-    return kernel + [MEM_MODEL, top]
+    return kernel + [package_file("sim", *MEM_MODEL), top]
 
 
 def sim_top_verilog(cfg: HWConfig, latency: int) -> str:

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from algo.common import AccllmError, cache_dir, file_lock
+from algo.common import AccllmError, cache_dir, child_pythonpath, file_lock
 
 SIMULATORS = ("verilator", "icarus")
 
@@ -168,8 +168,7 @@ def run_cocotb(*, simulator: str, toplevel: str, sources: list[Path], test_modul
     runner, bdir = build_design(simulator, toplevel, sources, name, parameters=parameters, waves=waves)
     results = (results_dir or bdir) / f"results-{test_module}.xml"
     env = dict(extra_env or {})
-    pythonpath = [str(test_dir), str(Path(__file__).resolve().parents[1])]
-    env["PYTHONPATH"] = os.pathsep.join(pythonpath + [os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = child_pythonpath(test_dir)
     return run_built(runner, bdir, simulator=simulator, toplevel=toplevel, test_module=test_module,
                      test_dir=test_dir, extra_env=env, results=results, waves=waves, testcase=testcase)
 

@@ -22,18 +22,18 @@ import time
 import weakref
 from pathlib import Path
 
-from algo.common import AccllmError, cache_dir
+from algo.common import AccllmError, cache_dir, child_pythonpath
 from hw.device import Device
 
 from .server import recv_msg, send_msg
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _rtl_sources_digest() -> str:
+    import hw
+    root = Path(hw.__file__).resolve().parent
     h = hashlib.sha256()
-    for p in sorted((REPO / "hw").rglob("*.py")):
-        h.update(p.relative_to(REPO).as_posix().encode())
+    for p in sorted(root.rglob("*.py")):
+        h.update(("hw/" + p.relative_to(root).as_posix()).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -134,7 +134,7 @@ class RtlDevice(Device):
                "--simulator", simulator, "--period-ns", f"{period_ns:g}", "--latency", str(lat),
                "--mem", self.mem, "--weight-ports", str(hw.weight_ports), "--width", str(hw.port_width_bits)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = child_pythonpath()
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self._tmp.name, env=env, start_new_session=True)

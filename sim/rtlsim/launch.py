@@ -43,9 +43,9 @@ def main(argv=None) -> int:
     print(f"[rtl] building {top} with {a.simulator} (cached after the first time)", flush=True)
     runner, bdir = build_design(a.simulator, top, sources, f"rtl-backend-{top}",
                                 public="top" if a.mem == "hdl" else "all")
-    repo = str(Path(__file__).resolve().parents[2])
+    from algo.common import child_pythonpath
     env.update({"ACCLLM_RTL_SOCK": a.sock, "ACCLLM_RTL_PERIOD_NS": a.period_ns, "ACCLLM_RTL_LATENCY": a.latency,
-                "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+                "PYTHONPATH": child_pythonpath(),
                 "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING")})
     print("[rtl] simulator started", flush=True)
     # the server is one cocotb test (serve): a run where it failed, or where no test ran, is an error
