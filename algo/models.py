@@ -266,6 +266,30 @@ def load_model(spec: str | None = None) -> LoadedModel:
     return LoadedModel(model, tok, spec, str(p.resolve()), digest)
 
 
+def model_identity(spec: str | None = None) -> str:
+    """What the weights of *spec* are, without loading them (a key for caches of compiled packages):
+    ``tiny`` by name and seed (its weights follow from the accllm sources), a GGUF or other file by its
+    sha256 (the embedded SmolLM2 included), a Hugging Face directory by its config.json and *.safetensors."""
+    import hashlib
+    spec = spec or DEFAULT_MODEL
+    if spec == "tiny":
+        return f"builtin:tiny:seed{TINY_SEED}"
+    if spec == "smollm2-135m":
+        return f"file:{sha256_file(_smollm2_gguf())}"
+    if spec in KNOWN_CONFIGS:
+        raise AccllmError(f"model {spec!r} is known by its shape only (for `accllm perf`); its weights "
+                          f"are not available here. Loadable: {', '.join(NAMES)}, a HF directory or a .gguf file")
+    p = Path(spec)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise AccllmError(f"{p}: no config.json; a model directory needs config.json and *.safetensors")
+        return f"dir:{hashlib.sha256((p / 'config.json').read_bytes()).hexdigest()}:{_dir_sha256(p)}"
+    if not p.is_file():
+        raise AccllmError(f"model {spec!r} not found: give one of {', '.join(NAMES)}, a Hugging Face "
+                          f"directory (config.json + *.safetensors) or a .gguf file")
+    return f"file:{sha256_file(p)}"
+
+
 def model_shape(spec: str) -> dict:
     """Llama shape parameters of *spec* without loading weights (names, HF dirs, GGUF via cache)."""
     if spec in KNOWN_CONFIGS:

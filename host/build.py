@@ -451,9 +451,12 @@ def _summary(ctx: BuildContext, out: Path, total_s: float, store: StepStore | No
     return rows
 
 
-def compile_model(args) -> int:
+def compile_model(args, recipe=None) -> int:
+    """The build of ``compile-model`` (*args* as its parser makes them); *recipe*, when given, is the
+    validated recipe to build instead of the one --recipe, --recipe-file and --set describe."""
     from host.args import recipe_from_args
-    recipe = recipe_from_args(args)                     # refused before any work
+    if recipe is None:
+        recipe = recipe_from_args(args)                 # refused before any work
     start = _step_index("--start-step", getattr(args, "start_step", None))
     stop = _step_index("--stop-step", getattr(args, "stop_step", None))
     if start is not None and stop is not None and start > stop:

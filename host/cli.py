@@ -21,6 +21,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("package-xo", "host.cmd_package_xo", "write the Vitis package_xo Tcl, kernel.xml and HBM connectivity for a card build"),
     ("disasm", "host.cmd_disasm", "disassemble an accelerator program.bin into a readable listing"),
     ("perf", "host.cmd_perf", "cycle-model projection: bytes/token, decode/prefill tokens/s, HBM roofline (+ PNG)"),
+    ("sweep", "host.cmd_sweep", "design-space sweep: a grid of recipe keys and hardware configurations, each point "
+              "compiled (cached), projected and scored for perplexity, on Ray or --local (+ CSV, Pareto PNG)"),
     ("bench", "host.cmd_bench", "benchmark a backend (emu: functional-model decode speed)"),
     ("build-rtl", "host.cmd_build_rtl", "export the accelerator RTL: Verilog, kernel.xml, regmap.json (+ yosys resources)"),
 ]

@@ -170,7 +170,8 @@ def run(args) -> int:
         return _report_one(results[0], recipe, args, wall)
     doc = {"model": args.model, "recipe": recipe.to_dict(), "wall_seconds": wall, "results": results}
     if args.json:
-        print(json.dumps(doc))
+        from host.args import emit_json
+        emit_json(args, doc)
         return 0
     rows = [("model", args.model), ("recipe", f"{recipe.name}: {recipe.summary()}")]
     if args.stream:

@@ -351,6 +351,27 @@ def known_resources(cfg: HWConfig) -> tuple[dict, bool] | None:
     return rep, rep.get("design_hash") == design_hash(cfg, _synth_key())
 
 
+def cached_resources(cfg: HWConfig) -> dict | None:
+    """The FPGA resources of *cfg* if they are known without synthesizing, else None (``accllm build-rtl
+    --hw NAME --synth`` makes them): a cached synthesis result of this very design ("current": true), else
+    the committed report of docs/resources/ for an unmodified preset, "current" saying whether it was made
+    from the RTL as it is now (an older design's report is still an estimate)."""
+    from hw.config import PRESETS, load_hw
+    h = design_hash(cfg, _synth_key())
+    cached = cache_dir("rtl", "synth") / f"{KERNEL_NAME}-{cfg.name}-{h}.json"
+    if cached.is_file():
+        rep, source, current = json.loads(cached.read_text()), "synthesis (cached)", True
+    else:
+        known = known_resources(cfg) if cfg.name in PRESETS and cfg == load_hw(cfg.name) else None
+        if known is None:
+            return None
+        (rep, current), source = known, f"docs/resources/{cfg.name}.json"
+    counts = {k: rep[k] for k in RES_KEYS}
+    util = {k: round(counts[k] / U280[k], 4) for k in RES_KEYS}
+    return {**counts, "utilization": util, "fits": all(util[k] <= LIMITS[k] for k in RES_KEYS), "source": source,
+            "current": current}
+
+
 def build(cfg: HWConfig, out: Path, do_synth: bool = False, synth_ports: list[int] | None = None, log=print) -> dict:
     from algo.common import atomic_directory
     from hw.rtl.kernel import kernel_verilog

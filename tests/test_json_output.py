@@ -40,7 +40,7 @@ CASES = {
 
 
 # run with --json, their whole stdout parsed, in their own tests
-ELSEWHERE = {"bench soak": "tests/test_bench_soak.py"}
+ELSEWHERE = {"bench soak": "tests/test_bench_soak.py", "sweep": "tests/test_sweep.py"}
 
 
 def _json_commands():
