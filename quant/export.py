@@ -460,10 +460,10 @@ def export_gguf(package: str | os.PathLike, out: str | os.PathLike, inexact: str
             else:
                 a, exact, note = _gguf_float(ref, inexact)
                 put(gname, name, a, gguf.GGMLQuantizationType(_qtype(a)), exact, f"{_describe(lay)}: {note}")
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {}            # general.file_type: the type of most linear weights
         for t in tensors:
             if t["type"] and t["tensor"] != "token_embd.weight" and not t["tensor"].endswith("norm.weight"):
-                counts[t["type"]] = counts.get(t["type"], 0) + t["bytes"]
+                counts[t["type"]] = counts.get(t["type"], 0) + 1
         major = max(counts, key=counts.get) if counts else "F16"
         w.add_file_type({"Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16}.get(
             major, gguf.LlamaFileType.ALL_F32))
