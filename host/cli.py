@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("compile", "host.cmd_compile", "compress a model into a package (same as the compile-model command)"),
     ("run", "host.cmd_run", "generate text from a compiled package on a device (emu | rtl | xrt)"),
     ("package-xo", "host.cmd_package_xo", "write the Vitis package_xo Tcl, kernel.xml and HBM connectivity for a card build"),
+    ("export", "host.cmd_export", "export a package's weights as GGUF (llama.cpp) or compressed-tensors (transformers/vLLM)"),
     ("disasm", "host.cmd_disasm", "disassemble an accelerator program.bin into a readable listing"),
     ("perf", "host.cmd_perf", "cycle-model projection: bytes/token, decode/prefill tokens/s, HBM roofline (+ PNG)"),
     ("sweep", "host.cmd_sweep", "design-space sweep: a grid of recipe keys and hardware configurations, each point "

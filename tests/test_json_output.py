@@ -30,6 +30,7 @@ CASES = {
                                        "token_keep=0.5", "--set", "spatten_start_layer=0", "--out", str(t / "sp"),
                                        "--json"],
     "disasm": lambda t, p: ["disasm", str(p), "--json"],
+    "export": lambda t, p: ["export", "--format", "gguf", str(p), str(t / "p.gguf"), "--json"],
     "run": lambda t, p: ["run", "--package", str(p), "--backend", "emu", "--prompt", "Hello",
                          "--max-new-tokens", "3", "--ignore-eos", "--json"],
     "bench emu": lambda t, p: ["bench", "emu", "--package", str(p), "--tokens", "2", "--prompt-tokens", "2",
