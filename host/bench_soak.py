@@ -125,7 +125,7 @@ def bench_soak(args) -> dict:
         # a random-init or small model: the calibration set only needs to exercise the steps
         pkg = _cached_package(args.model, args.recipe, args.hw,
                               sets=[f"sink_tokens={sink}", f"window={window}", "calib_samples=4",
-                                    "calib_seqlen=128"])
+                                    "calib_seqlen=128", "block_tune_steps=8"])
     rt = open_runtime(pkg, "emu", owner="accllm bench soak")
     try:
         att = rt.proto.raw.get("attention", {})

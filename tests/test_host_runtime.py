@@ -347,10 +347,16 @@ def test_rtl_verilog_generation_keeps_stdout_clean(tmp_path, monkeypatch, capsys
     """`accllm run/bench --backend rtl --json` on a fresh cache: the Verilog generation it triggers logs to
     stderr, so stdout stays one JSON document."""
     from hw.config import load_hw
+    from hw.rtl import kernel
     from sim.rtlsim.device import ensure_rtl
+
+    def chatty_generator(cfg):            # stands in for Amaranth and yosys writing to stdout while they run
+        print("yosys: 42 cells")
+        return "module accllm_kernel(); endmodule\n"
+    monkeypatch.setattr(kernel, "kernel_verilog", chatty_generator)
     monkeypatch.setenv("ACCLLM_CACHE", str(tmp_path / "cache"))
     out = ensure_rtl(load_hw("sim-small"), progress=True)
     assert any(out.glob("*.v"))
     cap = capsys.readouterr()
     assert cap.out == "", cap.out[:200]
-    assert "generating" in cap.err
+    assert "generating" in cap.err and "yosys: 42 cells" in cap.err

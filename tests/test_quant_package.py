@@ -15,7 +15,7 @@ from algo.common import AccllmError
 from quant.package import FORMAT_VERSION, load_package
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["calib_samples=2", "calib_seqlen=64"]
+FAST = ["calib_samples=2", "calib_seqlen=64", "block_tune_steps=8"]
 
 
 def _compile(out, recipe="w2a8kv4", sets=(), model="tiny"):

@@ -118,7 +118,8 @@ def tiny_package(tmp_path_factory):
     """A small package (tiny, W2A8KV4, fast calibration) compiled through the CLI."""
     out = tmp_path_factory.mktemp("rel") / "pkg"
     r = subprocess.run([sys.executable, "-m", "host.cli", "compile", "--model", "tiny", "--recipe", "w2a8kv4",
-                        "--set", "calib_samples=2", "--set", "calib_seqlen=64", "--out", str(out), "--no-progress"],
+                        "--set", "calib_samples=2", "--set", "calib_seqlen=64", "--set", "block_tune_steps=4",
+                        "--out", str(out), "--no-progress"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
