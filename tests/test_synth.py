@@ -7,7 +7,7 @@ from amaranth.lib.wiring import In, Out
 
 from algo.common import AccllmError
 from hw.build_rtl import LIMITS, LUTRAM_LUTS, U280, extrapolate, max_ports_fitting, parse_stat, synth
-from hw.rtl.sfu import ActQuant
+from hw.rtl.sfu import ActQuant, row_buffer_sync
 
 
 class AsyncBuffer(wiring.Component):
@@ -22,6 +22,22 @@ class AsyncBuffer(wiring.Component):
         m.d.comb += [wp.addr.eq(self.addr), wp.data.eq(self.d), wp.en.eq(self.we), rp.addr.eq(self.addr),
                      self.q.eq(rp.data)]
         return m
+
+class SyncRowBuffer(wiring.Component):
+    """The SFU's synchronously read row buffer (sfu.row_buffer_sync), 1024 x 32, alone."""
+    def __init__(self):
+        super().__init__({"we": In(1), "step": In(1), "d": In(32), "q": Out(32)})
+
+    def elaborate(self, platform):
+        from amaranth import Signal
+        m = Module()
+        idx = Signal(10)
+        wp, rp, nxt = row_buffer_sync(m, "buf", 1024, idx)
+        with m.If(self.step):
+            m.d.comb += nxt.eq(idx + 1)
+        m.d.comb += [wp.data.eq(self.d), wp.en.eq(self.we), self.q.eq(rp.data)]
+        return m
+
 
 STAT = """
    Number of cells:               1234
@@ -59,8 +75,16 @@ def test_synth_deep_single_port_lutram(tmp_path):
     assert (tmp_path / "yosys.log").is_file() and (tmp_path / "stat.txt").is_file()
 
 
+def test_synth_sync_row_buffer_is_block_ram(tmp_path):
+    """The SFU row buffer read synchronously (sfu.row_buffer_sync) maps to block RAM, no LUT RAM."""
+    r = synth(SyncRowBuffer(), "rb", tmp_path, log=lambda *a: None)
+    assert r["BRAM"] >= 1 and r["LUT_as_memory"] == 0, r
+
+
+@pytest.mark.slow
 def test_synth_act_quant_row_buffer_is_block_ram(tmp_path):
-    """ActQuant reads its row buffer synchronously (sfu.row_buffer_sync): block RAM, no LUT RAM."""
+    """ActQuant reads its row buffer synchronously (sfu.row_buffer_sync): block RAM, no LUT RAM (the
+    whole unit: its divider and multiplier take yosys about two minutes)."""
     r = synth(ActQuant(1024), "aq", tmp_path, log=lambda *a: None)
     assert r["BRAM"] >= 1 and r["LUT_as_memory"] == 0 and r["FF"] > 0, r
 
