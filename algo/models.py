@@ -8,7 +8,12 @@ Accepted model specs
 ``PATH.gguf``      a GGUF file
 
 A GGUF is converted once into a cached safetensors copy (see :func:`algo.common.cache_dir`),
-so later loads take about a second. Only Llama-family causal LMs are accepted.
+so later loads take about a second.
+
+Accepted families (:func:`check_model_config`, docs/models.md): ``LlamaForCausalLM`` (RoPE default,
+linear or llama3 scaling), ``Qwen2ForCausalLM`` (q/k/v biases; no sliding-window layers) and
+``MistralForCausalLM`` (its ``sliding_window`` runs as a Λ cache with 0 sinks, :func:`family_recipe`).
+Anything else is refused with one line naming the feature and what is accepted.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from pathlib import Path
 
 from .common import AccllmError, atomic_directory, atomic_write_text, cache_dir, sha256_file
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,14 +90,135 @@ def _gguf_architecture(path: Path) -> str:
         raise AccllmError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def _check_architecture(config: dict, where: str) -> None:
+def _arch_of(config: dict) -> str | None:
     archs = config.get("architectures") or []
-    mtype = config.get("model_type")
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or (not archs and mtype == "llama"):
-        return
-    found = ", ".join(archs) if archs else f"model_type={mtype!r}"
-    raise AccllmError(f"{where}: unsupported architecture {found}; accllm supports Llama-family causal "
-                      f"LMs only ({', '.join(SUPPORTED_ARCHITECTURES)}, GQA and tied embeddings included)")
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a
+    if not archs:
+        return MODEL_TYPES.get(config.get("model_type"))
+    return None
+
+
+def rope_parameters(config: dict, where: str = "model") -> dict:
+    """The RoPE of a model config dict, normalized: {rope_type, rope_theta, and for ``linear`` factor, for
+    ``llama3`` factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}. Reads
+    ``rope_parameters`` (transformers >= 5, which writes no top-level ``rope_theta``) and/or the older
+    ``rope_theta`` + ``rope_scaling``; refuses other RoPE types and partial rotary embeddings."""
+    rp = config.get("rope_parameters")
+    rs = config.get("rope_scaling")
+    for name, d in (("rope_parameters", rp), ("rope_scaling", rs)):
+        if d is not None and not isinstance(d, dict):
+            raise AccllmError(f"{where}: {name} {d!r} is not a JSON object")
+    merged = dict(rs or {})
+    merged.update(rp or {})
+    kinds = {d.get("rope_type", d.get("type")) for d in (rp or {}, rs or {})} - {None, "default"}
+    if len(kinds) > 1:
+        raise AccllmError(f"{where}: rope_parameters and rope_scaling name different RoPE types {sorted(kinds)}; "
+                          f"accepted: one of {', '.join(SUPPORTED_ROPE_TYPES)}")
+    rtype = kinds.pop() if kinds else "default"
+    if rtype not in SUPPORTED_ROPE_TYPES:
+        raise AccllmError(f"{where}: RoPE type {rtype!r} is not supported; accepted rope_type: "
+                          f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    prf = merged.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if prf not in (None, 1, 1.0):
+        raise AccllmError(f"{where}: partial_rotary_factor={prf!r} is not supported; the attention unit "
+                          f"rotates the whole head (partial_rotary_factor 1)")
+    theta = merged.get("rope_theta", config.get("rope_theta", 10000.0))
+    try:
+        theta = float(theta)
+    except (TypeError, ValueError):
+        theta = float("nan")
+    if not theta > 0:
+        raise AccllmError(f"{where}: rope_theta {merged.get('rope_theta', config.get('rope_theta'))!r} is not "
+                          f"a positive number")
+    out = {"rope_type": rtype, "rope_theta": theta}
+    need = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[rtype]
+    for k in need:
+        v = merged.get(k)
+        if k == "original_max_position_embeddings" and v is None:
+            v = config.get("max_position_embeddings")
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not v > 0:
+            raise AccllmError(f"{where}: RoPE {rtype} needs a positive {k}, got {merged.get(k)!r}")
+        out[k] = v
+    if rtype == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise AccllmError(f"{where}: RoPE llama3 needs high_freq_factor > low_freq_factor, got "
+                          f"{out['high_freq_factor']} and {out['low_freq_factor']}")
+    return out
+
+
+def check_model_config(config: dict, where: str) -> str:
+    """Refuse a model config accllm cannot compress and run exactly; returns its architecture.
+    Accepted: see the module doc; every refusal names the feature and what is accepted."""
+    arch = _arch_of(config)
+    if arch is None:
+        archs = config.get("architectures") or []
+        found = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
+        raise AccllmError(f"{where}: unsupported architecture {found}; accllm supports the dense causal LMs "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)} (GQA and tied embeddings included)")
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if config.get(key):
+            raise AccllmError(f"{where}: mixture-of-experts ({key}={config[key]}) is not supported; accepted: "
+                              f"dense {', '.join(SUPPORTED_ARCHITECTURES)}")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise AccllmError(f"{where}: hidden_act={act!r} is not supported; the MLP unit computes silu(gate) * up "
+                          f"(hidden_act silu)")
+    if arch == "LlamaForCausalLM":
+        for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
+            if config.get(key):
+                raise AccllmError(f"{where}: Llama with {key}=true ({what}) is not supported; accepted: q/k/v "
+                                  f"biases only, as Qwen2ForCausalLM has them")
+    if arch == "Qwen2ForCausalLM" and config.get("use_sliding_window"):
+        raise AccllmError(f"{where}: Qwen2 with use_sliding_window=true (sliding-window layers from "
+                          f"max_window_layers={config.get('max_window_layers')}) is not supported; accepted: "
+                          f"Qwen2 with use_sliding_window=false, or a MistralForCausalLM sliding_window")
+    lt = config.get("layer_types")
+    if lt and arch != "Qwen2ForCausalLM" and any(t != "full_attention" for t in lt):
+        raise AccllmError(f"{where}: per-layer attention types {sorted(set(lt))} are not supported; accepted: "
+                          f"full_attention in every layer (Mistral: one sliding_window for all layers)")
+    sw = config.get("sliding_window") if arch == "MistralForCausalLM" else None
+    if sw is not None and (isinstance(sw, bool) or not isinstance(sw, int) or sw <= 0):
+        raise AccllmError(f"{where}: sliding_window={sw!r} is not accepted; a positive integer or null")
+    rope_parameters(config, where)
+    return arch
+
+
+def sliding_window(config: dict) -> int | None:
+    """The model's own attention window (Mistral's ``sliding_window``; None = full causal attention)."""
+    if _arch_of(config) != "MistralForCausalLM":
+        return None
+    sw = config.get("sliding_window")
+    return int(sw) if sw else None
+
+
+def family_recipe(recipe, config: dict):
+    """The recipe as it runs on a model with its own sliding window W_m (Mistral): the window is a Λ
+    cache with 0 sinks, so full attention becomes ``attention=lambda, sink_tokens=0, window=W_m`` (exact:
+    the query sees the W_m most recent tokens, itself included, as transformers' sliding-window mask), and
+    a Λ recipe keeps its sinks with ``window=min(window, W_m)``. Returns (recipe, note or None)."""
+    import dataclasses
+    sw = sliding_window(config)
+    if sw is None:
+        return recipe, None
+    if recipe.attention == "full":
+        new = dataclasses.replace(recipe, attention="lambda", sink_tokens=0, window=sw)
+    elif recipe.window > sw:
+        new = dataclasses.replace(recipe, window=sw)
+    else:
+        return recipe, None
+    note = (f"the model's sliding_window={sw} runs as Λ attention with sink_tokens={new.sink_tokens}, "
+            f"window={new.window}")
+    return new, note
+
+
+def _check_architecture(config: dict, where: str) -> None:
+    check_model_config(config, where)
 
 
 def _quiet_transformers():
@@ -290,6 +418,18 @@ def model_identity(spec: str | None = None) -> str:
     return f"file:{sha256_file(p)}"
 
 
+def read_config(spec: str) -> dict | None:
+    """config.json of a Hugging Face directory *spec* (None for the built-in names and GGUF files, which
+    are Llama models)."""
+    p = Path(spec)
+    if spec in NAMES or not p.is_dir() or not (p / "config.json").is_file():
+        return None
+    try:
+        return json.loads((p / "config.json").read_text())
+    except ValueError as e:
+        raise AccllmError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+
+
 def model_shape(spec: str) -> dict:
     """Llama shape parameters of *spec* without loading weights (names, HF dirs, GGUF via cache)."""
     if spec in KNOWN_CONFIGS:
@@ -304,6 +444,6 @@ def model_shape(spec: str) -> dict:
                     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                     vocab_size=cfg["vocab_size"], max_position_embeddings=cfg.get("max_position_embeddings", 4096),
                     tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                    rope_theta=(cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
+                    rope_theta=rope_parameters(cfg, str(p))["rope_theta"])
     raise AccllmError(f"no shape known for model {spec!r}: give one of {', '.join(KNOWN_CONFIGS)} or a "
                       f"Hugging Face directory with config.json")

@@ -146,6 +146,20 @@ def _check_shapes_early(spec: str, recipe) -> None:
     check_group(shape["intermediate_size"], recipe.group_size, f"{spec} (intermediate_size, down_proj)")
 
 
+def _family_recipe(args, recipe):
+    """A model directory's family checked before any work, and the recipe as it runs on that family
+    (Mistral's sliding window: algo.models.family_recipe; the adapted recipe is the one recorded)."""
+    from algo.models import check_model_config, family_recipe, read_config
+    cfg = read_config(args.model)
+    if cfg is None:
+        return recipe
+    check_model_config(cfg, str(args.model))
+    recipe, note = family_recipe(recipe, cfg)
+    if note and not getattr(args, "no_progress", False):
+        print(note, file=sys.stderr, flush=True)
+    return recipe
+
+
 def _load(ctx: BuildContext) -> dict:
     from algo.models import load_model
     from quant.pipeline import Calibration, Prepared
@@ -266,7 +280,7 @@ def _program(ctx: BuildContext) -> dict:
     hw = load_hw(ctx.args.hw, getattr(ctx.args, "hw_sets", None))
     upd = compile_to_dir(Package(Path(ctx.tmp), ctx.manifest), hw, ctx.tmp, progress=ctx.progress)
     ctx.manifest.update(upd)
-    for n in program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]:
+    for n in program_files(ctx.tmp) + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]:
         ctx.add_file(n)
     return {"hw": hw.name, "words": upd["program"]["words"],
             "weight_bytes": sum(upd["program"]["weight_bytes_per_port"])}
@@ -463,6 +477,7 @@ def compile_model(args, recipe=None) -> int:
         raise AccllmError(f"--start-step {args.start_step} comes after --stop-step {args.stop_step}; "
                           f"steps in order: {', '.join(STEP_NAMES)}")
     _check_shapes_early(args.model, recipe)
+    recipe = _family_recipe(args, recipe)
     if getattr(args, "hw", None):                       # what the accelerator cannot run: before any work
         from hw.compiler import check_recipe_for_hw
         from hw.config import load_hw

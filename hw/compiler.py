@@ -104,18 +104,14 @@ def linear_images(w: LinearW, hw: HWConfig) -> list[bytes]:
 
 def rope_theta(cfg: dict) -> float:
     """RoPE base of a model_config: ``rope_parameters.rope_theta`` (transformers >= 5, which no longer
-    writes a top-level ``rope_theta``) or ``rope_theta`` (older configs), 10000 if neither. Only plain
-    RoPE is accepted (rope_type default, no rope_scaling)."""
-    rp = cfg.get("rope_parameters") or {}
-    rs = cfg.get("rope_scaling") or {}
-    if not isinstance(rp, dict) or not isinstance(rs, dict) or (rp and "rope_theta" not in rp and "rope_type" not in rp):
-        raise AccllmError(f"RoPE {rp or rs!r} is not supported by the compiler (plain RoPE only)")
-    if {d.get("rope_type", d.get("type")) for d in (rp, rs) if d} - {None, "default"}:
-        raise AccllmError(f"RoPE {rp or rs!r} is not supported by the compiler (plain RoPE only)")
-    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if theta is None or not float(theta) > 0:
-        raise AccllmError(f"rope_theta {theta!r} is not a positive number")
-    return float(theta)
+    writes a top-level ``rope_theta``) or ``rope_theta`` (older configs), 10000 if neither."""
+    return rope_of(cfg)["rope_theta"]
+
+
+def rope_of(cfg: dict) -> dict:
+    """The model's RoPE (algo.models.rope_parameters): default, linear or llama3 scaling; others refused."""
+    from algo.models import rope_parameters
+    return rope_parameters(cfg, "compiler")
 
 
 class _Area:
@@ -181,7 +177,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     hd = int(cfg.get("head_dim") or H // Hq)
     V = int(cfg["vocab_size"])
     eps = float(cfg.get("rms_norm_eps", 1e-6))
-    theta = rope_theta(cfg)
+    rope = rope_of(cfg)
     # ---- checks against the configuration ---------------------------------------------------------
     for what, v in (("hidden_size", H), ("intermediate_size", I), ("q width", Hq * hd)):
         if v > hw.max_hidden:
@@ -203,6 +199,12 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         rope_mode = mm.ROPE_ORIGINAL
         max_position = slots
     P = hw.weight_ports                  # (S + W <= max_context: check_recipe_for_hw; full: min'd above)
+    from algo.models import sliding_window
+    sw = sliding_window(cfg)
+    if sw is not None and ((rec.attention == "lambda" and W > sw) or (rec.attention == "full" and slots > sw)):
+        raise AccllmError(f"the model attends to its last sliding_window={sw} tokens; recipe attention={rec.attention} "
+                          f"window={W} would show it more. Accepted: attention=lambda with window <= {sw} (compile-model "
+                          f"--model makes full attention sink_tokens=0, window={sw})")
     sp = spatten_config(rec, L, Hq)
 
     # ---- weights: lockstep area on every port ----------------------------------------------------
@@ -258,8 +260,8 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         g = nx.fp16_to_q16(_np(pkg.tensor(f"{name}.weight")).astype(np.float16))
         return cput(name, mm.pack_norm(g, eps))
 
-    inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    rope_off = cput("rope", np.asarray(nx.rope_freq_words(inv_freq), "<u4").tobytes())
+    # the RoPE frequency table (scaled RoPE types change only these words; docs/numerics.md)
+    rope_off = cput("rope", np.asarray(nx.rope_freq_words(nx.rope_inv_freq(rope, hd)), "<u4").tobytes())
     spt_off, spt_info = 0, None
     if sp is not None:
         # SpAtten: importance / pruned-flag state (written by the device; zero in the image), then the descriptor
@@ -313,6 +315,21 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
     a8_off = io.take(T * mm.stride8(Hq * hd))
     gu_off = io.take(T * mm.stride32(2 * I))
     m8_off = io.take(T * mm.stride8(I))
+    # q/k/v biases (Qwen2): per layer T copies of the Q16.16 bias row [b_q | b_k | b_v] in io (the image
+    # io.bin, uploaded with the weights), added by one ADD onto the int32 [q|k|v] rows of the MATMUL
+    qkv_w = (Hq + 2 * Hkv) * hd
+    biases = qkv_biases(pkg, L, [Hq * hd, Hkv * hd, Hkv * hd])
+    bias_off, bias_img = 0, b""
+    if biases is not None:
+        if qkv_w > hw.max_hidden:
+            raise AccllmError(f"q/k/v biases: the [q|k|v] row of {qkv_w} values is added by one ADD, which takes at "
+                              f"most max_hidden={hw.max_hidden} of {hw.name}; accepted: (heads + 2 kv_heads) * head_dim "
+                              f"<= max_hidden")
+        st = mm.stride32(qkv_w)
+        rows = np.zeros((L, T, st // 4), "<i4")
+        rows[:, :, :qkv_w] = biases[:, None, :]
+        bias_img = rows.tobytes()
+        bias_off = io.take(len(bias_img))
 
     # ---- program -----------------------------------------------------------------------------------
     def program() -> tuple[list[isa.Instr], list[str]]:
@@ -327,6 +344,9 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
             emit(isa.Instr(isa.RMSNORM, a=h8_off, b=x_off, c=H, d=descs[f"{pre}.input_layernorm"]),
                  f"L{i} h = rmsnorm(x) -> int8")
             emit(isa.Instr(isa.MATMUL, a=qkv_off, b=h8_off, c=i, d=descs[f"{pre}.qkv"]), f"L{i} [q|k|v] = h W_qkv")
+            if biases is not None:
+                emit(isa.Instr(isa.ADD, a=qkv_off, b=bias_off + i * T * mm.stride32(qkv_w), c=qkv_w),
+                     f"L{i} [q|k|v] += [b_q|b_k|b_v] (io.bin rows)")
             emit(isa.Instr(isa.ATTN, a=a8_off, b=qkv_off, c=i, d=descs[f"{pre}.attn"],
                            flags=isa.F_SPATTEN if sp is not None else 0),
                  f"L{i} a = attention(q, k, v; KV cache{'; SpAtten' if sp is not None else ''}) -> int8")
@@ -373,6 +393,12 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         files[f"weights{p}"] = dict(port=f"m_axi_w{p}", bank=p % 32, size=max(len(img), kv_base + kv["total"]),
                                     file=f"hbm_w{p}.bin", file_offset=0)
     atomic_write_bytes(out / "program.bin", prog)
+    io_buf = dict(port="m_axi_ctrl", bank=0, size=io.top)
+    if biases is not None:
+        atomic_write_bytes(out / IO_IMAGE, bias_img)
+        io_buf.update(file=IO_IMAGE, file_offset=bias_off)
+    elif (out / IO_IMAGE).exists():
+        (out / IO_IMAGE).unlink()           # a recompile of the package without biases
     listing = isa.disassemble(prog, labels=labels, comments=comments)
     atomic_write_text(out / "program.lst", f"; accllm program for {hw.name} ({len(words)} words)\n" + listing + "\n")
 
@@ -381,7 +407,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
         "format": mm.FORMAT, "version": mm.VERSION, "hw": hw.name,
         "buffers": {
             "program": dict(port="m_axi_ctrl", bank=0, size=mm.align(len(prog)), file="program.bin", file_offset=0),
-            "io": dict(port="m_axi_ctrl", bank=0, size=io.top),
+            "io": io_buf,
             "kv": dict(port="m_axi_ctrl", bank=1, size=mm.ALIGN),      # reserved in v1: KV lives in weights<p>
             **files,
         },
@@ -394,6 +420,7 @@ def compile_to_dir(pkg, hw: HWConfig, out: str | Path, progress: bool = True) ->
                "scratch": dict(x=x_off, h8=h8_off, qkv=qkv_off, a8=a8_off, gu=gu_off, m8=m8_off)},
         "logits_rows": "all",
         "prefill_partial": True,
+        "qkv_bias": None if biases is None else dict(offset=bias_off, bytes=len(bias_img), width=qkv_w),
         "attention": dict(kind=rec.attention, sink=S, window=W, slots=slots,
                           rope_mode=rec.rope_mode if rec.attention == "lambda" else "original"),
         "spatten": spt_info,
@@ -429,8 +456,39 @@ def compiler_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def program_files() -> list[str]:
-    return ["program.bin", "program.lst", "memmap.json"]
+IO_IMAGE = "io.bin"
+
+
+def program_files(directory=None) -> list[str]:
+    """The files compile_to_dir writes besides hbm_w<p>.bin (io.bin only for a model with q/k/v biases:
+    given *directory*, the ones present there)."""
+    names = ["program.bin", "program.lst", "memmap.json", IO_IMAGE]
+    if directory is None:
+        return names
+    return [n for n in names if (Path(directory) / n).is_file()]
+
+
+def qkv_biases(pkg, L: int, widths: list[int]) -> np.ndarray | None:
+    """The Q16.16 rows [L, sum(widths)] of the q/k/v biases (fp16 in the package, round half up as the
+    embeddings; a projection without bias contributes zeros), or None when no layer has one."""
+    rows, found = np.zeros((L, sum(widths)), np.int64), False
+    layers = pkg.manifest["layers"]
+    for i in range(L):
+        at = 0
+        for n, w in zip("qkv", widths):
+            name = layers.get(f"model.layers.{i}.self_attn.{n}_proj", {}).get("bias")
+            if name:
+                b = _np(pkg.tensor(name)).astype(np.float16).reshape(-1)
+                if b.size != w:
+                    raise AccllmError(f"bias {name} has {b.size} values; its projection has {w} outputs")
+                rows[i, at:at + w] = nx.fp16_to_q16(b)
+                found = True
+            at += w
+    for name, lay in layers.items():
+        if lay.get("bias") and not any(name.endswith(f".self_attn.{n}_proj") for n in "qkv"):
+            raise AccllmError(f"layer {name} has a bias; the accelerator adds biases of q_proj, k_proj and "
+                              f"v_proj only")
+    return rows if found else None
 
 
 def refresh_program(package_dir, hw: HWConfig, log=print) -> bool:
@@ -472,7 +530,7 @@ def recompile(package_dir, hw: HWConfig, out_dir=None, progress: bool = False, r
         from quant.package import Package
         upd = compile_to_dir(Package(tmp, man), hw, tmp, progress=progress)
         man.update(upd)
-        for n in program_files() + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]:
+        for n in program_files(tmp) + [f"hbm_w{p}.bin" for p in range(hw.weight_ports)]:
             man["files"][n] = sha256_file(tmp / n)
         write_manifest(tmp, man)
     return target

@@ -317,6 +317,32 @@ def argmax_first(logits) -> np.ndarray:
 SIN_LUT = np.floor(np.sin(2 * np.pi * np.arange(4097) / 4096.0) * 2.0 ** 30 + 0.5).astype(np.int64)
 
 
+def rope_inv_freq(rope: dict, head_dim: int) -> np.ndarray:
+    """Compiler side (float64): the inverse frequency of each rotary pair i = 0..head_dim/2-1 for a RoPE
+    of :func:`algo.models.rope_parameters`: default theta**(-2i/hd); ``linear`` that / factor; ``llama3``
+    (Llama 3.1/3.2) the wavelength-dependent rescaling of transformers' ``_compute_llama3_parameters``:
+    wavelengths below original_max_position_embeddings / high_freq_factor unchanged, above
+    original_max_position_embeddings / low_freq_factor divided by factor, in between interpolated with
+    s = (orig / wavelength - low) / (high - low): (1 - s) * f / factor + s * f. The scaling changes only
+    this table (the attention unit reads the words of :func:`rope_freq_words`), not the datapath."""
+    hd = int(head_dim)
+    f = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return f
+    if kind == "linear":
+        return f / float(rope["factor"])
+    if kind != "llama3":
+        raise AccllmError(f"RoPE type {kind!r} has no frequency table; accepted: default, linear, llama3")
+    factor, lo, hi = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    orig = float(rope["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / f
+    out = np.where(wavelen > orig / lo, f / factor, f)
+    s = (orig / wavelen - lo) / (hi - lo)
+    mid = ~(wavelen < orig / hi) & ~(wavelen > orig / lo)
+    return np.where(mid, (1 - s) * out / factor + s * out, out)
+
+
 def rope_freq_words(inv_freq) -> np.ndarray:
     """Compiler side (float64): phase increment per position of each rotary pair, in turns * 2**32:
     F[i] = round(inv_freq[i] * 2**32 / (2*pi)) (uint32). Positions are not bounded by a table: the

@@ -188,6 +188,22 @@ def _prefix_kwargs(kw: dict, t: int, length: int) -> dict:
     return {k: cut(v) for k, v in kw.items()}
 
 
+def _window_kwargs(kw: dict, j: int, batch: int) -> dict:
+    """The decoder-layer keyword arguments for window *j* of a batch of *batch* windows: a tensor with a
+    batch axis of that size (an explicit attention mask, e.g. Mistral's sliding-window mask) cut to
+    window j; everything else (RoPE cos/sin, position ids: batch 1) broadcasts as it is."""
+    if batch == 1:
+        return kw
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] == batch:
+            return v[j:j + 1]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+    return {k: cut(v) for k, v in kw.items()}
+
+
 def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
                steps: int, lr: float, seed: int = 0, tokens: int = 0) -> dict:
     """Train the quantized linear layers of *block* (in place) so that ``block(inputs[b], **kwargs[b])``
@@ -214,7 +230,8 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
         tot, cnt = 0.0, 0
         for b, j in check:
             y = targets[b][j:j + 1]
-            tot += float(F.mse_loss(block(inputs[b][j:j + 1], **kwargs[b]), y, reduction="sum"))
+            tot += float(F.mse_loss(block(inputs[b][j:j + 1], **_window_kwargs(kwargs[b], j, inputs[b].shape[0])), y,
+                                    reduction="sum"))
             cnt += y.numel()
         return tot / max(cnt, 1)
 
@@ -236,7 +253,8 @@ def tune_block(block, inputs: list[torch.Tensor], kwargs: list[dict], targets: l
             for _ in range(steps):
                 # one calibration window per step (the keyword arguments broadcast over the batch)
                 b, j = windows[int(torch.randint(0, len(windows), (1,), generator=g))]
-                loss = F.mse_loss(block(inputs[b][j:j + 1, :t], **step_kwargs[b]), targets[b][j:j + 1, :t])
+                loss = F.mse_loss(block(inputs[b][j:j + 1, :t], **_window_kwargs(step_kwargs[b], j, inputs[b].shape[0])),
+                                  targets[b][j:j + 1, :t])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

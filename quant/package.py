@@ -141,6 +141,11 @@ def package_tensors(model, kv_hook=None) -> tuple[dict[str, torch.Tensor], dict,
             if isinstance(m, QLinear) and m.mask is not None:
                 put(f"{name}.mask", _t(pack_bits(m.mask.numpy().astype(np.uint8), 1)), "mask", 1, [n_out, k])
                 entry["tensors"].append(f"{name}.mask")
+        bias = getattr(m, "bias", None)
+        if bias is not None:         # fp16, added in float by the fake-quant model (Q16.16 on the accelerator)
+            put(f"{name}.bias", bias.detach().to(torch.float16), "bias", 16)
+            entry["bias"] = f"{name}.bias"
+            entry["tensors"].append(f"{name}.bias")
         if isinstance(m, QLinear) and m.act_bits:
             entry.update(act_bits=m.act_bits, act_scheme=m.act_scheme)
             if m.act_scheme == "per_tensor":
@@ -269,9 +274,7 @@ class Package:
     def to_torch_model(self):
         """The fake-quant torch model this package describes (QLinear layers built from the packed
         integers; float tensors from their fp16 copies; SpAtten installed when the recipe prunes)."""
-        from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig.from_dict(dict(self.manifest["model_config"]))
-        model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+        model = model_for_config(self.manifest["model_config"], f"package {self.dir}")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("embed_tokens.weight") or name.endswith("norm.weight"):
@@ -281,6 +284,10 @@ class Package:
             if lay.get("tied_to"):
                 continue
             act = dict(act_bits=lay.get("act_bits", 0), act_scheme=lay.get("act_scheme", "per_token"))
+            if lay.get("bias"):
+                act["bias"] = self.tensor(lay["bias"]).float()
+            elif getattr(lin, "bias", None) is not None:
+                raise AccllmError(f"package {self.dir}: layer {name} has no bias tensor but its model has a bias")
             if lay.get("bits"):
                 codes, zeros, scales, mask, b, g = self.linear(name)
                 q = QLinear(lin.in_features, lin.out_features, bits=b, group=g, codes=codes, zeros=zeros,
@@ -312,6 +319,17 @@ class Package:
             return None
         from algo.attention import make_cache_factory
         return make_cache_factory(model, r, hook)
+
+
+def model_for_config(model_config: dict, where: str):
+    """A float32 model (eval mode, random weights) of the family in *model_config* (a config's to_dict:
+    LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM, algo.models.check_model_config)."""
+    import transformers
+    from algo.models import check_model_config
+    arch = check_model_config(model_config, where)
+    cls = getattr(transformers, arch)
+    cfg = cls.config_class.from_dict(dict(model_config))
+    return cls(cfg).to(torch.float32).eval()
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

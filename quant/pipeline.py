@@ -140,7 +140,10 @@ COMPRESS_STEPS: tuple[CompressStep, ...] = (
 
 
 def prepare(loaded: "LoadedModel", recipe: Recipe, progress: bool = True) -> Prepared:
-    """Apply *recipe* to *loaded* in place and return the prepared model."""
+    """Apply *recipe* to *loaded* in place and return the prepared model (the recipe as it runs on the
+    model's family: algo.models.family_recipe)."""
+    from algo.models import family_recipe
+    recipe, _ = family_recipe(recipe, loaded.config.to_dict())
     prepared = Prepared(loaded, recipe)
     calib = Calibration(loaded.tokenizer, recipe)
     for step in COMPRESS_STEPS:

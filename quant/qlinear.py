@@ -28,7 +28,8 @@ class QLinear(nn.Module):
         self.act_enabled = True
         self.register_buffer("act_scale", None)
         self.register_buffer("mask", None if mask is None else mask.bool())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        # a bias is kept in fp16 precision, as the package stores it (the accelerator adds it in Q16.16)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float16).float(), requires_grad=False)
         if bits:
             self.register_buffer("codes", codes.to(torch.uint8))
             self.register_buffer("zeros", zeros.to(torch.uint8))

@@ -412,8 +412,28 @@ def test_compiler_rope_theta_from_transformers5_config(tmp_path):
     inv = 1.0 / (100000.0 ** (np.arange(0, hd, 2) / hd))
     assert np.array_equal(F.astype(np.int64), nx.rope_freq_words(inv))
     cfg["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "llama3", "factor": 8.0}
-    with pytest.raises(AccllmError, match="plain RoPE"):
+    with pytest.raises(AccllmError, match="llama3 needs a positive low_freq_factor"):
         compile_to_dir(pkg, hw, tmp_path / "x", progress=False)
+    cfg["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "yarn", "factor": 8.0}
+    with pytest.raises(AccllmError, match="accepted rope_type: default, linear, llama3"):
+        compile_to_dir(pkg, hw, tmp_path / "x", progress=False)
+    # llama3 and linear scaling: only the table changes, to transformers' inverse frequencies
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for rp in ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64},
+               {"rope_type": "linear", "factor": 4.0}):
+        cfg["rope_parameters"] = {"rope_theta": 100000.0, **rp}
+        compile_to_dir(pkg, hw, tmp_path / rp["rope_type"], progress=False)
+        off = json.loads((tmp_path / rp["rope_type"] / "memmap.json").read_text())["descriptors"]["rope"]
+        F = np.fromfile(tmp_path / rp["rope_type"] / "hbm_w0.bin", np.uint8)[off:off + 4 * (hd // 2)].view("<u4")
+        hf_cfg = LlamaConfig(hidden_size=CFG["hidden_size"], num_attention_heads=CFG["num_attention_heads"],
+                             head_dim=hd, max_position_embeddings=256, rope_parameters=dict(cfg["rope_parameters"]))
+        inv, scale = ROPE_INIT_FUNCTIONS[rp["rope_type"]](hf_cfg, torch.device("cpu"))
+        words = inv.double().numpy() * 2.0 ** 32 / (2 * np.pi)
+        assert scale == 1.0 and np.all(np.abs(F - words) <= 0.5 + words * 2.0 ** -22), rp["rope_type"]
+        assert not np.array_equal(F.astype(np.int64), nx.rope_freq_words(1.0 / (100000.0 ** (np.arange(0, hd, 2) / hd))))
 
 
 @pytest.mark.parametrize("bits,sparse", [(2, True), (4, False), (8, False), (8, True)])
