@@ -174,3 +174,40 @@ def _gptq_columns(W, H, bits, group, mask, blocksize, percdamp, clip_hi=None, cl
         if maskd is not None:
             W[:, i2:] *= maskd[:, i2:]
     return codes, zeros, scales
+
+
+def brevitas_gptq_reference(W: torch.Tensor, X: torch.Tensor, bits: int, act_order: bool = False) -> torch.Tensor:
+    """The same layer through brevitas' own GPTQ (``brevitas.graph.gptq.gptq_mode``), as an independent
+    reference for :func:`gptq_quantize`: a ``QuantLinear`` with a per-output-channel asymmetric
+    *bits*-bit weight quantizer whose scale and zero point are fixed from the float weights before
+    GPTQ starts (brevitas' parameter-from-stats; with statistics recomputed from the updated weights
+    GPTQ's error feedback would be measured against moving ranges), fed the calibration inputs *X*
+    [n, K]. Returns brevitas' dequantized weights [N, K] (float32).
+
+    Where ours differs (and why we keep ours for packages): groups of g input columns with fp16
+    scales rounded up and integer zero points (the words the accelerator reads), a 2:4 mask whose
+    pruned weights take no error feedback, static groups under act_order (contiguous runs the engine
+    streams), learned clipping. At one group per row and no mask the two must agree
+    (tests/test_quant.py)."""
+    import brevitas.nn as qnn
+    from brevitas.core.zero_point import ParameterFromStatsFromParameterZeroPoint
+    from brevitas.graph.gptq import gptq_mode
+    from brevitas.inject.enum import ScalingImplType
+    from brevitas.quant import ShiftedUint8WeightPerChannelFloat
+
+    class _Quant(ShiftedUint8WeightPerChannelFloat):
+        bit_width = bits
+        scaling_impl_type = ScalingImplType.PARAMETER_FROM_STATS
+        zero_point_impl = ParameterFromStatsFromParameterZeroPoint
+
+    n, k = W.shape
+    lin = qnn.QuantLinear(k, n, bias=False, weight_quant=_Quant)
+    with torch.no_grad():
+        lin.weight.copy_(W.float())
+        lin.quant_weight()                        # scale and zero point initialised from the float weights
+        model = torch.nn.Sequential(lin).eval()
+        with gptq_mode(model, use_quant_activations=False, act_order=act_order) as g:
+            for _ in range(g.num_layers):
+                model(X.float())
+                g.update()
+        return lin.quant_weight().value.detach().float()
