@@ -276,7 +276,7 @@ class LayerPruner:
             if targets[name].weight is emb or targets[name].weight.data_ptr() == emb.data_ptr() != 0:
                 raise AccllmError("lm_head is tied to the embedding table (tie_word_embeddings); pruning it would "
                                   "prune the embeddings too — keep 'lm_head' in prune_skip")
-        self.targets = targets
+        self.targets = {name: targets[name] for name in outside}     # the block linears are looked up per block
         # decoder-block linears by block index, by name (block-local names with the model prefix)
         self.by_layer: dict[int, list[str]] = {}
         for name, mod in targets.items():
