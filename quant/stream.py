@@ -76,7 +76,8 @@ def compress_streamed(prepared, calib, progress: bool = True, progress_dir: Path
     if "prune" in steps:
         from algo.prune import LayerPruner
         from .blocktune import tune_block
-        pruner = LayerPruner(model, recipe, data, progress=False, tune_block=tune_block)
+        from .pipeline import prune_calibration
+        pruner = LayerPruner(model, recipe, prune_calibration(recipe, calib), progress=False, tune_block=tune_block)
         timed("prune", pruner.start)
     if "kv-calibrate" in steps:
         from .kv import LayerKVCalibrator
