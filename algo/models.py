@@ -345,33 +345,33 @@ class ShardReader:
             except Exception as e:
                 raise AccllmError(f"{f}: not a readable safetensors file ({e})") from None
 
-    def read(self, names: list[str]) -> dict:
-        """The float32 tensors *names* (refused naming the first one missing)."""
+    def read_into(self, params: dict) -> None:
+        """Fill the float32 tensors *params* (name -> tensor) from the shards, one tensor in memory at a time
+        (refused naming the first one missing)."""
         import torch
         from safetensors import safe_open
-        missing = [n for n in names if n not in self.where]
+        missing = [n for n in params if n not in self.where]
         if missing:
             raise AccllmError(f"{self.dir}: tensor {missing[0]} is not in its *.safetensors files")
-        out = {}
         by_file: dict[Path, list[str]] = {}
-        for n in names:
+        for n in params:
             by_file.setdefault(self.where[n], []).append(n)
-        for f, ns in by_file.items():
-            with safe_open(str(f), framework="pt") as sf:
-                for n in ns:
-                    out[n] = sf.get_tensor(n).to(torch.float32)
-        return out
+        with torch.no_grad():
+            for f, ns in by_file.items():
+                with safe_open(str(f), framework="pt") as sf:
+                    for n in ns:
+                        t = sf.get_tensor(n)
+                        if tuple(t.shape) != tuple(params[n].shape):
+                            raise AccllmError(f"{f}: tensor {n} has shape {tuple(t.shape)}, the model's "
+                                              f"config.json gives {tuple(params[n].shape)}")
+                        params[n].copy_(t.to(torch.float32))
+                        del t
 
 
 def _materialize(module, reader: ShardReader, prefix: str) -> None:
     """Allocate *module*'s parameters (on the meta device) in float32 and fill them from *reader*."""
-    import torch
-    names = [n for n, _ in module.named_parameters()]
-    values = reader.read([f"{prefix}{n}" for n in names])
     module.to_empty(device="cpu")
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            p.copy_(values.pop(f"{prefix}{n}"))
+    reader.read_into({f"{prefix}{n}": p for n, p in module.named_parameters()})
 
 
 def _model_dir(spec: str) -> tuple[Path, str, str]:
