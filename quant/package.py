@@ -254,9 +254,26 @@ class Package:
         return self._tensors
 
     def tensor(self, name: str) -> torch.Tensor:
-        if name not in self.tensors:
+        """One tensor; read on its own from the memory-mapped file (opened and closed again) unless all of
+        them were read, so a reader that goes through the tensors one by one (the hw compiler) never holds
+        a 7B model's weights twice."""
+        if self._tensors is not None:
+            if name not in self._tensors:
+                raise AccllmError(f"package {self.dir}: no tensor {name!r}")
+            return self._tensors[name]
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.dir / WEIGHTS), framework="pt") as f:
+                t = f.get_tensor(name) if name in f.keys() else None
+        except Exception as e:
+            raise AccllmError(f"package {self.dir}: {WEIGHTS} cannot be read ({e})") from None
+        m = self.manifest.get("tensors", {}).get(name)
+        if t is None:
             raise AccllmError(f"package {self.dir}: no tensor {name!r}")
-        return self.tensors[name]
+        if m is not None and list(t.shape) != m["shape"]:
+            raise AccllmError(f"package {self.dir}: tensor {name} in manifest.json is missing or has "
+                              f"another shape in {WEIGHTS}")
+        return t
 
     @property
     def recipe(self):
