@@ -336,8 +336,8 @@ class EmuDevice(MemoryDevice):
                 d = nx.weight_diff(u["codes"], u["zeros"], g, u["mask"])
                 w["D"] = np.ascontiguousarray(d.reshape(N, K // g, g).transpose(1, 0, 2).astype(np.float32))
             X = np.ascontiguousarray(x8.astype(np.float32).reshape(len(rows), K // g, g).transpose(1, 2, 0))  # [ng, g, t]
-            self._trim(w)
             G = np.matmul(w["D"], X)                               # [ng, N, t] exact (< 2**22)
+        self._trim(w)
         acc = (G.astype(np.float64) * w["M"][:, :, None]).sum(axis=0).T      # exact (< 2**47)
         acc = nx.sat(acc.astype(np.int64), nx.ACC_BITS)
         ma, ea = nx.scale_word_parts(words)
@@ -365,7 +365,6 @@ class EmuDevice(MemoryDevice):
                 c = u["codes"] if u["mask"] is None else np.where(u["mask"], u["codes"], np.repeat(u["zeros"], g, 1))
                 w["I8"] = (torch.from_numpy((c >> 4).astype(np.int8)), torch.from_numpy((c & 15).astype(np.int8)),
                            u["zeros"].astype(np.int64))
-        self._trim(w)
         x = torch.from_numpy(np.ascontiguousarray(x8[0]).astype(np.int8))
         B = torch.zeros((K, max(ng, 8)), dtype=torch.int8)       # block-diagonal [K, ng] (>= 8 columns)
         idx = torch.arange(K)
