@@ -447,3 +447,143 @@ def model_shape(spec: str) -> dict:
                     rope_theta=rope_parameters(cfg, str(p))["rope_theta"])
     raise AccllmError(f"no shape known for model {spec!r}: give one of {', '.join(KNOWN_CONFIGS)} or a "
                       f"Hugging Face directory with config.json")
+
+
+# --- block-streamed loading: the model skeleton and its blocks read one at a time -------------------
+
+STREAM_THRESHOLD_BYTES = 4 << 30     # ``--stream-blocks auto``: stream when the float32 weights exceed this
+
+
+def float32_bytes(spec: str) -> int | None:
+    """The float32 size of *spec*'s weights from its shape (None when the shape is not known without
+    loading it)."""
+    try:
+        s = model_shape(spec) if spec != "smollm2-135m" else dict(KNOWN_CONFIGS["smollm2-135m"])
+    except AccllmError:
+        return None
+    h, i, L, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    hd = s["head_dim"]
+    attn = h * hd * (s["num_attention_heads"] * 2 + s["num_key_value_heads"] * 2)
+    per_block = attn + 3 * h * i + 2 * h
+    emb = v * h * (1 if s["tie_word_embeddings"] else 2)
+    return 4 * (L * per_block + emb + h)
+
+
+class ShardReader:
+    """The tensors of a Hugging Face directory's ``*.safetensors`` shards, read by name on demand
+    (memory-mapped; each read opens its shard and closes it again, so no shard stays mapped)."""
+
+    def __init__(self, d: Path):
+        from safetensors import safe_open
+        self.dir = d
+        self.where: dict[str, Path] = {}
+        for f in sorted(d.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        self.where[k] = f
+            except Exception as e:
+                raise AccllmError(f"{f}: not a readable safetensors file ({e})") from None
+
+    def read_into(self, params: dict) -> None:
+        """Fill the float32 tensors *params* (name -> tensor) from the shards, one tensor in memory at a time
+        (refused naming the first one missing)."""
+        import torch
+        from safetensors import safe_open
+        missing = [n for n in params if n not in self.where]
+        if missing:
+            raise AccllmError(f"{self.dir}: tensor {missing[0]} is not in its *.safetensors files")
+        by_file: dict[Path, list[str]] = {}
+        for n in params:
+            by_file.setdefault(self.where[n], []).append(n)
+        with torch.no_grad():
+            for f, ns in by_file.items():
+                with safe_open(str(f), framework="pt") as sf:
+                    for n in ns:
+                        t = sf.get_tensor(n)
+                        if tuple(t.shape) != tuple(params[n].shape):
+                            raise AccllmError(f"{f}: tensor {n} has shape {tuple(t.shape)}, the model's "
+                                              f"config.json gives {tuple(params[n].shape)}")
+                        params[n].copy_(t.to(torch.float32))
+                        del t
+
+
+def _materialize(module, reader: ShardReader, prefix: str) -> None:
+    """Allocate *module*'s parameters (on the meta device) in float32 and fill them from *reader*."""
+    module.to_empty(device="cpu")
+    reader.read_into({f"{prefix}{n}": p for n, p in module.named_parameters()})
+
+
+def _model_dir(spec: str) -> tuple[Path, str, str]:
+    """(Hugging Face directory holding *spec*'s weights, its source path, its sha256) without loading it."""
+    if spec == "smollm2-135m":
+        d, digest = _gguf_cache_entry(_smollm2_gguf(), "smollm2-135m")
+        return d, str(_smollm2_gguf()), digest
+    p = Path(spec)
+    if spec in KNOWN_CONFIGS:
+        raise AccllmError(f"model {spec!r} is known by its shape only (for `accllm perf`); its weights "
+                          f"are not available here. Loadable: {', '.join(NAMES)}, a HF directory or a .gguf file")
+    if not p.exists():
+        raise AccllmError(f"model {spec!r} not found: give one of {', '.join(NAMES)}, a Hugging Face "
+                          f"directory (config.json + *.safetensors) or a .gguf file")
+    if p.is_dir():
+        return p, str(p.resolve()), _dir_sha256(p)
+    _gguf_architecture(p)
+    d, digest = _gguf_cache_entry(p, None)
+    return d, str(p.resolve()), digest
+
+
+def load_model_streamed(spec: str | None = None) -> LoadedModel:
+    """*spec* for the block-streamed build: a model whose decoder blocks are not loaded (on the meta
+    device) until :func:`load_block`; the embedding, final norm, lm_head and rotary embedding are.
+    ``tiny`` is built whole (it is a few MB)."""
+    spec = spec or DEFAULT_MODEL
+    if spec == "tiny":
+        return load_model(spec)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    _quiet_transformers()
+    d, source, digest = _model_dir(spec)
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise AccllmError(f"{d}: no config.json; a model directory needs config.json and *.safetensors")
+    try:
+        _check_architecture(json.loads(cfg_file.read_text()), str(d))
+    except ValueError as e:
+        raise AccllmError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not list(d.glob("*.safetensors")):
+        raise AccllmError(f"{d}: no *.safetensors weights (pickle checkpoints are not loaded, for safety)")
+    try:
+        config = AutoConfig.from_pretrained(str(d))
+        tok = AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:
+        raise AccllmError(f"{d}: could not load model ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.eval()
+    reader = ShardReader(d)
+    inner = model.model
+    _materialize(inner.embed_tokens, reader, "model.embed_tokens.")
+    _materialize(inner.norm, reader, "model.norm.")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = inner.embed_tokens.weight
+    else:
+        _materialize(model.lm_head, reader, "lm_head.")
+    inner.rotary_emb = type(inner.rotary_emb)(config=config)      # its buffers, computed on the CPU
+    model.accllm_shards = reader
+    return LoadedModel(model, tok, spec, source, digest)
+
+
+def load_block(model, li: int) -> None:
+    """Decoder block *li* of a :func:`load_model_streamed` model, read from its shards (no-op when loaded)."""
+    layer = model.model.layers[li]
+    if next(layer.parameters()).device.type == "meta":
+        _materialize(layer, model.accllm_shards, f"model.layers.{li}.")
+
+
+def release_block(model, li: int) -> None:
+    """Drop decoder block *li* (its compressed tensors are packed): an empty block on the meta device."""
+    import torch
+    layer = model.model.layers[li]
+    with torch.device("meta"):
+        model.model.layers[li] = type(layer)(model.config, li)

@@ -230,146 +230,205 @@ def prune_model(model, recipe, calib=None, progress: bool = True, tune_block=Non
 
     Returns a report: method, sparsity, per-layer {shape, kept fraction, relative output error
     tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the calibration inputs (None for magnitude without data)}, totals.
+    The work is done block by block by a :class:`LayerPruner` (the block-streamed build drives one
+    the same way, one decoder block at a time).
     """
-    from tqdm.auto import tqdm
-    if not recipe.nm:
-        raise AccllmError("prune_model: the recipe has no N:M sparsity (sparsity=none)")
-    n, m = check_nm(recipe.nm)
-    method = recipe.prune_method
-    if method not in METHODS:
-        raise AccllmError(f"prune_method {method!r} is not accepted; choose one of {', '.join(METHODS)}")
-    targets = prune_targets(model, recipe.prune_skip)
-    if not targets:
-        raise AccllmError(f"no linear layer left to prune: prune_skip {recipe.prune_skip} matches all of them")
-    for name, mod in targets.items():
-        if mod.in_features % m:
-            raise AccllmError(f"layer {name}: input dimension {mod.in_features} is not a multiple of M={m} "
-                              f"for {n}:{m} pruning; add it to prune_skip")
-    inner, layers = _decoder_layers(model)
-    layer_prefix = {}
-    for li, layer in enumerate(layers):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear):
-                layer_prefix[id(mod)] = li
-    outside = [name for name, mod in targets.items() if id(mod) not in layer_prefix]
-    for name in outside:
-        if name != "lm_head":
-            raise AccllmError(f"layer {name} lies outside the decoder layers; only lm_head can be pruned "
-                              f"there — add {name} to prune_skip")
-        emb = inner.embed_tokens.weight
-        if targets[name].weight.data_ptr() == emb.data_ptr():
-            raise AccllmError("lm_head is tied to the embedding table (tie_word_embeddings); pruning it would "
-                              "prune the embeddings too — keep 'lm_head' in prune_skip")
-    needs_data = method != "magnitude"
-    if calib is None and recipe.block_tune_steps > 0 and not recipe.weight_bits:
-        raise AccllmError(f"block_tune_steps={recipe.block_tune_steps} needs calibration windows (WikiText-2 valid); "
-                          f"pass calib, or set block_tune_steps=0")
-    if needs_data and calib is None:
-        raise AccllmError(f"prune_method={method} needs calibration data (WikiText-2 valid windows)")
-    if calib is not None and (calib.dim() != 2 or calib.dtype != torch.long):
-        raise AccllmError(f"calibration data must be a LongTensor [n, seqlen], got {tuple(calib.shape)} {calib.dtype}")
+    pruner = LayerPruner(model, recipe, calib, progress=progress, tune_block=tune_block)
+    pruner.start()
+    for li in pruner.bar(range(len(pruner.layers))):
+        pruner.layer(li)
+    return pruner.finish()
 
-    t0 = time.time()
-    fn = METHODS[method]
-    per_layer: dict[str, dict] = {}
-    tuned: dict[str, dict] = {}
 
-    def prune_one(name, mod, H):
+class LayerPruner:
+    """N:M pruning of one model, one decoder block at a time: :meth:`start` (checks, the calibration
+    inputs of block 0), :meth:`layer` for blocks 0, 1, … in order (each pruned on the outputs of the
+    already pruned blocks before it), :meth:`finish` (lm_head if pruned, the report). Its state between
+    blocks (:meth:`state` / :meth:`set_state`) is the calibration stream and the per-layer reports."""
+
+    def __init__(self, model, recipe, calib=None, progress: bool = True, tune_block=None):
+        if not recipe.nm:
+            raise AccllmError("prune_model: the recipe has no N:M sparsity (sparsity=none)")
+        self.n, self.m = n, m = check_nm(recipe.nm)
+        method = recipe.prune_method
+        if method not in METHODS:
+            raise AccllmError(f"prune_method {method!r} is not accepted; choose one of {', '.join(METHODS)}")
+        self.model, self.recipe, self.progress, self.tune_block, self.method = model, recipe, progress, tune_block, method
+        targets = prune_targets(model, recipe.prune_skip)
+        if not targets:
+            raise AccllmError(f"no linear layer left to prune: prune_skip {recipe.prune_skip} matches all of them")
+        for name, mod in targets.items():
+            if mod.in_features % m:
+                raise AccllmError(f"layer {name}: input dimension {mod.in_features} is not a multiple of M={m} "
+                                  f"for {n}:{m} pruning; add it to prune_skip")
+        self.inner, self.layers = inner, layers = _decoder_layers(model)
+        layer_prefix = {}
+        for li, layer in enumerate(layers):
+            for name, mod in layer.named_modules():
+                if isinstance(mod, nn.Linear):
+                    layer_prefix[id(mod)] = li
+        self.outside = outside = [name for name, mod in targets.items() if id(mod) not in layer_prefix]
+        for name in outside:
+            if name != "lm_head":
+                raise AccllmError(f"layer {name} lies outside the decoder layers; only lm_head can be pruned "
+                                  f"there — add {name} to prune_skip")
+            emb = inner.embed_tokens.weight
+            if targets[name].weight is emb or targets[name].weight.data_ptr() == emb.data_ptr() != 0:
+                raise AccllmError("lm_head is tied to the embedding table (tie_word_embeddings); pruning it would "
+                                  "prune the embeddings too — keep 'lm_head' in prune_skip")
+        self.targets = {name: targets[name] for name in outside}     # the block linears are looked up per block
+        # decoder-block linears by block index, by name (block-local names with the model prefix)
+        self.by_layer: dict[int, list[str]] = {}
+        for name, mod in targets.items():
+            if id(mod) in layer_prefix:
+                self.by_layer.setdefault(layer_prefix[id(mod)], []).append(name)
+        needs_data = method != "magnitude"
+        if calib is None and recipe.block_tune_steps > 0 and not recipe.weight_bits:
+            raise AccllmError(f"block_tune_steps={recipe.block_tune_steps} needs calibration windows (WikiText-2 valid); "
+                              f"pass calib, or set block_tune_steps=0")
+        if needs_data and calib is None:
+            raise AccllmError(f"prune_method={method} needs calibration data (WikiText-2 valid windows)")
+        if calib is not None and (calib.dim() != 2 or calib.dtype != torch.long):
+            raise AccllmError(f"calibration data must be a LongTensor [n, seqlen], got {tuple(calib.shape)} {calib.dtype}")
+        self.calib = calib
+        # block-wise reconstruction of the kept weights (quant/blocktune.py) when pruning is the last
+        # step that changes weights (with weight quantization, the quantizer tunes the blocks instead)
+        self.tune = calib is not None and recipe.block_tune_steps > 0 and not recipe.weight_bits
+        if self.tune and tune_block is None:
+            raise AccllmError("block_tune_steps > 0 without weight quantization needs the block-wise reconstruction "
+                              "(tune_block=quant.blocktune.tune_block, as quant.pipeline passes it)")
+        self.per_layer: dict[str, dict] = {}
+        self.tuned: dict[str, dict] = {}
+        self.batches = self.fp_batches = None
+        self.t0 = time.time()
+        self._bar = None
+
+    def bar(self, it):
+        from tqdm.auto import tqdm
+        n, m = self.n, self.m
+        desc = f"prune {n}:{m} {self.method}"
+        if self.calib is None:
+            return it
+        self._bar = tqdm(it, desc=desc, unit="layer", disable=not self.progress)
+        return self._bar
+
+    def start(self) -> None:
+        """The calibration inputs of decoder block 0 (and, without data, nothing)."""
+        self.t0 = time.time()
+        if self.calib is None:
+            return
+        device = self.inner.embed_tokens.weight.device
+        self.calib = self.calib.to(device)
+        self.batches = capture_layer0_inputs(self.model, self.calib, CALIB_BATCH)
+        self.fp_batches = list(self.batches) if self.tune else None
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "fp_batches": self.fp_batches, "per_layer": self.per_layer,
+                "tuned": self.tuned, "elapsed": time.time() - self.t0}
+
+    def set_state(self, st: dict) -> None:
+        self.batches, self.fp_batches = st["batches"], st["fp_batches"]
+        self.per_layer, self.tuned = st["per_layer"], st["tuned"]
+        self.t0 = time.time() - st["elapsed"]
+
+    def _prune_one(self, name, mod, H):
         t = time.time()
         w = mod.weight.data.float()
-        w_new, mask = fn(w, n, m, H)
+        w_new, mask = METHODS[self.method](w, self.n, self.m, H)
         w_new = w_new * mask
-        per_layer[name] = {"shape": list(w.shape), "kept": float(mask.float().mean()),
-                           "rel_err": _rel_err(w, w_new, H), "seconds": round(time.time() - t, 3)}
+        self.per_layer[name] = {"shape": list(w.shape), "kept": float(mask.float().mean()),
+                                "rel_err": _rel_err(w, w_new, H), "seconds": round(time.time() - t, 3)}
         mod.weight.data.copy_(w_new.to(mod.weight.dtype))
         mod.accllm_mask = mask.to(mod.weight.device)
 
-    if calib is None:
-        for name, mod in tqdm(list(targets.items()), desc=f"prune {n}:{m} {method}", disable=not progress):
-            prune_one(name, mod, None)
-    else:
-        device = next(model.parameters()).device
-        calib = calib.to(device)
-        batches = capture_layer0_inputs(model, calib, CALIB_BATCH)
-        by_layer: dict[int, dict[str, nn.Linear]] = {}
-        for name, mod in targets.items():
-            if id(mod) in layer_prefix:
-                by_layer.setdefault(layer_prefix[id(mod)], {})[name] = mod
-        # block-wise reconstruction of the kept weights (quant/blocktune.py) when pruning is the last
-        # step that changes weights (with weight quantization, the quantizer tunes the blocks instead)
-        tune = recipe.block_tune_steps > 0 and not recipe.weight_bits
-        if tune and tune_block is None:
-            raise AccllmError("block_tune_steps > 0 without weight quantization needs the block-wise reconstruction "
-                              "(tune_block=quant.blocktune.tune_block, as quant.pipeline passes it)")
-        fp_batches = list(batches) if tune else None
-        bar = tqdm(range(len(layers)), desc=f"prune {n}:{m} {method}", unit="layer", disable=not progress)
-        for li in bar:
-            layer = layers[li]
-            mods = by_layer.get(li, {})
-            block_targets = _run_layer(layer, fp_batches) if tune else None   # the dense block, dense stream
-            Hs = {name: torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=device)
-                  for name, mod in mods.items()}
-            counts = {name: 0 for name in mods}
-            alias: dict[str, str] = {}      # q/k/v (and gate/up) read the same input: one Hessian
-            seen: dict = {}
-            handles = []
+    @torch.no_grad()
+    def layer(self, li: int) -> None:
+        """Prune decoder block *li* (blocks before it are done) and move the calibration stream past it."""
+        layer = self.layers[li]
+        mods = {name: self.model.get_submodule(name) for name in self.by_layer.get(li, [])}
+        if self.calib is None:
             for name, mod in mods.items():
-                def hook(_m, inp, _out, name=name):
-                    x = inp[0]
-                    key = (x.data_ptr(), tuple(x.shape))
-                    first = seen.setdefault(key, (name, x))[0]   # holding x: its memory is not reused
-                    if first != name:
-                        alias[name] = first
-                        return
-                    x = x.reshape(-1, x.shape[-1]).float()
-                    Hs[name].addmm_(x.T, x)
-                    counts[name] += x.shape[0]
-                handles.append(mod.register_forward_hook(hook))
-            try:
-                if mods:
-                    for h, kw in batches:
-                        seen.clear()
-                        layer(h, **kw)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name, mod in mods.items():
-                src = alias.get(name, name)
-                prune_one(name, mod, Hs[src] / max(1, counts[src]))
-            if tune and mods:
-                tuned[f"model.layers.{li}"] = tune_block(layer, [h for h, _ in batches], [kw for _, kw in batches],
-                                                         block_targets, recipe.block_tune_steps, recipe.block_tune_lr,
-                                                         seed=recipe.seed + li, tokens=recipe.block_tune_tokens)
-            if tune:
-                fp_batches = [(o, kw) for o, (_, kw) in zip(block_targets, fp_batches)]
-            outs = _run_layer(layer, batches)
-            batches = [(o, kw) for o, (_, kw) in zip(outs, batches)]
-            bar.set_postfix(err=f"{sum(per_layer[k]['rel_err'] or 0 for k in mods) / max(1, len(mods)):.3f}")
-        for name in outside:       # lm_head (untied): inputs are the final norm of the pruned stack
-            mod = targets[name]
-            H = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=device)
+                self._prune_one(name, mod, None)
+            return
+        recipe, tune, batches = self.recipe, self.tune, self.batches
+        device = self.calib.device
+        block_targets = _run_layer(layer, self.fp_batches) if tune else None   # the dense block, dense stream
+        Hs = {name: torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=device)
+              for name, mod in mods.items()}
+        counts = {name: 0 for name in mods}
+        alias: dict[str, str] = {}      # q/k/v (and gate/up) read the same input: one Hessian
+        seen: dict = {}
+        handles = []
+        for name, mod in mods.items():
+            def hook(_m, inp, _out, name=name):
+                x = inp[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                first = seen.setdefault(key, (name, x))[0]   # holding x: its memory is not reused
+                if first != name:
+                    alias[name] = first
+                    return
+                x = x.reshape(-1, x.shape[-1]).float()
+                Hs[name].addmm_(x.T, x)
+                counts[name] += x.shape[0]
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            if mods:
+                for h, kw in batches:
+                    seen.clear()
+                    layer(h, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        seen.clear()
+        for name, mod in mods.items():
+            src = alias.get(name, name)
+            self._prune_one(name, mod, Hs[src] / max(1, counts[src]))
+        del Hs
+        if tune and mods:
+            self.tuned[f"model.layers.{li}"] = self.tune_block(
+                layer, [h for h, _ in batches], [kw for _, kw in batches], block_targets, recipe.block_tune_steps,
+                recipe.block_tune_lr, seed=recipe.seed + li, tokens=recipe.block_tune_tokens)
+        if tune:
+            self.fp_batches = [(o, kw) for o, (_, kw) in zip(block_targets, self.fp_batches)]
+        outs = _run_layer(layer, batches)
+        self.batches = [(o, kw) for o, (_, kw) in zip(outs, batches)]
+        if self._bar is not None:
+            self._bar.set_postfix(err=f"{sum(self.per_layer[k]['rel_err'] or 0 for k in mods) / max(1, len(mods)):.3f}")
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        """lm_head (when pruned: on the final norm of the pruned stack) and the report."""
+        n, m, method, calib, per_layer = self.n, self.m, self.method, self.calib, self.per_layer
+        for name in self.outside:       # lm_head (untied): inputs are the final norm of the pruned stack
+            mod = self.targets[name]
+            if calib is None:
+                self._prune_one(name, mod, None)
+                continue
+            H = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=calib.device)
             cnt = 0
-            for h, _ in batches:
-                x = inner.norm(h).reshape(-1, h.shape[-1]).float()
+            for h, _ in self.batches:
+                x = self.inner.norm(h).reshape(-1, h.shape[-1]).float()
                 H.addmm_(x.T, x)
                 cnt += x.shape[0]
-            prune_one(name, mod, (H / max(1, cnt)).float())
+            self._prune_one(name, mod, (H / max(1, cnt)).float())
+        self.batches = self.fp_batches = None
+        t0, tuned, progress = self.t0, self.tuned, self.progress
 
-    total = sum(p["shape"][0] * p["shape"][1] for p in per_layer.values())
-    kept = sum(p["kept"] * p["shape"][0] * p["shape"][1] for p in per_layer.values())
-    errs = [p["rel_err"] for p in per_layer.values() if p["rel_err"] is not None]
-    report = {"method": method, "sparsity": f"{n}:{m}", "index_bits_per_group": index_bits(n, m),
-              "layers_pruned": len(per_layer), "weights_in_pruned_layers": total,
-              "kept_fraction": kept / total if total else 1.0,
-              "mean_rel_err": sum(errs) / len(errs) if errs else None,
-              "calib": list(calib.shape) if calib is not None else None,
-              "seconds": round(time.time() - t0, 2), "layers": per_layer}
-    if tuned:
-        report["block_tune"] = tuned
-    if progress:
-        worst = sorted(((p["rel_err"] or 0, k) for k, p in per_layer.items()), reverse=True)[:3]
-        print(f"pruned {len(per_layer)} linear layers to {n}:{m} ({method}) in {report['seconds']:.1f} s; "
-              f"kept {report['kept_fraction']:.3f} of their weights"
-              + (f"; mean rel. output error {report['mean_rel_err']:.4f}, worst "
-                 + ", ".join(f"{k} {e:.4f}" for e, k in worst) if errs else ""), file=sys.stderr)
-    return report
+        total = sum(p["shape"][0] * p["shape"][1] for p in per_layer.values())
+        kept = sum(p["kept"] * p["shape"][0] * p["shape"][1] for p in per_layer.values())
+        errs = [p["rel_err"] for p in per_layer.values() if p["rel_err"] is not None]
+        report = {"method": method, "sparsity": f"{n}:{m}", "index_bits_per_group": index_bits(n, m),
+                  "layers_pruned": len(per_layer), "weights_in_pruned_layers": total,
+                  "kept_fraction": kept / total if total else 1.0,
+                  "mean_rel_err": sum(errs) / len(errs) if errs else None,
+                  "calib": list(calib.shape) if calib is not None else None,
+                  "seconds": round(time.time() - t0, 2), "layers": per_layer}
+        if tuned:
+            report["block_tune"] = tuned
+        if progress:
+            worst = sorted(((p["rel_err"] or 0, k) for k, p in per_layer.items()), reverse=True)[:3]
+            print(f"pruned {len(per_layer)} linear layers to {n}:{m} ({method}) in {report['seconds']:.1f} s; "
+                  f"kept {report['kept_fraction']:.3f} of their weights"
+                  + (f"; mean rel. output error {report['mean_rel_err']:.4f}, worst "
+                     + ", ".join(f"{k} {e:.4f}" for e, k in worst) if errs else ""), file=sys.stderr)
+        return report

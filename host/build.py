@@ -5,6 +5,10 @@ Steps (:data:`STEPS`, in order; a step whose recipe keys or options are off does
   load          load the model (refused early if the recipe cannot apply to its shapes)
   smooth, prune, kv-calibrate, attention, quantize
                 the recipe pipeline (quant.pipeline.COMPRESS_STEPS), one step each
+  blocks        instead of those with --stream-blocks (quant/stream.py, docs/scale.md): the same steps
+                one decoder block at a time, each block loaded from the safetensors shards and packed in
+                turn; with saved steps each finished block is kept under OUT/steps/.blocks.progress/ and
+                ``--start-step blocks`` continues after the last one
   pack          packed tensors, per-layer records, footprint; weights.safetensors
   program       the accelerator program for --hw (program.bin, program.lst, memmap.json, hbm_w<p>.bin)
   finalize      build_config.json, steps.json and manifest.json; the package is renamed into place
@@ -114,6 +118,9 @@ class BuildContext:
     files: list = field(default_factory=list)      # files written into tmp (their sha256 go into the manifest)
     records: list = field(default_factory=list)    # steps.json
     t_step: float = 0.0
+    stream: bool = False             # block-streamed compression (the blocks step; docs/scale.md)
+    store: object = None             # the StepStore when steps are saved
+    packed: object = None            # the blocks step's result: (tensors, meta, layers, footprint)
     wrote: dict = field(default_factory=dict)      # step -> (files it added, manifest keys it set)
 
     def add_file(self, name: str) -> None:
@@ -161,10 +168,15 @@ def _family_recipe(args, recipe):
 
 
 def _load(ctx: BuildContext) -> dict:
-    from algo.models import load_model
+    from algo.models import load_model, load_model_streamed
     from quant.pipeline import Calibration, Prepared
     from quant.quantize import check_model
-    ctx.loaded = load_model(ctx.args.model)
+    if ctx.stream:
+        from quant.stream import check_streamable
+        check_streamable(ctx.recipe)
+        ctx.loaded = load_model_streamed(ctx.args.model)
+    else:
+        ctx.loaded = load_model(ctx.args.model)
     check_model(ctx.loaded.model, ctx.recipe)
     ctx.prepared = Prepared(ctx.loaded, ctx.recipe)
     ctx.calib = Calibration(ctx.loaded.tokenizer, ctx.recipe)
@@ -185,9 +197,32 @@ def _restore_load(store: "StepStore", ctx: BuildContext, d: Path) -> None:
 def _compress_step(cs) -> BuildStep:
     def run(ctx):
         return cs.run(ctx.prepared, ctx.calib, ctx.progress)
+    def applies(ctx):
+        return cs.applies(ctx.recipe) and not ctx.stream     # streamed: done block by block by the blocks step
     if cs.name == "attention":         # installs the cache factory and SpAtten: no weights change
-        return BuildStep(cs.name, cs.doc, lambda ctx: cs.applies(ctx.recipe), run, replayed=True)
-    return BuildStep(cs.name, cs.doc, lambda ctx: cs.applies(ctx.recipe), run, _save_model, _restore_model)
+        return BuildStep(cs.name, cs.doc, applies, run, replayed=True)
+    return BuildStep(cs.name, cs.doc, applies, run, _save_model, _restore_model)
+
+
+BLOCKS_PROGRESS = ".blocks.progress"
+
+
+def _blocks(ctx: BuildContext) -> dict:
+    from quant.stream import compress_streamed
+    progress_dir = ctx.store.root / BLOCKS_PROGRESS if ctx.store is not None else None
+    ctx.packed = compress_streamed(ctx.prepared, ctx.calib, ctx.progress, progress_dir)
+    return {"blocks": ctx.loaded.config.num_hidden_layers, "tensors": len(ctx.packed[0])}
+
+
+def _save_blocks(store: "StepStore", ctx: BuildContext, d: Path, step: str) -> None:
+    from quant.stream import save_packed
+    save_packed(d, ctx.packed, ctx.prepared.report)
+    shutil.rmtree(store.root / BLOCKS_PROGRESS, ignore_errors=True)   # the per-block artefacts, now whole
+
+
+def _restore_blocks(store: "StepStore", ctx: BuildContext, d: Path) -> None:
+    from quant.stream import load_packed
+    ctx.packed, ctx.prepared.report = load_packed(d)
 
 
 def _save_model(store: "StepStore", ctx: BuildContext, d: Path, step: str) -> None:
@@ -224,11 +259,14 @@ def _restore_model(store: "StepStore", ctx: BuildContext, d: Path) -> None:
 def _pack(ctx: BuildContext) -> dict:
     from quant.package import FORMAT, FORMAT_VERSION, WEIGHTS, package_tensors, save_weights, tool_version
     lm = ctx.loaded
-    hook = ctx.prepared.kv_hook if ctx.recipe.kv_bits else None
-    if ctx.recipe.kv_bits and hook is None:
-        raise AccllmError("the prepared model has no KV quantization hook (kv-calibrate did not run); "
-                          "cannot export its constants")
-    tensors, meta, layers, footprint = package_tensors(lm.model, hook)
+    if ctx.stream:               # packed block by block by the blocks step
+        tensors, meta, layers, footprint = ctx.packed
+    else:
+        hook = ctx.prepared.kv_hook if ctx.recipe.kv_bits else None
+        if ctx.recipe.kv_bits and hook is None:
+            raise AccllmError("the prepared model has no KV quantization hook (kv-calibrate did not run); "
+                              "cannot export its constants")
+        tensors, meta, layers, footprint = package_tensors(lm.model, hook)
     ctx.manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": tool_version(),
         "source": {"spec": lm.spec, "path": lm.source, "sha256": lm.source_sha256},
@@ -240,6 +278,7 @@ def _pack(ctx: BuildContext) -> dict:
     }
     save_weights(tensors, ctx.tmp / WEIGHTS)
     ctx.add_file(WEIGHTS)
+    ctx.packed = None
     for n in _save_tokenizer(lm.tokenizer, ctx.tmp):     # the package runs from its directory alone
         ctx.add_file(n)
     return {"tensors": len(tensors), "bytes": (ctx.tmp / WEIGHTS).stat().st_size,
@@ -309,6 +348,9 @@ def _steps() -> tuple[BuildStep, ...]:
     return (BuildStep("load", "load the model and check that the recipe applies to it", lambda ctx: True, _load,
                       None, _restore_load),
             *[_compress_step(cs) for cs in COMPRESS_STEPS],
+            BuildStep("blocks", "block-streamed compression (--stream-blocks): each decoder block loaded, pruned, "
+                      "KV-calibrated, quantized, block-tuned and packed in turn", lambda ctx: ctx.stream, _blocks,
+                      _save_blocks, _restore_blocks),
             BuildStep("pack", "packed low-bit tensors and per-layer records: weights.safetensors",
                       lambda ctx: True, _pack, _save_files, _restore_files),
             BuildStep("program", "the accelerator program for --hw: program.bin, program.lst, memmap.json, "
@@ -465,6 +507,25 @@ def _summary(ctx: BuildContext, out: Path, total_s: float, store: StepStore | No
     return rows
 
 
+STREAM_CHOICES = ("auto", "on", "off")
+
+
+def stream_blocks(spec: str, mode: str, recipe) -> bool:
+    """Whether compile-model streams blocks: ``on``, ``off``, or ``auto`` — on when the model's float32
+    weights (from its shape) exceed algo.models.STREAM_THRESHOLD_BYTES and the recipe can be streamed."""
+    if mode not in STREAM_CHOICES:
+        raise AccllmError(f"--stream-blocks {mode!r}: accepted {', '.join(STREAM_CHOICES)}")
+    if mode != "auto":
+        return mode == "on"
+    from algo.models import STREAM_THRESHOLD_BYTES, float32_bytes
+    size = float32_bytes(spec)
+    if size is None or size <= STREAM_THRESHOLD_BYTES:
+        return False
+    from quant.stream import check_streamable
+    check_streamable(recipe)        # a model this big cannot be compiled whole here either: say why
+    return True
+
+
 def compile_model(args, recipe=None) -> int:
     """The build of ``compile-model`` (*args* as its parser makes them); *recipe*, when given, is the
     validated recipe to build instead of the one --recipe, --recipe-file and --set describe."""
@@ -486,9 +547,11 @@ def compile_model(args, recipe=None) -> int:
     check_out_dir(out)
     config = BuildConfig.from_args(args, recipe)
     progress = not getattr(args, "no_progress", False)
-    ctx = BuildContext(args=args, recipe=recipe, config=config, progress=progress)
+    ctx = BuildContext(args=args, recipe=recipe, config=config, progress=progress,
+                       stream=stream_blocks(args.model, getattr(args, "stream_blocks", None) or "auto", recipe))
     save = start is not None or stop is not None or bool(getattr(args, "save_steps", False))
     store = StepStore(out) if save else None
+    ctx.store = store
     t_all = time.time()
     try:
         with atomic_directory(out) as tmp:

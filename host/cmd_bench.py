@@ -24,6 +24,12 @@ cycle model's prediction for the same runs (sim/cycle.py, through the functional
 compared with emu, and the simulation speed in cycles per second.
 rtl without --model: the weight-stream efficiency of one large MATMUL and of the DMA.
 
+compile-7b --out DIR: a random-weight model of Llama-2-7B's shape (sharded fp16 safetensors, written once
+into the accllm cache) compiled with the accllm recipe for u280, block-streamed (compile-model
+--stream-blocks on), GPTQ / SparseGPT / block tuning replaced by RTN / magnitude pruning / none (hours on
+2 cores otherwise); time and peak RSS per build step; the package is then loaded, read by `accllm perf
+--package` and run for --tokens (default 3) tokens on emu. --layers / --hidden scale the model down.
+
 soak: --tokens decode steps (default 20000) on the functional model, as `accllm run --backend emu` does,
 with a package whose Λ window (--sink + --window, default 4 + 60; compiled once for tiny and cached) is
 much smaller, so the KV ring wraps hundreds of times. Per --block of tokens: RSS and cycles per token,
@@ -31,11 +37,13 @@ which must stay flat (last block vs first); every token is checked against the f
 of the same package (--reference-tokens: only that many). Exit status 1 when a check fails."""
 EPILOG = ("examples: accllm bench emu --model smollm2-135m --json\n"
           "          accllm bench rtl --hw sim-small --model tiny --json\n"
-          "          accllm bench soak --tokens 20000 --json")
+          "          accllm bench soak --tokens 20000 --json\n"
+          "          accllm bench compile-7b --out build/llama2-7b-shape --json")
 
 BACKENDS: dict[str, str] = {"emu": "host.cmd_bench:_bench_emu",   # backend -> "module:function(args)->dict"
                             "rtl": "host.cmd_bench:_bench_rtl",    # reads --hw (RTL kernel on Verilator)
-                            "soak": "host.bench_soak:bench_soak"}  # reads --block, --sink, --window, --reference-tokens
+                            "soak": "host.bench_soak:bench_soak",  # reads --block, --sink, --window, --reference-tokens
+                            "compile-7b": "host.bench_compile:bench_compile_7b"}  # reads --out, --layers, --hidden, --tokens
 
 
 def add_arguments(p) -> None:
@@ -46,7 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--hw", default="sim-small", help="hardware configuration (default sim-small)")
     p.add_argument("--package", default=None, metavar="DIR", help="use this compiled package instead")
     p.add_argument("--tokens", type=int, default=None, help="decode steps to time (default 32 on emu, 16 on rtl, "
-                   "20000 on soak)")
+                   "20000 on soak; compile-7b: tokens generated on emu from the package, default 3)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length before decoding (default 16 on emu "
                    "and soak, 8 on rtl)")
     p.add_argument("--block", type=int, default=None, help="soak: tokens per reported block (default --tokens / 20)")
@@ -55,7 +63,12 @@ def add_arguments(p) -> None:
                    "(default 60)")
     p.add_argument("--reference-tokens", type=int, default=None, metavar="N",
                    help="soak: compare only the first N tokens with the fake-quant torch model (default all; 0: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines (soak)")
+    p.add_argument("--out", default=None, metavar="DIR", help="compile-7b: the package directory to write")
+    p.add_argument("--layers", type=int, default=None, help="compile-7b: decoder layers of the random model "
+                   "(default 32, Llama-2-7B's; fewer for a quick check)")
+    p.add_argument("--hidden", type=int, default=None, help="compile-7b: hidden size (default 4096; a multiple of "
+                   "128, heads = hidden / 128, intermediate scaled as Llama-2-7B's; smaller for a quick check)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines (soak, compile-7b)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

@@ -17,7 +17,9 @@ EPILOG = ("build steps, in order (a step whose recipe keys or options are off do
           "examples:\n"
           "  compile-model --model smollm2-135m --recipe w2a8kv4 --out build/smollm2\n"
           "  compile-model --model tiny --recipe accllm --hw sim-small --out D --stop-step quantize\n"
-          "  compile-model --model tiny --recipe accllm --hw sim-small --out D --start-step pack\n\n"
+          "  compile-model --model tiny --recipe accllm --hw sim-small --out D --start-step pack\n"
+          "  compile-model --model DIR --recipe accllm --hw u280 --out D --stream-blocks on --save-steps\n"
+          "      (killed? the same command with --start-step blocks continues after the last block saved)\n\n"
           + RECIPE_EPILOG)
 
 
@@ -34,6 +36,10 @@ def add_arguments(p) -> None:
     p.add_argument("--save-steps", action="store_true",
                    help="keep every finished step's artefact under OUT/steps/ (a killed build can then be "
                         "resumed with --start-step); the artefacts stay in the package directory")
+    p.add_argument("--stream-blocks", default="auto", choices=("auto", "on", "off"),
+                   help="compress block by block from the memory-mapped safetensors shards, never holding the "
+                        "float model whole (same package bytes; docs/scale.md): on, off, or auto (default: on when "
+                        "the float32 weights exceed 4 GiB, e.g. a 7B model)")
     p.add_argument("--hw", default=None, metavar="CONFIG",
                    help="also compile for the accelerator: sim-small | u280 (adds program.bin, program.lst, "
                         "memmap.json, hbm_w<p>.bin and 'hw' in the manifest)")

@@ -12,12 +12,17 @@ lanes, which the RTL does not have yet: a projection, not validated) and the RTL
 (RtlCycleModel: within 1 % of the cycles the RTL simulation measures on tiny and SmolLM2-135M,
 `accllm bench rtl`)."""
 EPILOG = ("examples:\n  accllm perf --model llama2-7b --hw u280 --recipe accllm --json\n"
+          "  accllm perf --package build/llama2-7b-shape --json\n"
           "  accllm perf --model smollm2-135m --hw u280 --plot roofline.png")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="llama2-7b", help="llama2-7b | smollm2-135m | tiny | HF directory (config.json)")
-    p.add_argument("--hw", default="u280", help="hardware configuration preset (u280 | sim-small)")
+    p.add_argument("--package", default=None, metavar="DIR",
+                   help="a compiled package: its model dimensions, recipe and (when compiled for one) hardware "
+                        "configuration, instead of --model / --recipe / --hw (only its manifest is read)")
+    p.add_argument("--hw", default=None, help="hardware configuration preset (u280 | sim-small; default u280, or "
+                   "the package's)")
     p.add_argument("--hw-set", dest="hw_sets", action="append", default=[], metavar="KEY=VALUE")
     add_recipe_args(p, default="accllm")
     p.add_argument("--context", type=int, default=None,
@@ -53,14 +58,42 @@ def _plot(res: dict, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _from_package(args):
+    """(shape, recipe, hw name) of --package from its manifest (checked; the weights are not read)."""
+    from algo.common import AccllmError
+    from algo.recipe import recipe_from_dict
+    from quant.package import read_manifest
+    if args.recipe_file or args.sets:
+        raise AccllmError("--package brings its own recipe: --recipe-file and --set apply to --model only")
+    man = read_manifest(args.package)
+    mc = man.get("model_config") or {}
+    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    if any(k not in mc for k in need):
+        raise AccllmError(f"package {args.package}: manifest.json model_config lacks "
+                          f"{', '.join(k for k in need if k not in mc)}")
+    shape = dict(hidden_size=mc["hidden_size"], intermediate_size=mc["intermediate_size"],
+                 num_hidden_layers=mc["num_hidden_layers"], num_attention_heads=mc["num_attention_heads"],
+                 num_key_value_heads=mc.get("num_key_value_heads") or mc["num_attention_heads"],
+                 head_dim=mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"],
+                 vocab_size=mc["vocab_size"], max_position_embeddings=mc.get("max_position_embeddings", 4096),
+                 tie_word_embeddings=bool(mc.get("tie_word_embeddings", False)),
+                 rope_theta=(mc.get("rope_parameters") or {}).get("rope_theta", mc.get("rope_theta", 10000.0)),
+                 name=(man.get("source") or {}).get("spec") or str(args.package))
+    return shape, recipe_from_dict(man["recipe"]), (man.get("hw") or {}).get("name")
+
+
 def run(args) -> int:
     from algo.models import model_shape
     from hw.config import load_hw
     from sim.cycle import project
     from algo.common import AccllmError
-    hw = load_hw(args.hw, args.hw_sets)
-    recipe = recipe_from_args(args)
-    shape = dict(model_shape(args.model), name=args.model)
+    if args.package:
+        shape, recipe, hw_name = _from_package(args)
+    else:
+        recipe = recipe_from_args(args)
+        shape = dict(model_shape(args.model), name=args.model)
+        hw_name = None
+    hw = load_hw(args.hw or hw_name or "u280", args.hw_sets)
     if args.context is not None and args.context < 0:
         raise AccllmError(f"--context must be >= 0, got {args.context}")
     if args.prompt < 1:

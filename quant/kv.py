@@ -220,3 +220,59 @@ def make_kv_hook(model, recipe, calib: torch.Tensor | None, progress: bool = Tru
         hook.k_scale[li] = s.reshape(H, D)
         hook.k_zero[li] = z.reshape(H, D)
     return hook
+
+
+class LayerKVCalibrator:
+    """The static key constants of :func:`make_kv_hook`, one decoder block at a time (the block-streamed
+    build): the calibration windows :func:`make_kv_hook` would run (each on its own, with a fresh cache of
+    the recipe's kind) are carried from block to block as hidden states; :meth:`layer` runs block *li* on
+    them with a fresh cache, records the keys it writes and sets that block's constants. The keys, and so
+    the constants, are those of the whole-model calibration."""
+
+    def __init__(self, model, recipe, calib: torch.Tensor | None, max_tokens: int = 8192):
+        L = model.config.num_hidden_layers
+        hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        self.model, self.recipe = model, recipe
+        self.hook = KVQuantHook(recipe.kv_bits, recipe.kv_group_size, L, "static", recipe.kv_key_rope,
+                                recipe.kv_key_token_scale)
+        self.hook._vgroup(hd)
+        model.accllm_kv_hook = self.hook
+        if calib is None:
+            raise AccllmError("static key quantization needs calibration data (WikiText-2 valid)")
+        self.calib, self.max_tokens = calib, max_tokens
+        self.rec = _Recorder(L, max_tokens, self.hook.needs_rope)
+        from algo.attention import make_cache_factory
+        self.factory = make_cache_factory(model, recipe, self.rec)
+        self.calls = None                 # per window: (hidden states entering the next block, its kwargs)
+
+    def start(self) -> None:
+        from algo.calib import capture_layer0_calls
+        T = int(self.calib.shape[1])
+        n = min(int(self.calib.shape[0]), -(-self.max_tokens // T))    # the windows make_kv_hook runs
+        self.calls = capture_layer0_calls(self.model, [self.calib[i:i + 1] for i in range(n)],
+                                          lambda: self.factory(self.model.config))
+
+    def state(self) -> dict:
+        return {"calls": [(h, {k: v for k, v in kw.items() if k != "cache"}) for h, kw in self.calls],
+                "k_scale": list(self.hook.k_scale), "k_zero": list(self.hook.k_zero)}
+
+    def set_state(self, st: dict) -> None:
+        self.calls = [(h, {**kw, "cache": None}) for h, kw in st["calls"]]
+        self.hook.k_scale, self.hook.k_zero = list(st["k_scale"]), list(st["k_zero"])
+
+    @torch.no_grad()
+    def layer(self, li: int) -> None:
+        layer = self.model.model.layers[li]
+        outs = []
+        for h, kw in self.calls:
+            o = layer(h, **{**kw, "cache": self.factory(self.model.config)})
+            outs.append(o[0] if isinstance(o, tuple) else o)
+        self.calls = [(o, kw) for o, (_, kw) in zip(outs, self.calls)]
+        if not self.rec.keys[li]:
+            raise AccllmError(f"no keys of layer {li} were written during KV calibration")
+        ks = torch.cat(self.rec.keys[li], dim=1)                        # [H, T, D]
+        self.rec.keys[li] = []
+        H, T, D = ks.shape
+        s, z = _search_channel_range(ks.permute(1, 0, 2).reshape(T, H * D), self.recipe.kv_bits)
+        self.hook.k_scale[li] = s.reshape(H, D)
+        self.hook.k_zero[li] = z.reshape(H, D)

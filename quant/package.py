@@ -85,26 +85,52 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def package_tensors(model, kv_hook=None) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
     """Pack *model* (LlamaForCausalLM whose linears are QLinear or nn.Linear). Returns
     (tensors, tensor_meta, layers, footprint)."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, dict] = {}
-    layers: dict[str, dict] = {}
-
-    def put(name, t, kind, bits=None, logical_shape=None):
-        tensors[name] = t.contiguous()
-        meta[name] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "bits": bits,
-                      "logical_shape": list(logical_shape if logical_shape is not None else t.shape), "kind": kind}
-
-    cfg = model.config
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    fp_params = 0
+    packer = Packer(bool(getattr(model.config, "tie_word_embeddings", False)))
     for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight") or name.endswith("norm.weight"):
-            put(name, p.detach().to(torch.float16), "embedding" if "embed" in name else "norm", 16)
-            fp_params += p.numel()
-    lin_bytes = lin_params = blk_bytes = blk_params = 0
+        packer.add_float(name, p)
     for name, m in model.named_modules():
+        packer.add_linear(name, m)
+    if kv_hook is not None:
+        packer.add_kv(kv_hook.constants())
+    return packer.result()
+
+
+class Packer:
+    """The packed tensors of a model, added a piece at a time (a whole model by :func:`package_tensors`,
+    or one decoder block after another by the block-streamed build): the embedding and norms
+    (:meth:`add_float`), each linear layer (:meth:`add_linear`), the KV constants (:meth:`add_kv`);
+    :meth:`result` lists them in the order of a whole-model pack (float tensors, linear layers, KV
+    constants) with the footprint over all of them."""
+
+    def __init__(self, tied: bool):
+        self.tied = tied
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.meta: dict[str, dict[str, dict]] = {"float": {}, "linear": {}, "kv": {}}
+        self.layers: dict[str, dict] = {}
+        self.counts = {"fp_params": 0, "lin_bytes": 0, "lin_params": 0, "blk_bytes": 0, "blk_params": 0}
+
+    def _put(self, part, name, t, kind, bits=None, logical_shape=None):
+        self.tensors[name] = t.contiguous()
+        self.meta[part][name] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "bits": bits,
+                                 "logical_shape": list(logical_shape if logical_shape is not None else t.shape),
+                                 "kind": kind}
+
+    def add_float(self, name: str, p) -> None:
+        """A parameter of the model: stored (fp16) if it is the embedding table or a norm weight."""
+        if name.endswith("embed_tokens.weight") or name.endswith("norm.weight"):
+            self._put("float", name, p.detach().to(torch.float16), "embedding" if "embed" in name else "norm", 16)
+            self.counts["fp_params"] += p.numel()
+
+    def add_kv(self, constants: dict) -> None:
+        for name, t in constants.items():
+            self._put("kv", name, t, "kv_const", 16)
+
+    def add_linear(self, name: str, m) -> None:
+        """Module *name* of the model, if it is a linear layer (QLinear or nn.Linear)."""
         if not isinstance(m, (QLinear, nn.Linear)):
-            continue
+            return
+        put = lambda *a, **k: self._put("linear", *a, **k)      # noqa: E731
+        tensors, layers, tied, c = self.tensors, self.layers, self.tied, self.counts
         n_out, k = m.out_features, m.in_features
         entry = {"in_features": k, "out_features": n_out, "tensors": []}
         nbytes = 0
@@ -133,7 +159,7 @@ def package_tensors(model, kv_hook=None) -> tuple[dict[str, torch.Tensor], dict,
             if name == "lm_head" and tied:
                 entry.update(bits=0, tied_to="model.embed_tokens.weight")
                 layers[name] = entry
-                continue
+                return
             w = m.weight.detach().to(torch.float16)
             put(f"{name}.weight", w, "weight", 16)
             entry.update(bits=0, group=None, sparsity="none")
@@ -155,28 +181,33 @@ def package_tensors(model, kv_hook=None) -> tuple[dict[str, torch.Tensor], dict,
         entry["bytes"] = nbytes
         entry["bits_per_weight"] = round(8 * nbytes / (n_out * k), 4)
         layers[name] = entry
-        lin_bytes += nbytes
-        lin_params += n_out * k
+        c["lin_bytes"] += nbytes
+        c["lin_params"] += n_out * k
         if name != "lm_head":
-            blk_bytes += nbytes
-            blk_params += n_out * k
-    if kv_hook is not None:
-        for name, t in kv_hook.constants().items():
-            put(name, t, "kv_const", 16)
-    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    # QLinear keeps W_hat in a buffer, not a parameter: count logical weights explicitly.
-    total_params = fp_params + lin_params
-    footprint = {
-        "bits_per_weight_blocks": round(8 * blk_bytes / max(blk_params, 1), 4),
-        "bits_per_weight_linear": round(8 * lin_bytes / max(lin_params, 1), 4),
-        "bits_per_weight_total": round(8 * total_bytes / max(total_params, 1), 4),
-        "bytes_linear": lin_bytes, "bytes_total_tensors": total_bytes,
-        "params_linear": lin_params, "params_total": total_params,
-        "note": "every overhead counted: codes, zero points, fp16 scales, 2:4 indices, masks, act scales; "
-                "blocks = linear layers of the decoder blocks, linear = blocks + lm_head, total = every "
-                "stored tensor over every model weight (embedding and norms included)",
-    }
-    return tensors, meta, layers, footprint
+            c["blk_bytes"] += nbytes
+            c["blk_params"] += n_out * k
+
+    def result(self) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+        meta = {**self.meta["float"], **self.meta["linear"], **self.meta["kv"]}
+        tensors = {n: self.tensors[n] for n in meta}
+        c = self.counts
+        fp_params, lin_bytes, lin_params, blk_bytes, blk_params = (
+            c["fp_params"], c["lin_bytes"], c["lin_params"], c["blk_bytes"], c["blk_params"])
+        layers = self.layers
+        total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        # QLinear keeps W_hat in a buffer, not a parameter: count logical weights explicitly.
+        total_params = fp_params + lin_params
+        footprint = {
+            "bits_per_weight_blocks": round(8 * blk_bytes / max(blk_params, 1), 4),
+            "bits_per_weight_linear": round(8 * lin_bytes / max(lin_params, 1), 4),
+            "bits_per_weight_total": round(8 * total_bytes / max(total_params, 1), 4),
+            "bytes_linear": lin_bytes, "bytes_total_tensors": total_bytes,
+            "params_linear": lin_params, "params_total": total_params,
+            "note": "every overhead counted: codes, zero points, fp16 scales, 2:4 indices, masks, act scales; "
+                    "blocks = linear layers of the decoder blocks, linear = blocks + lm_head, total = every "
+                    "stored tensor over every model weight (embedding and norms included)",
+        }
+        return tensors, meta, layers, footprint
 
 
 def write_package_files(directory: str | os.PathLike, tensors: dict, manifest: dict) -> None:
@@ -228,9 +259,26 @@ class Package:
         return self._tensors
 
     def tensor(self, name: str) -> torch.Tensor:
-        if name not in self.tensors:
+        """One tensor; read on its own from the memory-mapped file (opened and closed again) unless all of
+        them were read, so a reader that goes through the tensors one by one (the hw compiler) never holds
+        a 7B model's weights twice."""
+        if self._tensors is not None:
+            if name not in self._tensors:
+                raise AccllmError(f"package {self.dir}: no tensor {name!r}")
+            return self._tensors[name]
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.dir / WEIGHTS), framework="pt") as f:
+                t = f.get_tensor(name) if name in f.keys() else None
+        except Exception as e:
+            raise AccllmError(f"package {self.dir}: {WEIGHTS} cannot be read ({e})") from None
+        m = self.manifest.get("tensors", {}).get(name)
+        if t is None:
             raise AccllmError(f"package {self.dir}: no tensor {name!r}")
-        return self.tensors[name]
+        if m is not None and list(t.shape) != m["shape"]:
+            raise AccllmError(f"package {self.dir}: tensor {name} in manifest.json is missing or has "
+                              f"another shape in {WEIGHTS}")
+        return t
 
     @property
     def recipe(self):

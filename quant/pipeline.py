@@ -78,10 +78,19 @@ def _smooth(p: Prepared, calib: Calibration, progress: bool):
     return smooth_model(p.loaded.model, p.recipe, calib(), progress=progress)
 
 
+def prune_calibration(recipe: Recipe, calib: Calibration):
+    """The calibration windows pruning reads: none for magnitude pruning without block tuning of the kept
+    weights (the selection reads no data, and its Hessians would only measure the error: hours on 7B)."""
+    if recipe.prune_method == "magnitude" and not (recipe.block_tune_steps > 0 and not recipe.weight_bits):
+        return None
+    return calib()
+
+
 def _prune(p: Prepared, calib: Calibration, progress: bool):
     from algo.prune import prune_model
     from quant.blocktune import tune_block
-    return prune_model(p.loaded.model, p.recipe, calib(), progress=progress, tune_block=tune_block)
+    return prune_model(p.loaded.model, p.recipe, prune_calibration(p.recipe, calib), progress=progress,
+                       tune_block=tune_block)
 
 
 def _kv_calibrate(p: Prepared, calib: Calibration, progress: bool):

@@ -163,11 +163,14 @@ def _round_fp16_(model) -> None:
                 p.copy_(p.to(torch.float16).float())
 
 
-def _finish_act(model, recipe, absmax: dict[str, float]) -> None:
+def _finish_act(model, recipe, absmax: dict[str, float], prefix: str = "") -> None:
+    """Static activation scales (per_tensor) of the QLinear layers of *model* (a whole model, or one
+    block or layer whose module names carry *prefix*), and their activation quantization switched on."""
     from .quantizers import fp16_scale
     qmax = (1 << (recipe.act_bits - 1)) - 1 if recipe.act_bits else 0
     for name, m in model.named_modules():
         if isinstance(m, QLinear):
+            name = f"{prefix}.{name}" if prefix and name else (prefix or name)
             if recipe.act_bits and recipe.act_scheme == "per_tensor":
                 if name not in absmax:
                     raise AccllmError(f"no calibration data reached {name} for its static activation scale")
@@ -177,66 +180,103 @@ def _finish_act(model, recipe, absmax: dict[str, float]) -> None:
 
 @torch.no_grad()
 def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = True) -> dict:
-    """Replace every nn.Linear of *model* by a QLinear per *recipe*; see the module doc."""
-    from tqdm.auto import tqdm
+    """Replace every nn.Linear of *model* by a QLinear per *recipe*; see the module doc. The work is
+    done block by block by a :class:`LayerQuantizer` (the block-streamed build drives one the same way)."""
     check_model(model, recipe)
-    t0 = time.time()
     teacher = None
     if recipe.qat_steps > 0:
         import copy
         teacher = copy.deepcopy(model)           # the float model, for distillation after PTQ
-    _round_fp16_(model)
-    report: dict = {"layers": {}}
-    need_h = bool(recipe.weight_bits) and recipe.weight_method != "rtn"
-    need_act = bool(recipe.act_bits) and recipe.act_scheme == "per_tensor"
-    tune = recipe.block_tune_steps > 0 and bool(recipe.weight_bits)
-    if calib is None and tune:
-        raise AccllmError(f"block_tune_steps={recipe.block_tune_steps} needs calibration windows (WikiText-2 valid); "
-                          f"pass calib, or set block_tune_steps=0")
-    sequential = calib is not None and (need_h or need_act or tune)
-    layers = model.model.layers
+    q = LayerQuantizer(model, recipe, calib, progress=progress)
+    q.start()
+    for i in range(len(q.layers)):
+        q.layer(i)
+    q.finish_lm_head()
+    _finish_act(model, recipe, q.absmax_all)
+    if recipe.qat_steps > 0 and calib is not None:
+        from .qat import distill
+        q.report["qat"] = distill(model, recipe, calib, teacher=teacher, progress=progress)
+        del teacher
+    return q.finish()
 
-    def replace(block_prefix: str, block: nn.Module, hessians: dict | None):
+
+class LayerQuantizer:
+    """Weight and activation quantization of one model, one decoder block at a time: :meth:`start`
+    (embedding and final norm rounded to fp16; the calibration inputs of block 0), :meth:`layer` for
+    blocks 0, 1, … in order (Hessians on the outputs of the quantized blocks before it, GPTQ / RTN,
+    block tuning against the float block; its norms rounded to fp16 first), :meth:`finish_lm_head`,
+    :meth:`finish` (the report). Between blocks its state (:meth:`state` / :meth:`set_state`) is the
+    quantized and float calibration streams, the activation maxima and the report."""
+
+    def __init__(self, model, recipe, calib: torch.Tensor | None, progress: bool = True):
+        self.model, self.recipe, self.calib, self.progress = model, recipe, calib, progress
+        self.need_h = bool(recipe.weight_bits) and recipe.weight_method != "rtn"
+        self.need_act = bool(recipe.act_bits) and recipe.act_scheme == "per_tensor"
+        self.tune = recipe.block_tune_steps > 0 and bool(recipe.weight_bits)
+        if calib is None and self.tune:
+            raise AccllmError(f"block_tune_steps={recipe.block_tune_steps} needs calibration windows (WikiText-2 valid); "
+                              f"pass calib, or set block_tune_steps=0")
+        self.sequential = calib is not None and (self.need_h or self.need_act or self.tune)
+        self.layers = model.model.layers
+        self.report: dict = {"layers": {}}
+        self.absmax_all: dict[str, float] = {}
+        self.inps = self.kws = self.fp_inps = None
+        self.t0 = time.time()
+        self.bar = None
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+        if self.bar is None:
+            desc = f"quantize ({self.recipe.weight_method if self.need_h else 'act'})" if self.sequential else "quantize (rtn)"
+            self.bar = tqdm(total=len(self.layers) + 1, desc=desc, disable=not self.progress, leave=False)
+        return self.bar
+
+    def start(self) -> None:
+        self.t0 = time.time()
+        inner = self.model.model
+        with torch.no_grad():       # what the package stores: fp16 embedding and norms
+            for p in (inner.embed_tokens.weight, inner.norm.weight):
+                p.copy_(p.to(torch.float16).float())
+        if self.tune:
+            self.report["block_tune"] = {}
+        if not self.sequential:
+            return
+        pairs = capture_layer0_inputs(self.model, self.calib, 4)
+        self.inps, self.kws = [h for h, _ in pairs], [kw for _, kw in pairs]
+        self.fp_inps = list(self.inps) if self.tune else None      # the float model's stream (block-tuning targets)
+
+    def state(self) -> dict:
+        return {"inps": self.inps, "kws": self.kws, "fp_inps": self.fp_inps, "report": self.report,
+                "absmax_all": self.absmax_all, "elapsed": time.time() - self.t0}
+
+    def set_state(self, st: dict) -> None:
+        self.inps, self.kws, self.fp_inps = st["inps"], st["kws"], st["fp_inps"]
+        self.report, self.absmax_all = st["report"], st["absmax_all"]
+        self.t0 = time.time() - st["elapsed"]
+
+    def _replace(self, block_prefix: str, block: nn.Module, hessians: dict | None) -> None:
         for lname, lin in list(block.named_modules()):
             if not isinstance(lin, nn.Linear):
                 continue
             full = f"{block_prefix}.{lname}" if block_prefix else lname
-            q, rep = quantize_linear(lin, full, recipe, (hessians or {}).get(lname))
+            q, rep = quantize_linear(lin, full, self.recipe, (hessians or {}).get(lname))
             q.act_enabled = False
             _set_module(block, lname, q)
-            report["layers"][full] = rep
+            self.report["layers"][full] = rep
 
-    if not sequential:
-        bar = tqdm(total=len(layers) + 1, desc="quantize (rtn)", disable=not progress, leave=False)
-        for i, layer in enumerate(layers):
-            replace(f"model.layers.{i}", layer, None)
+    @torch.no_grad()
+    def layer(self, i: int) -> None:
+        """Quantize decoder block *i* (blocks before it are done) and move the calibration streams past it."""
+        recipe, layer, bar = self.recipe, self.layers[i], self._progress_bar()
+        _round_fp16_(layer)
+        if not self.sequential:
+            self._replace(f"model.layers.{i}", layer, None)
             bar.update(1)
-        lin = model.lm_head
-        q, rep = quantize_linear(lin, "lm_head", recipe, None)
-        model.lm_head = q
-        report["layers"]["lm_head"] = rep
-        bar.close()
-        _finish_act(model, recipe, {})
-        if recipe.qat_steps > 0 and calib is not None:
-            from .qat import distill
-            report["qat"] = distill(model, recipe, calib, teacher=teacher, progress=progress)
-        report["seconds"] = round(time.time() - t0, 3)
-        return report
-
-    batch = 4
-    pairs = capture_layer0_inputs(model, calib, batch)
-    inps, kws = [h for h, _ in pairs], [kw for _, kw in pairs]
-    del pairs
-    fp_inps = list(inps) if tune else None      # the float model's stream (targets of block tuning)
-    if tune:
-        report["block_tune"] = {}
-    absmax_all: dict[str, float] = {}
-    bar = tqdm(total=len(layers) + 1, desc=f"quantize ({recipe.weight_method if need_h else 'act'})",
-               disable=not progress, leave=False)
-    for i, layer in enumerate(layers):
+            return
+        inps, kws = self.inps, self.kws
         lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         hess = None
-        if need_h:
+        if self.need_h:
             col = _HessianCollector(lins)
             try:
                 for x, kw in zip(inps, kws):
@@ -246,54 +286,63 @@ def quantize_model(model, recipe, calib: torch.Tensor | None, progress: bool = T
             hess = col.hessians()
             del col
         targets = None
-        if tune:
-            with torch.no_grad():
-                targets = [layer(x, **kw) for x, kw in zip(fp_inps, kws)]   # still the float block
-        replace(f"model.layers.{i}", layer, hess)
+        if self.tune:
+            targets = [layer(x, **kw) for x, kw in zip(self.fp_inps, kws)]   # still the float block
+        self._replace(f"model.layers.{i}", layer, hess)
         del hess
-        if tune:
+        if self.tune:
             from .blocktune import tune_block
             bt = tune_block(layer, inps, kws, targets, recipe.block_tune_steps, recipe.block_tune_lr, seed=recipe.seed + i,
                             tokens=recipe.block_tune_tokens)
-            report["block_tune"][f"model.layers.{i}"] = bt
-            fp_inps = targets
+            self.report["block_tune"][f"model.layers.{i}"] = bt
+            self.fp_inps = targets
             if bt.get("mse_before"):
                 bar.set_postfix(layer=i, tuned_mse=f"x{bt['mse_after'] / bt['mse_before']:.2f}")
         qmods = {n: m for n, m in layer.named_modules() if isinstance(m, QLinear)}
         am = _AbsMax(qmods)
         try:
-            inps = [layer(x, **kw) for x, kw in zip(inps, kws)]
+            self.inps = [layer(x, **kw) for x, kw in zip(inps, kws)]
         finally:
             am.remove()
-        absmax_all.update({f"model.layers.{i}.{n}": v for n, v in am.absmax.items()})
+        self.absmax_all.update({f"model.layers.{i}.{n}": v for n, v in am.absmax.items()})
         bar.update(1)
-        if not tune:
+        if not self.tune:
             bar.set_postfix(layer=i)
-    # lm_head on the final-norm outputs
-    normed = [model.model.norm(x) for x in inps]
-    del inps
-    hess = None
-    if need_h and layer_bits("lm_head", recipe) not in (0, 8):
-        col = _HessianCollector({"lm_head": model.lm_head})
-        try:
-            for x in normed:
-                model.lm_head(x)
-        finally:
-            col.remove()
-        hess = col.hessians()
-    absmax_all["lm_head"] = max(float(x.abs().max()) for x in normed)
-    q, rep = quantize_linear(model.lm_head, "lm_head", recipe, (hess or {}).get("lm_head"))
-    model.lm_head = q
-    report["layers"]["lm_head"] = rep
-    bar.update(1)
-    bar.close()
-    _finish_act(model, recipe, absmax_all)
-    if recipe.qat_steps > 0:
-        from .qat import distill
-        report["qat"] = distill(model, recipe, calib, teacher=teacher, progress=progress)
-        del teacher
-    report["seconds"] = round(time.time() - t0, 3)
-    errs = [r["rel_out_err"] for r in report["layers"].values() if "rel_out_err" in r]
-    if errs:
-        report["mean_rel_out_err"] = sum(errs) / len(errs)
-    return report
+
+    @torch.no_grad()
+    def finish_lm_head(self) -> None:
+        """lm_head: on the final-norm outputs of the quantized stack (RTN without calibration)."""
+        model, recipe, bar = self.model, self.recipe, self._progress_bar()
+        if not self.sequential:
+            q, rep = quantize_linear(model.lm_head, "lm_head", recipe, None)
+            model.lm_head = q
+            self.report["layers"]["lm_head"] = rep
+            bar.update(1)
+            bar.close()
+            return
+        normed = [model.model.norm(x) for x in self.inps]
+        self.inps = self.fp_inps = None
+        hess = None
+        if self.need_h and layer_bits("lm_head", recipe) not in (0, 8):
+            col = _HessianCollector({"lm_head": model.lm_head})
+            try:
+                for x in normed:
+                    model.lm_head(x)
+            finally:
+                col.remove()
+            hess = col.hessians()
+        self.absmax_all["lm_head"] = max(float(x.abs().max()) for x in normed)
+        q, rep = quantize_linear(model.lm_head, "lm_head", recipe, (hess or {}).get("lm_head"))
+        model.lm_head = q
+        self.report["layers"]["lm_head"] = rep
+        bar.update(1)
+        bar.close()
+
+    def finish(self) -> dict:
+        report = self.report
+        report["seconds"] = round(time.time() - self.t0, 3)
+        if self.sequential:
+            errs = [r["rel_out_err"] for r in report["layers"].values() if "rel_out_err" in r]
+            if errs:
+                report["mean_rel_out_err"] = sum(errs) / len(errs)
+        return report

@@ -7,7 +7,8 @@ sum |sum_k d*x| <= (2**b - 1) * 127 * g < 2**22 (b <= 8, g <= 128) and every par
 the same sum of absolute values, so all intermediates are integers below 2**24, which float32
 represents exactly; the group-scale accumulation sum_g G*M < 2**38 * 512 < 2**53 runs in float64,
 also exact. The attention products use float64 with the bounds given at each call. Decoded weights
-are cached per descriptor and dropped whenever the host writes a weight buffer.
+are cached per descriptor and dropped whenever the host writes a weight buffer, or when they pass
+WEIGHT_CACHE_BYTES (4 GiB: a 7B model's decoded layers would not fit in memory; they are decoded again).
 
 Bad programs stop with the status codes of hw/regmap.py and the failing instruction index, as the RTL
 does: unknown opcode / reserved bits (1), an access outside a buffer or a missing descriptor (2), no
@@ -34,12 +35,27 @@ class Fault(Exception):
         self.code = code
 
 
+WEIGHT_CACHE_BYTES = 4 << 30    # decoded linear layers kept between runs; past it they are decoded again
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, np.ndarray):
+        return v.nbytes
+    if isinstance(v, (tuple, list)):
+        return sum(_nbytes(x) for x in v)
+    if isinstance(v, dict):
+        return sum(_nbytes(x) for x in v.values())
+    nb = getattr(v, "nbytes", None)
+    return nb if isinstance(nb, int) else 0
+
+
 class EmuDevice(MemoryDevice):
     backend = "emu"
 
     def __init__(self, hw: HWConfig):
         super().__init__(hw)
         self._wcache: dict = {}
+        self.weight_cache_bytes = WEIGHT_CACHE_BYTES
         self._wgen = 0
         self.trace: list[tuple[int, str, int]] | None = None     # (index, op, cycles) of the last run if enabled
         self.last_error: str = ""
@@ -117,6 +133,15 @@ class EmuDevice(MemoryDevice):
                    sparse=u["sparse"], u=u, D=None, I8=None)
         self._wcache[key] = ent
         return ent
+
+    def _trim(self, keep) -> None:
+        """Keep the decoded linear layers within ``weight_cache_bytes`` (a 7B model's would not fit in
+        memory): past it every other decoded layer is dropped, to be decoded again when next used."""
+        lin = [k for k in self._wcache if k[0] == "lin"]
+        if sum(_nbytes(self._wcache[k]) for k in lin) > self.weight_cache_bytes:
+            for k in lin:
+                if self._wcache[k] is not keep:
+                    del self._wcache[k]
 
     def _embedding(self, wbufs, off):
         key = ("emb", off)
@@ -312,6 +337,7 @@ class EmuDevice(MemoryDevice):
                 w["D"] = np.ascontiguousarray(d.reshape(N, K // g, g).transpose(1, 0, 2).astype(np.float32))
             X = np.ascontiguousarray(x8.astype(np.float32).reshape(len(rows), K // g, g).transpose(1, 2, 0))  # [ng, g, t]
             G = np.matmul(w["D"], X)                               # [ng, N, t] exact (< 2**22)
+        self._trim(w)
         acc = (G.astype(np.float64) * w["M"][:, :, None]).sum(axis=0).T      # exact (< 2**47)
         acc = nx.sat(acc.astype(np.int64), nx.ACC_BITS)
         ma, ea = nx.scale_word_parts(words)

@@ -41,7 +41,8 @@ CASES = {
 
 
 # run with --json, their whole stdout parsed, in their own tests
-ELSEWHERE = {"bench soak": "tests/test_bench_soak.py", "sweep": "tests/test_sweep.py"}
+ELSEWHERE = {"bench soak": "tests/test_bench_soak.py", "sweep": "tests/test_sweep.py",
+             "bench compile-7b": "tests/test_stream_blocks.py"}
 
 
 def _json_commands():
