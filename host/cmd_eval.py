@@ -149,6 +149,7 @@ def run(args) -> int:
     progress = not args.no_progress
     t0 = time.time()
     tasks = None
+    limit = getattr(args, "limit", None)            # callers that build their own namespace (sweep) omit both
     if getattr(args, "tasks", None) is not None:
         from algo.tasks import parse_tasks
         tasks = parse_tasks(args.tasks)          # unknown names: refused before any model work
@@ -156,9 +157,9 @@ def run(args) -> int:
             raise AccllmError("--tasks and --data are separate runs: give one of them")
         if args.stream or args.plot:
             raise AccllmError("--stream and --plot are perplexity options; --tasks reports accuracy")
-        if args.limit is not None and args.limit < 1:
-            raise AccllmError(f"--limit takes a positive number of documents, got {args.limit}")
-    elif args.limit is not None:
+        if limit is not None and limit < 1:
+            raise AccllmError(f"--limit takes a positive number of documents, got {limit}")
+    elif limit is not None:
         raise AccllmError("--limit applies to --tasks only")
     sources = [] if tasks else list(args.data or ["wikitext2"])
     if getattr(args, "package", None):

@@ -155,9 +155,9 @@ def test_cli_eval_clean_errors(tmp_path):
     r = _cli("eval", "--model", "/nonexistent", "--chunks", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GemmaForCausalLM"]}))
     r = _cli("eval", "--model", str(tmp_path), "--chunks", "1")
-    assert r.returncode == 2 and "MistralForCausalLM" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "GemmaForCausalLM" in r.stderr and "Traceback" not in r.stderr
     r = _cli("eval", "--model", "tiny", "--data", str(tmp_path / "missing.txt"), "--chunks", "1")
     assert r.returncode == 2 and "missing.txt" in r.stderr and "Traceback" not in r.stderr
 
